@@ -1,0 +1,23 @@
+//! phasekit: import, convert, distill and package few-step diffusion models.
+//!
+//! Data flows one way: **read** (mmap readers for safetensors, sharded indexes and GGUF) →
+//! **map** (layout rules from `formats/*.toml`) → **write** (streaming safetensors / GGUF
+//! writers into temporary files renamed when complete). See `docs/guide.md`.
+
+pub mod atomic;
+pub mod cast;
+pub mod convert;
+pub mod dtype;
+pub mod error;
+pub mod gguf;
+pub mod hash;
+pub mod inspect;
+pub mod layout;
+pub mod progress;
+pub mod quant;
+pub mod safetensors;
+pub mod store;
+pub mod verify;
+
+pub use dtype::DType;
+pub use error::{Error, Kind, Result};
