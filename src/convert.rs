@@ -1,1 +1,971 @@
-//! convert (in progress)
+//! The conversion pipeline: read → map → write, streaming from the memory map.
+//!
+//! 1. [`plan`] decides, per input tensor, its output name (layout rules), encoding (dtype cast,
+//!    fp8 with scale, GGUF quant type) and the operation that produces its bytes.
+//! 2. [`write_safetensors`] / [`write_gguf`] compute the header from the plan first, then stream
+//!    every tensor into a temporary file: plain copies go through `copy_file_range` (skipping
+//!    holes like `cp`), casts and quantisation run on all cores in bounded windows. Memory is
+//!    bounded by the window size, whatever the checkpoint's size.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::atomic::{AtomicDir, AtomicFile};
+use crate::cast;
+use crate::dtype::{self, DType};
+use crate::error::{clean, Error, IoContext, Kind, Result};
+use crate::layout::{Detection, Family, Layout, Registry};
+use crate::progress::Progress;
+use crate::quant::{self, GgmlType};
+use crate::store::{Checkpoint, Encoding, SourceFile, TensorEntry};
+
+/// Suffixes of fp8 scale companions, and the convention each belongs to.
+const SCALE_SUFFIXES: [&str; 2] = [".scale_weight", ".weight_scale"];
+const INPUT_SCALE_SUFFIXES: [&str; 2] = [".scale_input", ".input_scale"];
+/// ComfyUI's scaled-fp8 marker tensor (its dtype names the fp8 type).
+pub const SCALED_FP8_MARKER: &str = "scaled_fp8";
+
+/// Whether a tensor name is an fp8 scale or the scaled-fp8 marker rather than a weight.
+pub fn is_scale_companion(name: &str) -> bool {
+    SCALE_SUFFIXES.iter().chain(&INPUT_SCALE_SUFFIXES).any(|s| name.ends_with(s))
+        || name == SCALED_FP8_MARKER
+        || name.ends_with(&format!(".{SCALED_FP8_MARKER}"))
+}
+
+/// How fp8 outputs record their per-tensor scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fp8Scale {
+    /// ComfyUI "scaled fp8": `<layer>.scale_weight` (F32 scalar) plus a `scaled_fp8` marker.
+    Comfy,
+    /// `<layer>.weight_scale` (F32 scalar), as diffusers-style and comfy_quant checkpoints.
+    WeightScale,
+    /// Plain downcast with no scale (values above the fp8 range saturate).
+    None,
+}
+
+/// Requested output dtype for floating-point tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeChoice {
+    Keep,
+    To(DType),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFormat {
+    Safetensors,
+    Gguf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub layout: Option<Layout>,
+    pub dtype: DTypeChoice,
+    pub format: OutFormat,
+    pub quant: Option<GgmlType>,
+    pub shard_size: Option<u64>,
+    pub fp8_scale: Fp8Scale,
+    /// Add `model.diffusion_model.` to every name (ComfyUI checkpoints).
+    pub comfy_prefix: bool,
+    pub keep_metadata: bool,
+    pub sha256: bool,
+    pub force: bool,
+    pub quiet: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            layout: None,
+            dtype: DTypeChoice::Keep,
+            format: OutFormat::Safetensors,
+            quant: None,
+            shard_size: None,
+            fp8_scale: Fp8Scale::Comfy,
+            comfy_prefix: false,
+            keep_metadata: true,
+            sha256: false,
+            force: false,
+            quiet: true,
+        }
+    }
+}
+
+/// How one output tensor's bytes are produced.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// The input bytes unchanged.
+    Copy { src: usize },
+    /// Decode the input (dense with a scale, or ggml blocks) to f32 and encode it.
+    Transcode { src: usize, scale: f32 },
+    /// Bytes computed during planning (fp8 scales, markers).
+    Literal(Vec<u8>),
+}
+
+/// One tensor of the output.
+#[derive(Debug, Clone)]
+pub struct OutTensor {
+    pub name: String,
+    pub encoding: Encoding,
+    pub shape: Vec<u64>,
+    pub op: Op,
+}
+
+impl OutTensor {
+    pub fn size(&self) -> Result<u64> {
+        let n = dtype::numel(&self.shape).ok_or_else(|| Error::unsupported(format!("tensor '{}': shape overflows", self.name)))?;
+        match self.encoding {
+            Encoding::Dense(d) => d.byte_size(n),
+            Encoding::Ggml(g) => g.byte_size(self.shape.last().copied().unwrap_or(1), n),
+        }
+        .ok_or_else(|| Error::unsupported(format!("tensor '{}': {:?} cannot be stored as {}", self.name, self.shape, self.encoding.name())))
+    }
+}
+
+/// The full plan of a conversion.
+pub struct Plan {
+    pub tensors: Vec<OutTensor>,
+    pub detection: Option<Detection>,
+    pub from_layout: Option<Layout>,
+    pub to_layout: Option<Layout>,
+    pub config: Option<serde_json::Value>,
+    pub metadata: Vec<(String, String)>,
+    pub notes: Vec<String>,
+}
+
+fn family_of(d: &Option<Detection>) -> Option<&'static Family> {
+    d.as_ref().and_then(|d| Registry::builtin().family(&d.family))
+}
+
+/// Decide names, encodings and operations for every output tensor.
+pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
+    let reg = Registry::builtin();
+    let detection = reg.detect(&ck.names_and_shapes(), ck.config.as_ref().map(|c| &c.json));
+    let needs_family = opts.layout.is_some() || opts.format == OutFormat::Gguf;
+    let detection = match detection {
+        Ok(d) => Some(d),
+        Err(e) if needs_family => return Err(e.with_path(&ck.path)),
+        Err(_) => None,
+    };
+    let family = family_of(&detection);
+    let from_layout = detection.as_ref().map(|d| d.layout);
+    let to_layout = match (opts.format, family) {
+        (OutFormat::Gguf, Some(f)) => Some(opts.layout.unwrap_or(f.comfy_names_layout())),
+        _ => opts.layout.or(from_layout),
+    };
+    let prefix = detection.as_ref().map(|d| d.prefix.clone()).unwrap_or_default();
+    let mut notes = Vec::new();
+
+    // fp8 scale companions of the input.
+    let by_name: HashMap<&str, usize> = ck.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let mut scale_of: HashMap<usize, usize> = HashMap::new();
+    let mut companions: HashSet<usize> = HashSet::new();
+    for (i, t) in ck.tensors.iter().enumerate() {
+        if t.name == SCALED_FP8_MARKER || t.name.ends_with(&format!(".{SCALED_FP8_MARKER}")) {
+            companions.insert(i);
+            continue;
+        }
+        for s in INPUT_SCALE_SUFFIXES {
+            if t.name.ends_with(s) {
+                companions.insert(i);
+            }
+        }
+        for s in SCALE_SUFFIXES {
+            if let Some(base) = t.name.strip_suffix(s) {
+                let w = format!("{base}.weight");
+                if let Some(&wi) = by_name.get(w.as_str()) {
+                    if t.numel() != 1 {
+                        return Err(Error::at(
+                            Kind::Unsupported,
+                            &ck.path,
+                            format!("fp8 scale '{}' has {} elements; only per-tensor scales are supported", clean(&t.name), t.numel()),
+                        ));
+                    }
+                    scale_of.insert(wi, i);
+                    companions.insert(i);
+                }
+            }
+        }
+    }
+    let read_scale = |i: usize| -> Result<f32> {
+        let t = &ck.tensors[i];
+        let d = t.encoding.dense().ok_or_else(|| Error::unsupported("quantized fp8 scale"))?;
+        let mut v = [0f32];
+        cast::decode_f32(d, ck.bytes(t), &mut v, 1.0).map_err(|e| e.context(clean(&t.name)))?;
+        Ok(v[0])
+    };
+
+    let gguf_quant = if opts.format == OutFormat::Gguf {
+        Some(opts.quant.unwrap_or_else(|| if ck.tensors.iter().any(|t| t.encoding == Encoding::Dense(DType::BF16)) { GgmlType::BF16 } else { GgmlType::F16 }))
+    } else {
+        None
+    };
+    let target_dtype = match opts.dtype {
+        DTypeChoice::To(d) => Some(d),
+        DTypeChoice::Keep => None,
+    };
+    let fp8_out = target_dtype.filter(|d| d.is_fp8());
+    let mut tensors = Vec::with_capacity(ck.tensors.len());
+    let mut fp8_targets = Vec::new();
+    let mut dequantized = 0usize;
+    for (i, t) in ck.tensors.iter().enumerate() {
+        let in_scale = scale_of.get(&i).map(|&s| read_scale(s)).transpose()?;
+        let in_dense = t.encoding.dense();
+        // A companion is kept only when the tensor it scales is kept as it is.
+        if companions.contains(&i) {
+            let keep_as_is = gguf_quant.is_none() && target_dtype.is_none();
+            if keep_as_is {
+                tensors.push(OutTensor { name: t.name.clone(), encoding: t.encoding, shape: t.shape.clone(), op: Op::Copy { src: i } });
+            }
+            continue;
+        }
+        let stripped = t.name.strip_prefix(prefix.as_str()).unwrap_or(&t.name);
+        let mut name = match (family, from_layout, to_layout) {
+            (Some(f), Some(a), Some(b)) if a != b || !prefix.is_empty() => f.rename(a, b, stripped).map_err(|e| e.with_path(&ck.path))?,
+            _ => t.name.clone(),
+        };
+        if opts.comfy_prefix && !name.starts_with("model.diffusion_model.") {
+            name = format!("model.diffusion_model.{name}");
+        } else if opts.layout.is_none() && opts.format == OutFormat::Safetensors && !prefix.is_empty() && !name.starts_with(&prefix) {
+            // Layout kept: names are kept exactly, prefix included.
+            name = format!("{prefix}{name}");
+        }
+        let scale = in_scale.unwrap_or(1.0);
+        let (encoding, op) = if let Some(q) = gguf_quant {
+            let g = gguf_type(family, &name, &t.shape, t.encoding, q);
+            let same = Encoding::Dense(g.dense().unwrap_or(DType::F32)) == t.encoding && !g.is_quantized() && scale == 1.0;
+            let enc = g.dense().map_or(Encoding::Ggml(g), Encoding::Dense);
+            (enc, if same { Op::Copy { src: i } } else { Op::Transcode { src: i, scale } })
+        } else {
+            let float_in = match t.encoding {
+                Encoding::Dense(d) => d.is_castable_float(),
+                Encoding::Ggml(g) => quant::can_dequantize(g),
+            };
+            let want = match (target_dtype, t.encoding) {
+                (Some(d), _) if float_in && d.is_fp8() => {
+                    let eligible = match family {
+                        Some(f) => f.gguf_quantizable(&name, &t.shape),
+                        None => t.shape.len() == 2 && name.ends_with(".weight"),
+                    };
+                    if eligible {
+                        Some(d)
+                    } else {
+                        in_dense.filter(|d| !d.is_fp8()).or(Some(DType::BF16))
+                    }
+                }
+                (Some(d), _) if float_in => Some(d),
+                (None, Encoding::Ggml(_)) => {
+                    dequantized += 1;
+                    Some(DType::BF16)
+                }
+                // fp8 weights with a scale cannot stay fp8 once the scale tensors are dropped.
+                (None, Encoding::Dense(d)) if in_scale.is_some() && (target_dtype.is_some() || gguf_quant.is_some()) => Some(d),
+                _ => in_dense,
+            };
+            let want = want.ok_or_else(|| Error::unsupported(format!("tensor '{}': cannot store {} as safetensors", clean(&t.name), t.encoding.name())))?;
+            if !float_in && Some(want) != in_dense {
+                return Err(Error::at(Kind::Unsupported, &ck.path, format!("tensor '{}' of {} cannot be cast", clean(&t.name), t.encoding.name())));
+            }
+            if want.is_fp8() && in_dense != Some(want) || (want.is_fp8() && fp8_out.is_some() && in_dense == Some(want) && scale != 1.0) {
+                fp8_targets.push(tensors.len());
+            }
+            let op = if Encoding::Dense(want) == t.encoding && (scale == 1.0 || (target_dtype.is_none() && gguf_quant.is_none())) {
+                Op::Copy { src: i }
+            } else {
+                Op::Transcode { src: i, scale }
+            };
+            (Encoding::Dense(want), op)
+        };
+        tensors.push(OutTensor { name, encoding, shape: t.shape.clone(), op });
+    }
+    if dequantized > 0 {
+        notes.push(format!("{dequantized} quantized tensors dequantized to BF16 (choose with --dtype)"));
+    }
+
+    // fp8 outputs: compute per-tensor scales (amax / fp8 max) and add the scale tensors.
+    if let Some(fd) = fp8_out {
+        if opts.fp8_scale != Fp8Scale::None && !fp8_targets.is_empty() {
+            let max = cast::fp8_max(fd).expect("fp8 dtype");
+            let amaxes: Vec<Result<f32>> = fp8_targets.par_iter().map(|&j| amax_of(ck, &tensors[j])).collect();
+            let mut extra = Vec::new();
+            for (&j, a) in fp8_targets.iter().zip(amaxes) {
+                let a = a?;
+                let s = if a > 0.0 && a.is_finite() { a / max } else { 1.0 };
+                let t = &mut tensors[j];
+                if let Op::Transcode { scale, .. } = &mut t.op {
+                    *scale /= s;
+                }
+                let base = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_string();
+                let sname = match opts.fp8_scale {
+                    Fp8Scale::Comfy => format!("{base}.scale_weight"),
+                    _ => format!("{base}.weight_scale"),
+                };
+                extra.push(OutTensor { name: sname, encoding: Encoding::Dense(DType::F32), shape: vec![], op: Op::Literal(s.to_le_bytes().to_vec()) });
+            }
+            if opts.fp8_scale == Fp8Scale::Comfy {
+                let marker = if opts.comfy_prefix { format!("model.diffusion_model.{SCALED_FP8_MARKER}") } else { SCALED_FP8_MARKER.to_string() };
+                extra.push(OutTensor { name: marker, encoding: Encoding::Dense(fd), shape: vec![0], op: Op::Literal(vec![]) });
+            }
+            tensors.extend(extra);
+        }
+    }
+
+    // Config: translated when the layout changes, inferred from shapes when there is none.
+    let config = match (family, from_layout, to_layout, &ck.config) {
+        (Some(f), Some(a), Some(b), Some(c)) if a != b => Some(f.translate_config(a, b, &c.json)?),
+        (_, _, _, Some(c)) => Some(c.json.clone()),
+        (Some(f), _, Some(b), None) => {
+            let names: Vec<(&str, &[u64])> = tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+            f.config_from_shapes(b, &names).ok()
+        }
+        _ => None,
+    };
+    let mut metadata = if opts.keep_metadata { ck.metadata.clone() } else { Vec::new() };
+    if metadata.is_empty() {
+        metadata.push(("format".into(), "pt".into()));
+    }
+    check_unique(&tensors)?;
+    Ok(Plan { tensors, detection, from_layout, to_layout, config, metadata, notes })
+}
+
+fn check_unique(tensors: &[OutTensor]) -> Result<()> {
+    let mut seen = HashSet::new();
+    for t in tensors {
+        if !seen.insert(t.name.as_str()) {
+            return Err(Error::new(Kind::Inconsistent, format!("two input tensors map to the output name '{}'", clean(&t.name))));
+        }
+    }
+    Ok(())
+}
+
+/// ComfyUI-GGUF's choice of type for one tensor: F32 for high-precision tensors, the quant
+/// type for quantizable 2-D weights whose rows fit whole blocks, else F16/BF16.
+fn gguf_type(family: Option<&Family>, name: &str, shape: &[u64], src: Encoding, q: GgmlType) -> GgmlType {
+    let src_hi = matches!(src, Encoding::Dense(DType::F32) | Encoding::Dense(DType::BF16) | Encoding::Dense(DType::F64));
+    let base = if src == Encoding::Dense(DType::BF16) || q == GgmlType::BF16 { GgmlType::BF16 } else { GgmlType::F16 };
+    if let Encoding::Dense(d) = src {
+        if !d.is_castable_float() {
+            return GgmlType::from_dense(d).unwrap_or(GgmlType::F32);
+        }
+    }
+    let keep_f32 = family.is_some_and(|f| f.gguf_keep_f32(name, shape)) || shape.len() > 4;
+    if keep_f32 && (src_hi || shape.len() > 4) {
+        return GgmlType::F32;
+    }
+    if !q.is_quantized() {
+        return q;
+    }
+    let ne0 = shape.last().copied().unwrap_or(0);
+    let quantizable = family.is_none_or(|f| f.gguf_quantizable(name, shape)) && shape.len() == 2;
+    if quantizable && ne0 % q.block_size() == 0 && quant::can_quantize(q) {
+        q
+    } else {
+        base
+    }
+}
+
+/// max |x| of an output tensor's source values (for fp8 scales).
+fn amax_of(ck: &Checkpoint, t: &OutTensor) -> Result<f32> {
+    let (src, scale) = match t.op {
+        Op::Transcode { src, scale } => (src, scale),
+        Op::Copy { src } => (src, 1.0),
+        Op::Literal(_) => return Ok(0.0),
+    };
+    let e = &ck.tensors[src];
+    let bytes = ck.bytes(e);
+    let n = e.numel() as usize;
+    let chunk = CHUNK_ELEMS;
+    let m = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let lo = c * chunk;
+            let hi = (lo + chunk).min(n);
+            let mut buf = vec![0f32; hi - lo];
+            decode_range(e, bytes, lo, hi, scale, &mut buf)?;
+            Ok(cast::amax(&buf))
+        })
+        .try_reduce(|| 0f32, |a, b| Ok(a.max(b)))?;
+    ck.release(e);
+    Ok(m)
+}
+
+/// Elements per parallel work item (a multiple of every block size).
+const CHUNK_ELEMS: usize = 1 << 20;
+
+fn decode_range(e: &TensorEntry, bytes: &[u8], lo: usize, hi: usize, scale: f32, out: &mut [f32]) -> Result<()> {
+    match e.encoding {
+        Encoding::Dense(d) => {
+            let sz = d.size().ok_or_else(|| Error::unsupported(format!("cannot decode {d}")))?;
+            cast::decode_f32(d, &bytes[lo * sz..hi * sz], out, scale)
+        }
+        Encoding::Ggml(g) => {
+            let (b, ts) = (g.block_size() as usize, g.type_size() as usize);
+            quant::dequantize(g, &bytes[lo / b * ts..hi / b * ts], out)?;
+            if scale != 1.0 {
+                out.iter_mut().for_each(|v| *v *= scale);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn encode_range(enc: Encoding, vals: &[f32], out: &mut [u8]) -> Result<()> {
+    match enc {
+        Encoding::Dense(d) => cast::encode_f32(d, vals, out),
+        Encoding::Ggml(g) => quant::quantize(g, vals, out),
+    }
+}
+
+fn out_bytes(enc: Encoding, elems: usize) -> usize {
+    match enc {
+        Encoding::Dense(d) => d.size().unwrap_or(0) * elems,
+        Encoding::Ggml(g) => elems / g.block_size() as usize * g.type_size() as usize,
+    }
+}
+
+/// Output sink: a file written through a buffer, with hole skipping, hashing and progress.
+pub struct Sink<'a> {
+    file: &'a mut File,
+    path: PathBuf,
+    buf: Vec<u8>,
+    hasher: Option<Sha256>,
+    progress: &'a Progress,
+    pos: u64,
+    /// Whether the file position is past data that was skipped (a hole to materialise at the end).
+    sparse_tail: bool,
+}
+
+const SINK_BUF: usize = 8 << 20;
+const HOLE_GRAIN: usize = 64 << 10;
+
+impl<'a> Sink<'a> {
+    pub fn new(file: &'a mut File, path: &Path, hash: bool, progress: &'a Progress) -> Self {
+        Sink { file, path: path.to_path_buf(), buf: Vec::with_capacity(SINK_BUF), hasher: hash.then(Sha256::new), progress, pos: 0, sparse_tail: false }
+    }
+
+    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let room = SINK_BUF - self.buf.len();
+            let n = room.min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() == SINK_BUF {
+                self.flush_buf()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the buffer, seeking over 64 KiB runs of zeros (they become holes, as `cp` does).
+    fn flush_buf(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(h) = &mut self.hasher {
+            h.update(&self.buf);
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let mut start = 0;
+        while start < buf.len() {
+            // Align grains to file offsets so holes are whole blocks.
+            let grain_end = ((self.pos as usize / HOLE_GRAIN) + 1) * HOLE_GRAIN - self.pos as usize;
+            let end = (start + grain_end).min(buf.len());
+            let piece = &buf[start..end];
+            if piece.len() == HOLE_GRAIN && is_zero(piece) {
+                self.file.seek(SeekFrom::Current(piece.len() as i64)).with_file(&self.path)?;
+                self.sparse_tail = true;
+            } else {
+                self.file.write_all(piece).with_file(&self.path)?;
+                self.sparse_tail = false;
+            }
+            self.pos += piece.len() as u64;
+            self.progress.inc(piece.len() as u64);
+            start = end;
+        }
+        self.buf = buf;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Copy `len` bytes at `offset` of a source file. Without hashing this is done in the kernel
+    /// (`copy_file_range`), skipping holes of sparse inputs.
+    pub fn copy_from(&mut self, src: &SourceFile, offset: u64, len: u64) -> Result<()> {
+        if self.hasher.is_some() || len < (1 << 20) {
+            return self.write(&src.bytes()[offset as usize..(offset + len) as usize]);
+        }
+        self.flush_buf()?;
+        let in_file = File::open(&src.path).with_file(&src.path)?;
+        let (ifd, ofd) = (in_file.as_raw_fd(), self.file.as_raw_fd());
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            // Find the next data segment (holes are skipped, like cp --sparse=auto).
+            let data = unsafe { libc::lseek(ifd, at as i64, libc::SEEK_DATA) };
+            let data = if data < 0 { end } else { (data as u64).min(end) };
+            if data > at {
+                let gap = data - at;
+                self.file.seek(SeekFrom::Current(gap as i64)).with_file(&self.path)?;
+                self.sparse_tail = true;
+                self.pos += gap;
+                self.progress.inc(gap);
+                at = data;
+                continue;
+            }
+            let hole = unsafe { libc::lseek(ifd, at as i64, libc::SEEK_HOLE) };
+            let seg_end = if hole < 0 { end } else { (hole as u64).min(end).max(at + 1) };
+            let mut off_in = at as i64;
+            let want = (seg_end - at).min(1 << 30) as usize;
+            let n = unsafe { libc::copy_file_range(ifd, &mut off_in, ofd, std::ptr::null_mut(), want, 0) };
+            if n <= 0 {
+                // Not supported here (or nothing copied): fall back to writing from the map.
+                let bytes = &src.bytes()[at as usize..seg_end as usize];
+                self.file.write_all(bytes).with_file(&self.path)?;
+                self.pos += bytes.len() as u64;
+                self.progress.inc(bytes.len() as u64);
+                at = seg_end;
+            } else {
+                self.pos += n as u64;
+                self.progress.inc(n as u64);
+                at += n as u64;
+            }
+            self.sparse_tail = false;
+        }
+        Ok(())
+    }
+
+    /// Flush, materialise a trailing hole, and return the sha256 (when hashing).
+    pub fn finish(mut self) -> Result<Option<String>> {
+        self.flush_buf()?;
+        if self.sparse_tail {
+            self.file.set_len(self.pos).with_file(&self.path)?;
+        }
+        Ok(self.hasher.take().map(|h| crate::hash::hex(&h.finalize())))
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe { b.align_to::<u128>() };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+/// Stream one output tensor's bytes into the sink.
+fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: &mut Vec<u8>) -> Result<()> {
+    match &t.op {
+        Op::Literal(b) => sink.write(b),
+        Op::Copy { src } => {
+            let e = &ck.tensors[*src];
+            sink.copy_from(&ck.files[e.file], e.offset, e.len)?;
+            ck.release(e);
+            Ok(())
+        }
+        Op::Transcode { src, scale } => {
+            let e = &ck.tensors[*src];
+            let bytes = ck.bytes(e);
+            let n = e.numel() as usize;
+            let per_window = CHUNK_ELEMS * rayon::current_num_threads().max(1);
+            let mut lo = 0;
+            while lo < n {
+                let hi = (lo + per_window).min(n);
+                let total = out_bytes(t.encoding, hi - lo);
+                window.clear();
+                window.resize(total, 0);
+                let chunk_out = out_bytes(t.encoding, CHUNK_ELEMS);
+                window
+                    .par_chunks_mut(chunk_out)
+                    .enumerate()
+                    .try_for_each_init(Vec::new, |vals: &mut Vec<f32>, (c, out)| -> Result<()> {
+                        let a = lo + c * CHUNK_ELEMS;
+                        let b = (a + CHUNK_ELEMS).min(hi);
+                        vals.clear();
+                        vals.resize(b - a, 0.0);
+                        decode_range(e, bytes, a, b, *scale, vals)?;
+                        encode_range(t.encoding, vals, out)
+                    })
+                    .map_err(|err| err.context(format!("tensor '{}'", clean(&t.name))))?;
+                sink.write(window)?;
+                lo = hi;
+            }
+            ck.release(e);
+            Ok(())
+        }
+    }
+}
+
+/// One written file: its path and sha256 when requested.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Written {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: Option<String>,
+}
+
+/// Parse a size like `5GB`, `500MB`, `10GiB` or a byte count (huggingface_hub's units: GB = 10^9).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.trim().parse().map_err(|_| Error::usage(format!("invalid size '{s}' (examples: 5GB, 500MB, 2GiB)")))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        "TIB" => 1024f64.powi(4),
+        _ => return Err(Error::usage(format!("invalid size unit in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)"))),
+    };
+    let v = num * mult;
+    if !(v >= 1.0 && v < 1e18) {
+        return Err(Error::usage(format!("size '{s}' out of range")));
+    }
+    Ok(v as u64)
+}
+
+/// Split tensors into shards like huggingface_hub: in order, a new shard starts when adding a
+/// tensor would pass the limit; a tensor larger than the limit gets a shard of its own.
+pub fn split_shards(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut cur_size = 0u64;
+    for (i, &s) in sizes.iter().enumerate() {
+        if s > max {
+            shards.push(vec![i]);
+            continue;
+        }
+        if !cur.is_empty() && cur_size + s > max {
+            shards.push(std::mem::take(&mut cur));
+            cur_size = 0;
+        }
+        cur.push(i);
+        cur_size += s;
+    }
+    if !cur.is_empty() {
+        shards.push(cur);
+    }
+    shards
+}
+
+/// Write one safetensors file holding `tensors` (indices into the plan) to `path`.
+fn write_one_safetensors(ck: &Checkpoint, plan: &Plan, idx: &[usize], path: &Path, opts: &Options, progress: &Progress) -> Result<(AtomicFile, Written)> {
+    let planned: Vec<crate::safetensors::Planned> = idx
+        .iter()
+        .map(|&i| {
+            let t = &plan.tensors[i];
+            match t.encoding {
+                Encoding::Dense(d) => Ok(crate::safetensors::Planned { name: t.name.clone(), dtype: d, shape: t.shape.clone() }),
+                Encoding::Ggml(g) => Err(Error::internal(format!("{g} in a safetensors plan"))),
+            }
+        })
+        .collect::<Result<_>>()?;
+    let header = crate::safetensors::plan(planned, Some(&plan.metadata))?;
+    let by_name: HashMap<&str, usize> = idx.iter().map(|&i| (plan.tensors[i].name.as_str(), i)).collect();
+    let mut out = AtomicFile::create(path)?;
+    let tmp = out.temp_path().to_path_buf();
+    let mut window = Vec::new();
+    let hash;
+    {
+        let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress);
+        sink.write(&header.bytes)?;
+        for t in &header.order {
+            write_tensor(ck, &plan.tensors[by_name[t.name.as_str()]], &mut sink, &mut window)?;
+        }
+        hash = sink.finish()?;
+    }
+    let len = header.file_len();
+    let actual = out.file().metadata().with_file(&tmp)?.len();
+    if actual != len {
+        return Err(Error::internal(format!("wrote {actual} bytes, planned {len}")).with_path(path));
+    }
+    Ok((out, Written { path: path.to_path_buf(), bytes: len, sha256: hash }))
+}
+
+/// The names of safetensors outputs for a target: `model.safetensors` →
+/// `model-00001-of-00003.safetensors` and `model.safetensors.index.json`.
+pub fn shard_name(base: &Path, i: usize, n: usize) -> PathBuf {
+    let stem = base.file_name().and_then(|s| s.to_str()).and_then(|s| s.strip_suffix(".safetensors")).unwrap_or("model");
+    base.with_file_name(format!("{stem}-{:05}-of-{:05}.safetensors", i + 1, n))
+}
+
+/// Write the plan as safetensors at `weights` (a file path inside the final output location,
+/// which may be a temporary folder). Returns files to commit and what was written.
+fn write_safetensors(ck: &Checkpoint, plan: &Plan, weights: &Path, opts: &Options, progress: &Progress) -> Result<(Vec<AtomicFile>, Vec<Written>)> {
+    let sizes: Vec<u64> = plan.tensors.iter().map(|t| t.size()).collect::<Result<_>>()?;
+    let shards = match opts.shard_size {
+        Some(max) => split_shards(&sizes, max),
+        None => vec![(0..plan.tensors.len()).collect()],
+    };
+    let mut files = Vec::new();
+    let mut written = Vec::new();
+    if shards.len() <= 1 {
+        let (f, w) = write_one_safetensors(ck, plan, shards.first().map_or(&[][..], |s| s), weights, opts, progress)?;
+        files.push(f);
+        written.push(w);
+        return Ok((files, written));
+    }
+    let n = shards.len();
+    let mut weight_map = std::collections::BTreeMap::new();
+    for (i, s) in shards.iter().enumerate() {
+        let p = shard_name(weights, i, n);
+        let fname = p.file_name().expect("file name").to_string_lossy().to_string();
+        for &t in s {
+            weight_map.insert(plan.tensors[t].name.clone(), serde_json::Value::String(fname.clone()));
+        }
+        let (f, w) = write_one_safetensors(ck, plan, s, &p, opts, progress)?;
+        files.push(f);
+        written.push(w);
+    }
+    let total: u64 = sizes.iter().sum();
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let mut text = serde_json::to_string_pretty(&index).expect("json");
+    text.push('\n');
+    let ipath = {
+        let mut s = weights.as_os_str().to_owned();
+        s.push(".index.json");
+        PathBuf::from(s)
+    };
+    let mut f = AtomicFile::create(&ipath)?;
+    f.write_all(text.as_bytes()).with_file(&ipath)?;
+    files.push(f);
+    written.push(Written { path: ipath, bytes: text.len() as u64, sha256: opts.sha256.then(|| crate::hash::sha256_hex(text.as_bytes())) });
+    Ok((files, written))
+}
+
+/// ggml `general.file_type` (llama.h `llama_ftype`) for a uniform quant type.
+fn gguf_file_type(q: GgmlType) -> u32 {
+    match q {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
+        GgmlType::Q2_K => 10,
+        GgmlType::Q3_K => 11,
+        GgmlType::Q4_K => 14,
+        GgmlType::Q5_K => 16,
+        GgmlType::Q6_K => 18,
+        GgmlType::BF16 => 32,
+        _ => 1,
+    }
+}
+
+fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progress: &Progress) -> Result<(AtomicFile, Written)> {
+    use crate::gguf::{TensorPlan, Value};
+    let family = family_of(&plan.detection).ok_or_else(|| Error::unsupported("GGUF export needs a known model family"))?;
+    let q = opts.quant.unwrap_or(GgmlType::F16);
+    let mut kv: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(family.gguf_arch().to_string())),
+        ("general.quantization_version".into(), Value::U32(2)),
+        ("general.file_type".into(), Value::U32(gguf_file_type(q))),
+    ];
+    if let Some(d) = &plan.detection {
+        kv.push(("general.name".into(), Value::String(d.variant.clone())));
+    }
+    let tplans: Vec<TensorPlan> = plan
+        .tensors
+        .iter()
+        .map(|t| TensorPlan {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ty: match t.encoding {
+                Encoding::Ggml(g) => g,
+                Encoding::Dense(d) => GgmlType::from_dense(d).unwrap_or(GgmlType::F32),
+            },
+        })
+        .collect();
+    let gp = crate::gguf::plan(&kv, &tplans, 32)?;
+    let mut out = AtomicFile::create(path)?;
+    let tmp = out.temp_path().to_path_buf();
+    let mut window = Vec::new();
+    let hash;
+    {
+        let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress);
+        sink.write(&gp.header)?;
+        let mut at = 0u64;
+        for (i, t) in plan.tensors.iter().enumerate() {
+            let pad = gp.offsets[i] - at;
+            sink.write(&vec![0u8; pad as usize])?;
+            write_tensor(ck, t, &mut sink, &mut window)?;
+            at = gp.offsets[i] + gp.sizes[i];
+        }
+        let end_pad = gp.total_len - gp.header.len() as u64 - at;
+        sink.write(&vec![0u8; end_pad as usize])?;
+        hash = sink.finish()?;
+    }
+    Ok((out, Written { path: path.to_path_buf(), bytes: gp.total_len, sha256: hash }))
+}
+
+/// What a conversion did, for people and for `--json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub family: Option<String>,
+    pub variant: Option<String>,
+    pub from_layout: Option<Layout>,
+    pub to_layout: Option<Layout>,
+    pub tensors: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub seconds: f64,
+    pub files: Vec<Written>,
+    pub notes: Vec<String>,
+}
+
+/// Default weights file name inside a model folder.
+pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
+
+/// Convert `input` into `output` (a `.safetensors` / `.gguf` file, or a model folder).
+pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
+    let start = std::time::Instant::now();
+    crate::atomic::check_target(output, opts.force)?;
+    let models = crate::store::sub_models(input);
+    if input.is_dir() && !models.is_empty() {
+        return convert_multi(input, output, &models, opts, start);
+    }
+    let ck = Checkpoint::open(input)?;
+    let plan = plan(&ck, opts)?;
+    let total: u64 = plan.tensors.iter().map(|t| t.size()).sum::<Result<u64>>()?;
+    let progress = Progress::bytes(total, "convert", opts.quiet);
+    let name = output.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let files = match opts.format {
+        OutFormat::Gguf => {
+            let (f, w) = write_gguf(&ck, &plan, output, opts, &progress)?;
+            commit_with_sidecars(vec![f], &[w.clone()], opts)?;
+            vec![w]
+        }
+        OutFormat::Safetensors if name.ends_with(".safetensors") => {
+            let (fs, ws) = write_safetensors(&ck, &plan, output, opts, &progress)?;
+            commit_with_sidecars(fs, &ws, opts)?;
+            ws
+        }
+        OutFormat::Safetensors => {
+            let dir = AtomicDir::create(output)?;
+            let ws = write_model_dir(&ck, &plan, dir.path(), opts, &progress)?;
+            dir.commit()?;
+            ws.into_iter().map(|mut w| {
+                w.path = output.join(w.path.file_name().expect("name"));
+                w
+            }).collect()
+        }
+    };
+    progress.finish();
+    Ok(report(input, output, &ck, &plan, files, start))
+}
+
+fn write_model_dir(ck: &Checkpoint, plan: &Plan, dir: &Path, opts: &Options, progress: &Progress) -> Result<Vec<Written>> {
+    let (fs, mut ws) = write_safetensors(ck, plan, &dir.join(WEIGHTS_NAME), opts, progress)?;
+    commit_with_sidecars(fs, &ws, opts)?;
+    if let Some(cfg) = &plan.config {
+        let mut text = serde_json::to_string_pretty(cfg).expect("json");
+        text.push('\n');
+        let p = dir.join("config.json");
+        crate::atomic::write_file(&p, text.as_bytes())?;
+        ws.push(Written { path: p, bytes: text.len() as u64, sha256: None });
+    }
+    Ok(ws)
+}
+
+fn commit_with_sidecars(files: Vec<AtomicFile>, written: &[Written], opts: &Options) -> Result<()> {
+    for f in files {
+        f.commit()?;
+    }
+    if opts.sha256 {
+        for w in written {
+            if let Some(h) = &w.sha256 {
+                crate::atomic::write_file(&crate::hash::sidecar_path(&w.path), crate::hash::sidecar_line(h, &w.path).as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(input: &Path, output: &Path, ck: &Checkpoint, plan: &Plan, files: Vec<Written>, start: std::time::Instant) -> Report {
+    Report {
+        input: input.to_path_buf(),
+        output: output.to_path_buf(),
+        family: plan.detection.as_ref().map(|d| d.family.clone()),
+        variant: plan.detection.as_ref().map(|d| d.variant.clone()),
+        from_layout: plan.from_layout,
+        to_layout: plan.to_layout,
+        tensors: plan.tensors.len(),
+        bytes_in: ck.data_bytes(),
+        bytes_out: files.iter().map(|w| w.bytes).sum(),
+        seconds: start.elapsed().as_secs_f64(),
+        files,
+        notes: plan.notes.clone(),
+    }
+}
+
+/// Sub-folder names of a two-expert model in each layout.
+fn role_name(role: &str, layout: Option<Layout>) -> String {
+    let high = matches!(role, "high_noise_model" | "transformer");
+    match layout {
+        Some(Layout::Diffusers) => if high { "transformer" } else { "transformer_2" }.into(),
+        Some(_) => if high { "high_noise_model" } else { "low_noise_model" }.into(),
+        None => role.into(),
+    }
+}
+
+/// Convert a folder holding several models (Wan2.2 `high_noise_model/` + `low_noise_model/`,
+/// or diffusers `transformer/` + `transformer_2/`) into a folder of the same shape.
+fn convert_multi(input: &Path, output: &Path, models: &[(String, PathBuf)], opts: &Options, start: std::time::Instant) -> Result<Report> {
+    if opts.format == OutFormat::Gguf {
+        return Err(Error::at(Kind::Usage, input, "holds several models; convert each to GGUF separately"));
+    }
+    let dir = AtomicDir::create(output)?;
+    let mut files = Vec::new();
+    let mut last = None;
+    let mut bytes_in = 0;
+    for (role, p) in models {
+        let ck = Checkpoint::open(p)?;
+        let plan = plan(&ck, opts)?;
+        let total: u64 = plan.tensors.iter().map(|t| t.size()).sum::<Result<u64>>()?;
+        let progress = Progress::bytes(total, role, opts.quiet);
+        let sub = dir.path().join(role_name(role, plan.to_layout));
+        std::fs::create_dir(&sub).with_file(&sub)?;
+        for mut w in write_model_dir(&ck, &plan, &sub, opts, &progress)? {
+            w.path = output.join(sub.file_name().expect("name")).join(w.path.file_name().expect("name"));
+            files.push(w);
+        }
+        progress.finish();
+        bytes_in += ck.data_bytes();
+        last = Some((ck, plan));
+    }
+    dir.commit()?;
+    let (ck, plan) = last.expect("at least one model");
+    let mut r = report(input, output, &ck, &plan, files, start);
+    r.bytes_in = bytes_in;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_huggingface_hub() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("-1GB").is_err());
+    }
+
+    #[test]
+    fn shards_split_like_huggingface_hub() {
+        assert_eq!(split_shards(&[4, 4, 4], 10), vec![vec![0, 1], vec![2]]);
+        assert_eq!(split_shards(&[4, 20, 4], 10), vec![vec![1], vec![0, 2]]);
+        assert_eq!(shard_name(Path::new("/a/model.safetensors"), 0, 3), Path::new("/a/model-00001-of-00003.safetensors"));
+    }
+}

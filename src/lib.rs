@@ -5,6 +5,7 @@
 //! writers into temporary files renamed when complete). See `docs/guide.md`.
 
 pub mod atomic;
+pub mod bench;
 pub mod cast;
 pub mod convert;
 pub mod dtype;
@@ -15,6 +16,7 @@ pub mod inspect;
 pub mod layout;
 pub mod progress;
 pub mod quant;
+pub mod replica;
 pub mod safetensors;
 pub mod store;
 pub mod verify;

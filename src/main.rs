@@ -1,1 +1,369 @@
-fn main() {}
+//! The `phasekit` command line: parse, run one command, report, exit with its code.
+//!
+//! Exit codes (see `docs/cli.md`): 0 success, 1 internal error, 2 usage, 3 I/O, 4 truncated
+//! input, 5 malformed input, 6 inconsistent files, 7 unsupported, 8 integrity mismatch,
+//! 9 limit exceeded.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use phasekit::convert::{self, DTypeChoice, Fp8Scale, OutFormat};
+use phasekit::error::Error;
+use phasekit::layout::Layout;
+use phasekit::quant::GgmlType;
+use phasekit::DType;
+
+#[derive(Parser)]
+#[command(
+    name = "phasekit",
+    version,
+    about = "Import, convert, verify and package few-step diffusion checkpoints (Qwen-Image, Wan2.2)",
+    long_about = "phasekit reads diffusion-model checkpoints as they exist in the wild — safetensors files, sharded \
+folders with an index, diffusers and Wan2.2 original folders, GGUF files (quantized, 5-D tensors), fp8 with scales — \
+through memory maps with bounded memory, and converts them between layouts, dtypes and formats.\n\n\
+Exit codes: 0 ok, 1 internal error, 2 usage, 3 I/O, 4 truncated input, 5 malformed input, 6 inconsistent files, \
+7 unsupported, 8 integrity mismatch, 9 limit exceeded.",
+    after_help = "Examples:\n  phasekit inspect Wan2.2-T2V-A14B/high_noise_model\n  phasekit convert Wan2.2-T2V-A14B wan-diffusers --layout diffusers\n  phasekit convert qwen_image/transformer qwen-Q8_0.gguf --format gguf --quant Q8_0\n  phasekit verify model.safetensors"
+)]
+struct Cli {
+    /// Print one JSON object on stdout instead of text (errors too).
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Worker threads for casting, quantizing and hashing (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show format, model family and variant, layout, parameters, dtypes, shards, metadata and config.
+    ///
+    /// PATH may be a .safetensors file, a sharded folder or its *.safetensors.index.json, a diffusers
+    /// model folder, a Wan2.2 repo folder (high_noise_model/ + low_noise_model/) or a .gguf file.
+    /// Only headers are read.
+    Inspect {
+        path: PathBuf,
+    },
+    /// Convert between layouts, dtypes and formats, streaming with bounded memory.
+    ///
+    /// OUT ending in .safetensors or .gguf is a file; anything else is a model folder
+    /// (diffusion_pytorch_model.safetensors + config.json, sharded with an index when --shard-size
+    /// asks). A Wan2.2 repo folder converts to a folder of the same shape (high_noise_model/ ↔
+    /// transformer/, low_noise_model/ ↔ transformer_2/). Outputs appear only when complete.
+    Convert {
+        input: PathBuf,
+        out: PathBuf,
+        /// Target key layout (default: keep the input's).
+        #[arg(long, value_enum)]
+        layout: Option<LayoutArg>,
+        /// Dtype of floating-point tensors. fp8 applies to 2-D weights and writes a per-tensor scale.
+        #[arg(long, value_enum, default_value = "keep")]
+        dtype: DTypeArg,
+        /// Output container (default: from OUT's extension).
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        /// GGUF tensor type for quantizable weights (ComfyUI-GGUF rules: high-precision tensors stay F32).
+        #[arg(long, value_enum)]
+        quant: Option<QuantArg>,
+        /// Split safetensors output into shards of at most this size (e.g. 5GB, 500MB, 2GiB).
+        #[arg(long, value_name = "SIZE")]
+        shard_size: Option<String>,
+        /// How fp8 outputs store their scale.
+        #[arg(long, value_enum, default_value = "comfy")]
+        fp8_scale: Fp8ScaleArg,
+        /// Prefix every name with `model.diffusion_model.` (ComfyUI full checkpoints).
+        #[arg(long)]
+        comfy_prefix: bool,
+        /// Drop the input's safetensors __metadata__ (default: preserve it).
+        #[arg(long)]
+        drop_metadata: bool,
+        /// Also write a `<file>.sha256` sidecar for every output file (hashed while writing).
+        #[arg(long)]
+        sha256: bool,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Validate structure (every safetensors rule, index vs shards, GGUF offsets) and .sha256 sidecars.
+    ///
+    /// Exit 0 only when everything holds.
+    Verify {
+        path: PathBuf,
+    },
+    /// Benchmarks that print ratios against baselines measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
+    /// full-size Qwen-Image and Wan2.2 A14B replicas (they cost no disk).
+    Io {
+        /// Scratch folder, on the disk you want to measure (default: the system temp folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of the dense test checkpoint.
+        #[arg(long, default_value = "2GB")]
+        size: String,
+        /// Runs per measurement (the best is kept).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Skip the sparse full-size replicas.
+        #[arg(long)]
+        no_replicas: bool,
+        /// Skip the Python comparison.
+        #[arg(long)]
+        no_python: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    Original,
+    Diffusers,
+    Comfy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    Keep,
+    Bf16,
+    F16,
+    F32,
+    #[value(name = "fp8-e4m3")]
+    Fp8E4m3,
+    #[value(name = "fp8-e5m2")]
+    Fp8E5m2,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Safetensors,
+    Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+#[allow(non_camel_case_types)]
+enum QuantArg {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Fp8ScaleArg {
+    Comfy,
+    WeightScale,
+    None,
+}
+
+fn layout(a: LayoutArg) -> Layout {
+    match a {
+        LayoutArg::Original => Layout::Original,
+        LayoutArg::Diffusers => Layout::Diffusers,
+        LayoutArg::Comfy => Layout::Comfy,
+    }
+}
+
+fn quant(q: QuantArg) -> GgmlType {
+    let name = match q {
+        QuantArg::F32 => "F32",
+        QuantArg::F16 => "F16",
+        QuantArg::BF16 => "BF16",
+        QuantArg::Q8_0 => "Q8_0",
+        QuantArg::Q4_0 => "Q4_0",
+        QuantArg::Q4_1 => "Q4_1",
+        QuantArg::Q5_0 => "Q5_0",
+        QuantArg::Q5_1 => "Q5_1",
+        QuantArg::Q4_K => "Q4_K",
+        QuantArg::Q5_K => "Q5_K",
+        QuantArg::Q6_K => "Q6_K",
+    };
+    GgmlType::parse(name).expect("known ggml type")
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    if let Some(n) = cli.threads {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
+    }
+    let json = cli.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                let v = serde_json::json!({ "ok": false, "error": { "kind": e.kind().as_str(), "exit_code": e.exit_code(), "path": e.path(), "message": e.message() } });
+                println!("{v}");
+            } else {
+                eprintln!("phasekit: error: {e}");
+            }
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::internal(e.to_string()))?;
+    // A closed pipe (`| head`) is not an error.
+    let _ = writeln!(out, "{text}");
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let quiet = cli.quiet || cli.json;
+    match cli.command {
+        Command::Inspect { path } => {
+            let reports = phasekit::inspect::inspect(&path)?;
+            if cli.json {
+                if reports.len() == 1 {
+                    print_json(&reports[0])?;
+                } else {
+                    print_json(&serde_json::json!({ "path": path, "models": reports }))?;
+                }
+            } else {
+                let mut out = std::io::stdout().lock();
+                for r in &reports {
+                    let _ = write!(out, "{}", phasekit::inspect::render(r));
+                }
+            }
+            Ok(())
+        }
+        Command::Convert { input, out, layout: l, dtype, format, quant: q, shard_size, fp8_scale, comfy_prefix, drop_metadata, sha256, force } => {
+            let format = match format {
+                Some(FormatArg::Gguf) => OutFormat::Gguf,
+                Some(FormatArg::Safetensors) => OutFormat::Safetensors,
+                None if out.extension().is_some_and(|e| e == "gguf") => OutFormat::Gguf,
+                None => OutFormat::Safetensors,
+            };
+            if q.is_some() && format != OutFormat::Gguf {
+                return Err(Error::usage("--quant applies to GGUF output (add --format gguf or name OUT *.gguf)"));
+            }
+            if format == OutFormat::Gguf && shard_size.is_some() {
+                return Err(Error::usage("--shard-size applies to safetensors output"));
+            }
+            let dtype = match dtype {
+                DTypeArg::Keep => DTypeChoice::Keep,
+                DTypeArg::Bf16 => DTypeChoice::To(DType::BF16),
+                DTypeArg::F16 => DTypeChoice::To(DType::F16),
+                DTypeArg::F32 => DTypeChoice::To(DType::F32),
+                DTypeArg::Fp8E4m3 => DTypeChoice::To(DType::F8E4M3),
+                DTypeArg::Fp8E5m2 => DTypeChoice::To(DType::F8E5M2),
+            };
+            let quant = match (q, format, dtype) {
+                (Some(q), _, _) => Some(quant(q)),
+                (None, OutFormat::Gguf, DTypeChoice::To(DType::F32)) => Some(GgmlType::F32),
+                (None, OutFormat::Gguf, DTypeChoice::To(DType::F16)) => Some(GgmlType::F16),
+                (None, OutFormat::Gguf, DTypeChoice::To(DType::BF16)) => Some(GgmlType::BF16),
+                (None, OutFormat::Gguf, DTypeChoice::To(d)) => return Err(Error::usage(format!("GGUF output cannot hold {d}; use --quant"))),
+                _ => None,
+            };
+            let opts = convert::Options {
+                layout: l.map(layout),
+                dtype: if format == OutFormat::Gguf { DTypeChoice::Keep } else { dtype },
+                format,
+                quant,
+                shard_size: shard_size.as_deref().map(convert::parse_size).transpose()?,
+                fp8_scale: match fp8_scale {
+                    Fp8ScaleArg::Comfy => Fp8Scale::Comfy,
+                    Fp8ScaleArg::WeightScale => Fp8Scale::WeightScale,
+                    Fp8ScaleArg::None => Fp8Scale::None,
+                },
+                comfy_prefix,
+                keep_metadata: !drop_metadata,
+                sha256,
+                force,
+                quiet,
+            };
+            let r = convert::convert(&input, &out, &opts)?;
+            if cli.json {
+                print_json(&serde_json::json!({ "ok": true, "report": r }))?;
+            } else {
+                let fam = match (&r.family, &r.variant) {
+                    (Some(f), Some(v)) => format!(" [{f}, {v}]"),
+                    _ => String::new(),
+                };
+                let lay = match (r.from_layout, r.to_layout) {
+                    (Some(a), Some(b)) if a != b => format!(", {a:?} → {b:?} names").to_lowercase(),
+                    _ => String::new(),
+                };
+                println!(
+                    "converted {} → {}{fam}: {} tensors, {:.1} MB in {:.2} s ({:.0} MB/s){lay}",
+                    r.input.display(),
+                    r.output.display(),
+                    r.tensors,
+                    r.bytes_out as f64 / 1e6,
+                    r.seconds,
+                    r.bytes_out as f64 / 1e6 / r.seconds.max(1e-9)
+                );
+                for n in &r.notes {
+                    println!("note: {n}");
+                }
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Io { dir, size, repeats, no_replicas, no_python }) => {
+            let opts = phasekit::bench::IoOptions {
+                dir: dir.unwrap_or_else(std::env::temp_dir),
+                size: convert::parse_size(&size)?,
+                repeats,
+                replicas: !no_replicas,
+                python: !no_python,
+            };
+            let json = cli.json;
+            let lines = phasekit::bench::io(&opts, &mut |m| {
+                if !json {
+                    eprintln!("{m}");
+                }
+            })?;
+            if json {
+                print_json(&lines)?;
+            } else {
+                print!("{}", phasekit::bench::render(&lines));
+            }
+            Ok(())
+        }
+        Command::Verify { path } => {
+            let r = phasekit::verify::verify(&path, quiet)?;
+            if cli.json {
+                print_json(&r)?;
+            } else {
+                for c in &r.checks {
+                    println!("{} {:<9} {}", if c.ok { "ok  " } else { "FAIL" }, c.check, c.detail);
+                }
+            }
+            match r.error() {
+                None => Ok(()),
+                Some(e) if cli.json => {
+                    // The report above already says what failed; exit with the class's code.
+                    std::process::exit(e.exit_code());
+                }
+                Some(e) => Err(e),
+            }
+        }
+    }
+}

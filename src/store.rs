@@ -1,1 +1,480 @@
-//! store (in progress)
+//! One tensor store for every source (DESIGN decision 1).
+//!
+//! [`Checkpoint::open`] accepts a safetensors file, a sharded folder or its
+//! `*.safetensors.index.json`, a diffusers model folder, or a GGUF file. It maps every file
+//! (nothing is read into memory), validates the structure, and yields [`TensorEntry`]
+//! descriptors: name, encoding, shape and the byte range inside one mapped file.
+//! [`open_models`] also understands folders holding several models (a Wan2.2 original repo with
+//! `high_noise_model/` and `low_noise_model/`, a diffusers pipeline with `transformer/` and
+//! `transformer_2/`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+
+use crate::dtype::DType;
+use crate::error::{clean, Error, IoContext, Kind, Result};
+use crate::quant::GgmlType;
+
+/// On-disk container format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Safetensors,
+    ShardedSafetensors,
+    Gguf,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::ShardedSafetensors => "safetensors (sharded)",
+            Format::Gguf => "gguf",
+        }
+    }
+}
+
+/// How a tensor's bytes encode its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Dense(DType),
+    /// A ggml block-quantised type (never one of the dense ggml types).
+    Ggml(GgmlType),
+}
+
+impl Encoding {
+    pub fn name(&self) -> String {
+        match self {
+            Encoding::Dense(d) => d.to_string(),
+            Encoding::Ggml(g) => g.to_string(),
+        }
+    }
+    pub fn dense(&self) -> Option<DType> {
+        match self {
+            Encoding::Dense(d) => Some(*d),
+            Encoding::Ggml(_) => None,
+        }
+    }
+}
+
+/// A mapped input file.
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub len: u64,
+    map: Option<Mmap>,
+}
+
+impl SourceFile {
+    pub fn open(path: &Path) -> Result<SourceFile> {
+        let file = File::open(path).with_file(path)?;
+        let meta = file.metadata().with_file(path)?;
+        if meta.is_dir() {
+            return Err(Error::at(Kind::Usage, path, "is a folder, expected a file"));
+        }
+        let len = meta.len();
+        let map = if len == 0 {
+            None
+        } else {
+            // Safety: the map is read-only. Like ripgrep and candle, we accept that another
+            // process truncating or rewriting the file while we read it is undefined
+            // behaviour; checkpoints are not edited in place while being converted.
+            let m = unsafe { Mmap::map(&file) }.with_file(path)?;
+            let _ = m.advise(Advice::Sequential);
+            Some(m)
+        };
+        Ok(SourceFile { path: path.to_path_buf(), len, map })
+    }
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+    /// Drop our page-table references to `[offset, offset+len)` so resident memory stays
+    /// bounded while streaming a large file (the page cache keeps the data).
+    pub fn release(&self, offset: u64, len: u64) {
+        if let Some(m) = &self.map {
+            let page = 4096u64;
+            let start = offset / page * page;
+            let end = (offset + len).min(self.len);
+            if end > start {
+                // Safety: DONTNEED on a private read-only file mapping only drops cached PTEs;
+                // later reads fault the same file bytes back in.
+                let _ = unsafe { m.unchecked_advise_range(UncheckedAdvice::DontNeed, start as usize, (end - start) as usize) };
+            }
+        }
+    }
+}
+
+/// One tensor of a checkpoint: where its bytes are and what they mean.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub name: String,
+    pub encoding: Encoding,
+    /// Shape in row-major (torch) order.
+    pub shape: Vec<u64>,
+    /// Index into [`Checkpoint::files`].
+    pub file: usize,
+    /// Absolute byte offset in that file.
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> u64 {
+        crate::dtype::numel(&self.shape).unwrap_or(0)
+    }
+}
+
+/// The `*.safetensors.index.json` of a sharded checkpoint.
+#[derive(Debug, Clone)]
+pub struct IndexInfo {
+    pub path: PathBuf,
+    pub total_size: Option<u64>,
+    /// Other keys of the index's `metadata` object.
+    pub extra_metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A `config.json` found beside the weights.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub json: serde_json::Value,
+}
+
+/// GGUF header information kept for inspection and re-export.
+#[derive(Debug, Clone)]
+pub struct GgufInfo {
+    pub version: u32,
+    pub alignment: u64,
+    pub kv: Vec<(String, crate::gguf::Value)>,
+}
+
+/// A checkpoint opened for reading.
+pub struct Checkpoint {
+    /// The path the user gave.
+    pub path: PathBuf,
+    pub format: Format,
+    pub files: Vec<SourceFile>,
+    pub tensors: Vec<TensorEntry>,
+    /// safetensors `__metadata__` (of the first shard for sharded checkpoints).
+    pub metadata: Vec<(String, String)>,
+    pub index: Option<IndexInfo>,
+    pub config: Option<ConfigFile>,
+    pub gguf: Option<GgufInfo>,
+}
+
+/// Largest index or config JSON we read (they are a few MB at most in practice).
+const MAX_JSON: u64 = 64 << 20;
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let len = fs::metadata(path).with_file(path)?.len();
+    if len > MAX_JSON {
+        return Err(Error::limit(path, format!("JSON file is {len} bytes, over the {MAX_JSON}-byte limit")));
+    }
+    let bytes = fs::read(path).with_file(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::malformed(path, format!("invalid JSON: {e}")))
+}
+
+fn is_gguf(path: &Path) -> Result<bool> {
+    let mut f = File::open(path).with_file(path)?;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = f.read(&mut magic[got..]).with_file(path)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    Ok(got == 4 && &magic == b"GGUF")
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir).with_file(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    v.sort();
+    Ok(v)
+}
+
+fn name_ends(p: &Path, suffix: &str) -> bool {
+    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(suffix) && !n.starts_with('.'))
+}
+
+/// Folders that hold several models, with each model's role.
+pub fn sub_models(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for role in ["high_noise_model", "low_noise_model", "transformer", "transformer_2"] {
+        let p = dir.join(role);
+        if p.is_dir() {
+            out.push((role.to_string(), p));
+        }
+    }
+    out
+}
+
+/// Open every model under `path`: one for a plain checkpoint, several for a multi-model folder.
+pub fn open_models(path: &Path) -> Result<Vec<(String, Checkpoint)>> {
+    if path.is_dir() {
+        let subs = sub_models(path);
+        if !subs.is_empty() {
+            return subs.into_iter().map(|(role, p)| Ok((role, Checkpoint::open(&p)?))).collect();
+        }
+    }
+    Ok(vec![(String::new(), Checkpoint::open(path)?)])
+}
+
+impl Checkpoint {
+    /// Open a checkpoint file or folder (see the module docs for what is accepted).
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let meta = fs::metadata(path).with_file(path)?;
+        if meta.is_dir() {
+            return Self::open_dir(path);
+        }
+        let config = path.parent().map(|d| d.join("config.json")).filter(|c| c.is_file());
+        let mut ck = if name_ends(path, ".index.json") {
+            Self::open_sharded(path)?
+        } else if is_gguf(path)? {
+            Self::open_gguf(path)?
+        } else {
+            Self::open_safetensors(path)?
+        };
+        if let Some(c) = config {
+            ck.config = Some(ConfigFile { json: read_json(&c)?, path: c });
+        }
+        Ok(ck)
+    }
+
+    fn open_dir(dir: &Path) -> Result<Checkpoint> {
+        let entries = list_dir(dir)?;
+        let indexes: Vec<&PathBuf> = entries.iter().filter(|p| name_ends(p, ".safetensors.index.json")).collect();
+        let singles: Vec<&PathBuf> = entries.iter().filter(|p| name_ends(p, ".safetensors")).collect();
+        let ggufs: Vec<&PathBuf> = entries.iter().filter(|p| name_ends(p, ".gguf")).collect();
+        let mut ck = match (indexes.len(), singles.len(), ggufs.len()) {
+            (1, _, _) => Self::open_sharded(indexes[0])?,
+            (0, 1, _) => Self::open_safetensors(singles[0])?,
+            (0, 0, 1) => Self::open_gguf(ggufs[0])?,
+            (n, _, _) if n > 1 => {
+                return Err(Error::inconsistent(dir, format!("{n} *.safetensors.index.json files; name the one to use")));
+            }
+            (0, n, _) if n > 1 => {
+                return Err(Error::inconsistent(dir, format!("{n} .safetensors files but no *.safetensors.index.json; name the file to use")));
+            }
+            _ => {
+                let subs = sub_models(dir);
+                return Err(if subs.is_empty() {
+                    Error::at(Kind::Unsupported, dir, "no .safetensors, .safetensors.index.json or .gguf file in this folder")
+                } else {
+                    Error::at(
+                        Kind::Usage,
+                        dir,
+                        format!("holds several models ({}); name one of them", subs.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(", ")),
+                    )
+                });
+            }
+        };
+        ck.path = dir.to_path_buf();
+        let c = dir.join("config.json");
+        if c.is_file() {
+            ck.config = Some(ConfigFile { json: read_json(&c)?, path: c });
+        }
+        Ok(ck)
+    }
+
+    fn open_safetensors(path: &Path) -> Result<Checkpoint> {
+        let f = SourceFile::open(path)?;
+        let h = crate::safetensors::parse(path, f.bytes())?;
+        let tensors = h
+            .tensors
+            .iter()
+            .map(|r| TensorEntry {
+                name: r.name.clone(),
+                encoding: Encoding::Dense(r.dtype),
+                shape: r.shape.clone(),
+                file: 0,
+                offset: h.data_start + r.begin,
+                len: r.end - r.begin,
+            })
+            .collect();
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            format: Format::Safetensors,
+            files: vec![f],
+            tensors,
+            metadata: h.metadata.unwrap_or_default(),
+            index: None,
+            config: None,
+            gguf: None,
+        })
+    }
+
+    fn open_gguf(path: &Path) -> Result<Checkpoint> {
+        let f = SourceFile::open(path)?;
+        let g = crate::gguf::parse(path, f.bytes())?;
+        let tensors = g
+            .tensors
+            .iter()
+            .map(|t| TensorEntry {
+                name: t.name.clone(),
+                encoding: t.ty.dense().map_or(Encoding::Ggml(t.ty), Encoding::Dense),
+                shape: t.shape.clone(),
+                file: 0,
+                offset: t.offset,
+                len: t.size,
+            })
+            .collect();
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            format: Format::Gguf,
+            files: vec![f],
+            tensors,
+            metadata: Vec::new(),
+            index: None,
+            config: None,
+            gguf: Some(GgufInfo { version: g.version, alignment: g.alignment, kv: g.kv }),
+        })
+    }
+
+    fn open_sharded(index_path: &Path) -> Result<Checkpoint> {
+        let json = read_json(index_path)?;
+        let obj = json.as_object().ok_or_else(|| Error::malformed(index_path, "index is not a JSON object"))?;
+        let wm = obj
+            .get("weight_map")
+            .ok_or_else(|| Error::malformed(index_path, "index has no \"weight_map\""))?
+            .as_object()
+            .ok_or_else(|| Error::malformed(index_path, "\"weight_map\" is not an object"))?;
+        let mut extra = serde_json::Map::new();
+        let mut total_size = None;
+        if let Some(md) = obj.get("metadata") {
+            let md = md.as_object().ok_or_else(|| Error::malformed(index_path, "\"metadata\" is not an object"))?;
+            for (k, v) in md {
+                if k == "total_size" {
+                    // huggingface_hub writes an int; some tools write a float or a string.
+                    let n = v
+                        .as_u64()
+                        .or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64))
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                        .ok_or_else(|| Error::malformed(index_path, format!("metadata.total_size is not a non-negative integer: {v}")))?;
+                    total_size = Some(n);
+                } else {
+                    extra.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let dir = index_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        // Shard names in first-seen order of sorted shard file names.
+        let mut shard_of: HashMap<&str, usize> = HashMap::new();
+        let mut shard_names: BTreeMap<String, ()> = BTreeMap::new();
+        for (name, v) in wm {
+            let s = v
+                .as_str()
+                .ok_or_else(|| Error::malformed(index_path, format!("weight_map entry '{}' is not a file name", clean(name))))?;
+            let p = Path::new(s);
+            if s.is_empty() || p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                return Err(Error::malformed(index_path, format!("weight_map entry '{}' points outside the folder: '{}'", clean(name), clean(s))));
+            }
+            shard_names.insert(s.to_string(), ());
+        }
+        let shard_list: Vec<String> = shard_names.into_keys().collect();
+        for (i, s) in shard_list.iter().enumerate() {
+            shard_of.insert(s.as_str(), i);
+        }
+        let mut files = Vec::with_capacity(shard_list.len());
+        let mut tensors = Vec::new();
+        let mut metadata = None;
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, s) in shard_list.iter().enumerate() {
+            let p = dir.join(s);
+            if !p.is_file() {
+                return Err(Error::inconsistent(index_path, format!("index references shard '{}' which does not exist", clean(s))));
+            }
+            let f = SourceFile::open(&p)?;
+            let h = crate::safetensors::parse(&p, f.bytes())?;
+            if metadata.is_none() {
+                metadata = h.metadata.clone();
+            }
+            for r in &h.tensors {
+                if let Some(prev) = seen.insert(r.name.clone(), i) {
+                    return Err(Error::inconsistent(
+                        index_path,
+                        format!("tensor '{}' is in both '{}' and '{}'", clean(&r.name), clean(&shard_list[prev]), clean(s)),
+                    ));
+                }
+                match wm.get(&r.name).and_then(|v| v.as_str()) {
+                    Some(listed) if listed == s => {}
+                    Some(listed) => {
+                        return Err(Error::inconsistent(
+                            index_path,
+                            format!("tensor '{}' is in shard '{}' but the index lists '{}'", clean(&r.name), clean(s), clean(listed)),
+                        ))
+                    }
+                    None => {
+                        return Err(Error::inconsistent(index_path, format!("tensor '{}' of shard '{}' is not in the index", clean(&r.name), clean(s))))
+                    }
+                }
+                tensors.push(TensorEntry {
+                    name: r.name.clone(),
+                    encoding: Encoding::Dense(r.dtype),
+                    shape: r.shape.clone(),
+                    file: i,
+                    offset: h.data_start + r.begin,
+                    len: r.end - r.begin,
+                });
+            }
+            files.push(f);
+        }
+        for (name, v) in wm {
+            if !seen.contains_key(name) {
+                return Err(Error::inconsistent(
+                    index_path,
+                    format!("index lists tensor '{}' in '{}' but that shard does not contain it", clean(name), clean(v.as_str().unwrap_or("?"))),
+                ));
+            }
+        }
+        let sum: u64 = tensors.iter().map(|t| t.len).sum();
+        if let Some(ts) = total_size {
+            if ts != sum {
+                return Err(Error::inconsistent(index_path, format!("metadata.total_size is {ts} but the shards hold {sum} bytes of tensors")));
+            }
+        }
+        Ok(Checkpoint {
+            path: index_path.to_path_buf(),
+            format: Format::ShardedSafetensors,
+            files,
+            tensors,
+            metadata: metadata.unwrap_or_default(),
+            index: Some(IndexInfo { path: index_path.to_path_buf(), total_size, extra_metadata: extra }),
+            config: None,
+            gguf: None,
+        })
+    }
+
+    /// The bytes of a tensor, borrowed from the map.
+    pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
+        &self.files[t.file].bytes()[t.offset as usize..(t.offset + t.len) as usize]
+    }
+
+    /// Let the kernel drop a tensor's pages from our resident set once we are done with it.
+    pub fn release(&self, t: &TensorEntry) {
+        self.files[t.file].release(t.offset, t.len);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Total tensor bytes.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    /// Number of parameters (elements), excluding fp8 scale companions.
+    pub fn param_count(&self) -> u64 {
+        self.tensors.iter().filter(|t| !crate::convert::is_scale_companion(&t.name)).map(|t| t.numel()).sum()
+    }
+
+    /// Names and shapes, as the layout detector wants them.
+    pub fn names_and_shapes(&self) -> Vec<(&str, &[u64])> {
+        self.tensors.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect()
+    }
+}

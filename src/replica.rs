@@ -1,0 +1,139 @@
+//! Tensor lists of the real teachers at full size, and sparse replica files built from them.
+//!
+//! A replica has every tensor name and shape of the real checkpoint; its data is a hole in a
+//! sparse file (zeros that cost no disk), so memory and speed can be measured at real scale
+//! (40.9 GB for Qwen-Image, 28.6 GB for a Wan2.2 A14B expert) on a small machine.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::dtype::DType;
+use crate::error::{IoContext, Result};
+
+/// Which real model to replicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Model {
+    /// Qwen-Image transformer (diffusers names), 1933 tensors, 20,430,401,088 params.
+    QwenImage,
+    /// One Wan2.2 T2V-A14B expert (original names), 1095 tensors, 14,288,491,584 params.
+    WanT2vA14b,
+    /// One Wan2.2 I2V-A14B expert (in_dim 36).
+    WanI2vA14b,
+    /// Wan2.2 TI2V-5B.
+    WanTi2v5b,
+}
+
+fn lin(v: &mut Vec<(String, Vec<u64>)>, name: &str, out: u64, inp: u64) {
+    v.push((format!("{name}.weight"), vec![out, inp]));
+    v.push((format!("{name}.bias"), vec![out]));
+}
+
+/// Names and shapes (torch order) of a model's tensors, in module order.
+pub fn tensors(m: Model) -> Vec<(String, Vec<u64>)> {
+    match m {
+        Model::QwenImage => qwen_image(60),
+        Model::WanT2vA14b => wan(5120, 13824, 40, 16, 16),
+        Model::WanI2vA14b => wan(5120, 13824, 40, 36, 16),
+        Model::WanTi2v5b => wan(3072, 14336, 30, 48, 48),
+    }
+}
+
+/// Qwen-Image (diffusers / ComfyUI names) with `layers` blocks.
+pub fn qwen_image(layers: usize) -> Vec<(String, Vec<u64>)> {
+    let (d, ff, txt) = (3072u64, 12288u64, 3584u64);
+    let mut v = Vec::new();
+    lin(&mut v, "img_in", d, 64);
+    lin(&mut v, "txt_in", d, txt);
+    v.push(("txt_norm.weight".into(), vec![txt]));
+    lin(&mut v, "time_text_embed.timestep_embedder.linear_1", d, 256);
+    lin(&mut v, "time_text_embed.timestep_embedder.linear_2", d, d);
+    for i in 0..layers {
+        let p = format!("transformer_blocks.{i}");
+        lin(&mut v, &format!("{p}.img_mod.1"), 6 * d, d);
+        lin(&mut v, &format!("{p}.txt_mod.1"), 6 * d, d);
+        for n in ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"] {
+            lin(&mut v, &format!("{p}.attn.{n}"), d, d);
+        }
+        for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
+            v.push((format!("{p}.attn.{n}.weight"), vec![128]));
+        }
+        for s in ["img_mlp", "txt_mlp"] {
+            lin(&mut v, &format!("{p}.{s}.net.0.proj"), ff, d);
+            lin(&mut v, &format!("{p}.{s}.net.2"), d, ff);
+        }
+    }
+    lin(&mut v, "norm_out.linear", 2 * d, d);
+    lin(&mut v, "proj_out", 64, d);
+    v
+}
+
+/// A Wan2.2 transformer (original names).
+pub fn wan(dim: u64, ffn: u64, layers: usize, in_dim: u64, out_dim: u64) -> Vec<(String, Vec<u64>)> {
+    let mut v = vec![("patch_embedding.weight".to_string(), vec![dim, in_dim, 1, 2, 2]), ("patch_embedding.bias".to_string(), vec![dim])];
+    lin(&mut v, "text_embedding.0", dim, 4096);
+    lin(&mut v, "text_embedding.2", dim, dim);
+    lin(&mut v, "time_embedding.0", dim, 256);
+    lin(&mut v, "time_embedding.2", dim, dim);
+    lin(&mut v, "time_projection.1", 6 * dim, dim);
+    for i in 0..layers {
+        let p = format!("blocks.{i}");
+        v.push((format!("{p}.modulation"), vec![1, 6, dim]));
+        for a in ["self_attn", "cross_attn"] {
+            for n in ["q", "k", "v", "o"] {
+                lin(&mut v, &format!("{p}.{a}.{n}"), dim, dim);
+            }
+            v.push((format!("{p}.{a}.norm_q.weight"), vec![dim]));
+            v.push((format!("{p}.{a}.norm_k.weight"), vec![dim]));
+        }
+        v.push((format!("{p}.norm3.weight"), vec![dim]));
+        v.push((format!("{p}.norm3.bias"), vec![dim]));
+        lin(&mut v, &format!("{p}.ffn.0"), ffn, dim);
+        lin(&mut v, &format!("{p}.ffn.2"), dim, ffn);
+    }
+    lin(&mut v, "head.head", out_dim * 4, dim);
+    v.push(("head.modulation".into(), vec![1, 2, dim]));
+    v
+}
+
+/// Write a safetensors file with these tensors in `dtype`. With `fill = None` the data is a
+/// hole (a sparse file); otherwise `fill(name, bytes)` writes each tensor's bytes.
+pub fn write(path: &Path, tensors: &[(String, Vec<u64>)], dtype: DType, mut fill: Option<&mut dyn FnMut(&str, &mut [u8])>) -> Result<u64> {
+    let planned: Vec<crate::safetensors::Planned> =
+        tensors.iter().map(|(n, s)| crate::safetensors::Planned { name: n.clone(), dtype, shape: s.clone() }).collect();
+    let md = vec![("format".to_string(), "pt".to_string())];
+    let plan = crate::safetensors::plan(planned, Some(&md))?;
+    let mut f = crate::atomic::AtomicFile::create(path)?;
+    let tmp = f.temp_path().to_path_buf();
+    f.write_all(&plan.bytes).with_file(&tmp)?;
+    match fill.as_mut() {
+        None => f.file().set_len(plan.file_len()).with_file(&tmp)?,
+        Some(fill) => {
+            let mut buf = Vec::new();
+            for (t, (b, e)) in plan.order.iter().zip(&plan.offsets) {
+                buf.clear();
+                buf.resize((e - b) as usize, 0);
+                fill(&t.name, &mut buf);
+                f.write_all(&buf).with_file(&tmp)?;
+            }
+        }
+    }
+    f.commit()?;
+    Ok(plan.file_len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(v: &[(String, Vec<u64>)]) -> u64 {
+        v.iter().map(|(_, s)| s.iter().product::<u64>()).sum()
+    }
+
+    #[test]
+    fn real_counts() {
+        let q = tensors(Model::QwenImage);
+        assert_eq!((q.len(), params(&q)), (1933, 20_430_401_088));
+        let w = tensors(Model::WanT2vA14b);
+        assert_eq!((w.len(), params(&w)), (1095, 14_288_491_584));
+    }
+}
