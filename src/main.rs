@@ -71,8 +71,8 @@ enum Command {
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
         /// GGUF tensor type for quantizable weights (ComfyUI-GGUF rules: high-precision tensors stay F32).
-        #[arg(long, value_enum)]
-        quant: Option<QuantArg>,
+        #[arg(long, ignore_case = true, value_parser = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])]
+        quant: Option<String>,
         /// Split safetensors output into shards of at most this size (e.g. 5GB, 500MB, 2GiB).
         #[arg(long, value_name = "SIZE")]
         shard_size: Option<String>,
@@ -152,22 +152,6 @@ enum FormatArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-#[allow(non_camel_case_types)]
-enum QuantArg {
-    F32,
-    F16,
-    BF16,
-    Q8_0,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q4_K,
-    Q5_K,
-    Q6_K,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
 enum Fp8ScaleArg {
     Comfy,
     WeightScale,
@@ -182,21 +166,8 @@ fn layout(a: LayoutArg) -> Layout {
     }
 }
 
-fn quant(q: QuantArg) -> GgmlType {
-    let name = match q {
-        QuantArg::F32 => "F32",
-        QuantArg::F16 => "F16",
-        QuantArg::BF16 => "BF16",
-        QuantArg::Q8_0 => "Q8_0",
-        QuantArg::Q4_0 => "Q4_0",
-        QuantArg::Q4_1 => "Q4_1",
-        QuantArg::Q5_0 => "Q5_0",
-        QuantArg::Q5_1 => "Q5_1",
-        QuantArg::Q4_K => "Q4_K",
-        QuantArg::Q5_K => "Q5_K",
-        QuantArg::Q6_K => "Q6_K",
-    };
-    GgmlType::parse(name).expect("known ggml type")
+fn quant(q: &str) -> Result<GgmlType, Error> {
+    GgmlType::parse(q).ok_or_else(|| Error::usage(format!("unknown GGUF type '{q}'")))
 }
 
 fn main() -> ExitCode {
@@ -275,7 +246,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 DTypeArg::Fp8E5m2 => DTypeChoice::To(DType::F8E5M2),
             };
             let quant = match (q, format, dtype) {
-                (Some(q), _, _) => Some(quant(q)),
+                (Some(q), _, _) => Some(quant(&q)?),
                 (None, OutFormat::Gguf, DTypeChoice::To(DType::F32)) => Some(GgmlType::F32),
                 (None, OutFormat::Gguf, DTypeChoice::To(DType::F16)) => Some(GgmlType::F16),
                 (None, OutFormat::Gguf, DTypeChoice::To(DType::BF16)) => Some(GgmlType::BF16),
