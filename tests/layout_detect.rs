@@ -321,6 +321,13 @@ fn unknown_family_is_unsupported_with_a_hint() {
     assert!(e.message().contains("closest is wan22 with original names"), "{}", e.message());
     assert!(e.message().contains("`head.modulation`"), "{}", e.message());
 
+    // A full ComfyUI checkpoint: the diffusion model under model.diffusion_model., the VAE beside it.
+    let mut t = with_prefix(&wan_original(64, 16, 16, 128, 1), "model.diffusion_model.");
+    t.push(("first_stage_model.decoder.conv_in.weight".to_string(), vec![8, 4, 3, 3]));
+    let e = detect(&t, None).unwrap_err();
+    assert_eq!(e.kind(), Kind::Unsupported);
+    assert!(e.message().contains("under `model.diffusion_model.` look like wan22"), "{}", e.message());
+
     assert_eq!(detect(&[], None).unwrap_err().kind(), Kind::Unsupported);
 }
 

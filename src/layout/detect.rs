@@ -110,9 +110,10 @@ pub(crate) fn detect(reg: &Registry, tensors: &[(&str, &[u64])], config: Option<
 
     let Some(c) = best else {
         let families: Vec<&str> = reg.families().iter().map(|f| f.name()).collect();
-        let hint = match near {
-            Some(n) => n.text,
-            None => "no family's tensor names were found".to_string(),
+        let hint = match (partial_prefix(reg, tensors), near) {
+            (Some(p), _) => p,
+            (None, Some(n)) => n.text,
+            (None, None) => "no family's tensor names were found".to_string(),
         };
         let class_note = match class {
             Some(cl) => format!("; config.json names {}", clean(cl)),
@@ -209,4 +210,28 @@ pub(crate) fn detect(reg: &Registry, tensors: &[(&str, &[u64])], config: Option<
         unmatched,
         notes,
     })
+}
+
+/// A family whose markers are all present under a prefix that only some names carry (a ComfyUI
+/// checkpoint bundling the VAE and text encoder): say so, since detection needs every name under
+/// the prefix.
+fn partial_prefix(reg: &Registry, tensors: &[(&str, &[u64])]) -> Option<String> {
+    for fam in reg.families() {
+        for p in &fam.prefixes {
+            let under: HashSet<&str> = tensors.iter().filter_map(|(n, _)| n.strip_prefix(p.as_str())).collect();
+            if under.is_empty() || under.len() == tensors.len() {
+                continue;
+            }
+            if let Some(info) = fam.info.iter().find(|i| i.names == i.layout && i.markers.iter().all(|m| under.contains(m.as_str()))) {
+                return Some(format!(
+                    "the {} tensors under `{p}` look like {} ({} names), but {} other tensors do not carry that prefix; extract the diffusion model first",
+                    under.len(),
+                    fam.name,
+                    info.layout,
+                    tensors.len() - under.len()
+                ));
+            }
+        }
+    }
+    None
 }
