@@ -604,3 +604,63 @@ print("python safetensors agrees")
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn wan_repo_folder_converts_both_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("Wan2.2-T2V-A14B");
+    copy_dir(&fixture("wan22_t2v_tiny/original"), &repo.join("high_noise_model"));
+    copy_dir(&fixture("wan22_t2v_tiny/original"), &repo.join("low_noise_model"));
+
+    let v = json_of(&run_ok(&[Path::new("--json"), Path::new("inspect"), &repo]));
+    let roles: Vec<&str> = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["high_noise_model", "low_noise_model"]);
+    run_ok(&[Path::new("verify"), &repo]);
+
+    let diff = tmp.path().join("diffusers");
+    let v = json_of(&run_ok(&[
+        Path::new("--json"),
+        Path::new("convert"),
+        &repo,
+        &diff,
+        Path::new("--layout"),
+        Path::new("diffusers"),
+    ]));
+    assert_eq!(
+        v["report"]["files"].as_array().unwrap().len(),
+        4,
+        "two weights files and two configs"
+    );
+    let want = std::fs::read(fixture("wan22_t2v_tiny/diffusers").join(WEIGHTS)).unwrap();
+    for role in ["transformer", "transformer_2"] {
+        assert!(
+            std::fs::read(diff.join(role).join(WEIGHTS)).unwrap() == want,
+            "{role} differs from the diffusers file"
+        );
+        assert!(diff.join(role).join("config.json").is_file(), "{role}/config.json");
+    }
+    assert!(!diff.join("high_noise_model").exists());
+
+    let back = tmp.path().join("back");
+    run_ok(&[Path::new("convert"), &diff, &back, Path::new("--layout"), Path::new("original")]);
+    for role in ["high_noise_model", "low_noise_model"] {
+        common::assert_same_tensors(
+            &read_model(&back.join(role)),
+            &read_model(&fixture("wan22_t2v_tiny/original")),
+            role,
+        );
+    }
+}
