@@ -411,6 +411,18 @@ def build(c):
     shard_dir("sh_two_indexes", {S1: [A], S2: [B]}, {"a": S1, "b": S2}, extra=[("model.safetensors.index.json", json.dumps({"weight_map": {"a": S1, "b": S2}}).encode())])
     c.case("sh_two_indexes", "sh_two_indexes/", "two *.safetensors.index.json in one folder", "inconsistent", "index", names="sh_two_indexes", out="out_model")
 
+    c.write("multi_second_broken/high_noise_model/diffusion_pytorch_model.safetensors", VALID)
+    c.write("multi_second_broken/low_noise_model/diffusion_pytorch_model.safetensors", VALID[:-5])
+    c.case(
+        "multi_second_broken",
+        "multi_second_broken/",
+        "Wan repo folder whose second expert is truncated: convert has already written the first into its temporary folder",
+        "truncated",
+        "ends at byte",
+        names="low_noise_model",
+        out="out_model",
+    )
+
     c.write("dir_no_model/README.txt", b"no weights here\n")
     c.case("dir_no_model", "dir_no_model/", "folder without any weights file", "unsupported", "no .safetensors", out="out_model")
 
