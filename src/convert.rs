@@ -396,7 +396,12 @@ fn amax_of(ck: &Checkpoint, t: &OutTensor) -> Result<f32> {
 }
 
 /// Elements per parallel work item (a multiple of every block size).
-const CHUNK_ELEMS: usize = 1 << 20;
+const CHUNK_ELEMS: usize = 1 << 18;
+
+thread_local! {
+    /// Per-thread f32 scratch, reused across chunks and tensors (no page faults per chunk).
+    static F32_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 fn decode_range(e: &TensorEntry, bytes: &[u8], lo: usize, hi: usize, scale: f32, out: &mut [f32]) -> Result<()> {
     match e.encoding {
@@ -450,6 +455,15 @@ impl<'a> Sink<'a> {
     }
 
     pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
+        if bytes.len() >= SINK_BUF && self.hasher.is_none() {
+            // Large blocks skip the buffer copy.
+            self.flush_buf()?;
+            let saved = std::mem::take(&mut self.buf);
+            self.buf = Vec::new();
+            let r = self.write_direct(bytes);
+            self.buf = saved;
+            return r;
+        }
         while !bytes.is_empty() {
             let room = SINK_BUF - self.buf.len();
             let n = room.min(bytes.len());
@@ -471,25 +485,41 @@ impl<'a> Sink<'a> {
             h.update(&self.buf);
         }
         let buf = std::mem::take(&mut self.buf);
-        let mut start = 0;
-        while start < buf.len() {
-            // Align grains to file offsets so holes are whole blocks.
-            let grain_end = ((self.pos as usize / HOLE_GRAIN) + 1) * HOLE_GRAIN - self.pos as usize;
-            let end = (start + grain_end).min(buf.len());
-            let piece = &buf[start..end];
-            if piece.len() == HOLE_GRAIN && is_zero(piece) {
-                self.file.seek(SeekFrom::Current(piece.len() as i64)).with_file(&self.path)?;
-                self.sparse_tail = true;
-            } else {
-                self.file.write_all(piece).with_file(&self.path)?;
-                self.sparse_tail = false;
-            }
-            self.pos += piece.len() as u64;
-            self.progress.inc(piece.len() as u64);
-            start = end;
-        }
+        self.write_direct(&buf)?;
         self.buf = buf;
         self.buf.clear();
+        Ok(())
+    }
+
+    fn write_direct(&mut self, buf: &[u8]) -> Result<()> {
+        // Runs of data are written with one call; whole, file-aligned 64 KiB grains of zeros
+        // are skipped with a seek.
+        let mut start = 0;
+        let mut run_start = 0;
+        while start < buf.len() {
+            let pos = self.pos + start as u64;
+            let to_grain = (HOLE_GRAIN as u64 - pos % HOLE_GRAIN as u64) as usize;
+            let end = (start + to_grain).min(buf.len());
+            let piece = &buf[start..end];
+            if piece.len() == HOLE_GRAIN && is_zero(piece) {
+                self.write_run(&buf[run_start..start])?;
+                self.file.seek(SeekFrom::Current(piece.len() as i64)).with_file(&self.path)?;
+                self.sparse_tail = true;
+                run_start = end;
+            }
+            start = end;
+        }
+        self.write_run(&buf[run_start..])?;
+        self.pos += buf.len() as u64;
+        self.progress.inc(buf.len() as u64);
+        Ok(())
+    }
+
+    fn write_run(&mut self, run: &[u8]) -> Result<()> {
+        if !run.is_empty() {
+            self.file.write_all(run).with_file(&self.path)?;
+            self.sparse_tail = false;
+        }
         Ok(())
     }
 
@@ -579,13 +609,15 @@ fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: &mut Ve
                 window
                     .par_chunks_mut(chunk_out)
                     .enumerate()
-                    .try_for_each_init(Vec::new, |vals: &mut Vec<f32>, (c, out)| -> Result<()> {
+                    .try_for_each(|(c, out)| -> Result<()> {
                         let a = lo + c * CHUNK_ELEMS;
                         let b = (a + CHUNK_ELEMS).min(hi);
-                        vals.clear();
-                        vals.resize(b - a, 0.0);
-                        decode_range(e, bytes, a, b, *scale, vals)?;
-                        encode_range(t.encoding, vals, out)
+                        F32_BUF.with_borrow_mut(|vals| {
+                            vals.resize(CHUNK_ELEMS, 0.0);
+                            let vals = &mut vals[..b - a];
+                            decode_range(e, bytes, a, b, *scale, vals)?;
+                            encode_range(t.encoding, vals, out)
+                        })
                     })
                     .map_err(|err| err.context(format!("tensor '{}'", clean(&t.name))))?;
                 sink.write(window)?;
