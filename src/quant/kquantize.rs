@@ -50,7 +50,9 @@ fn make_qkx2_quants(
     nstep: i32,
     use_mad: bool,
 ) -> (f32, f32) {
+    // Equal lengths, stated once, let the compiler drop the bounds checks in the loops.
     let n = x.len();
+    let (weights, l_out, l_aux) = (&weights[..n], &mut l_out[..n], &mut l_aux[..n]);
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = weights[0];
@@ -78,7 +80,7 @@ fn make_qkx2_quants(
     let mut scale = 1.0 / iscale;
     let mut best_error = 0.0f32;
     for i in 0..n {
-        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        let l = nearest_int(iscale * (x[i] - min)).max(0).min(nmax);
         l_out[i] = l as u8;
         let mut diff = scale * l as f32 + min - x[i];
         diff = if use_mad { diff.abs() } else { diff * diff };
@@ -91,7 +93,7 @@ fn make_qkx2_quants(
         iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
         for i in 0..n {
-            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            let l = nearest_int(iscale * (x[i] - min)).max(0).min(nmax);
             l_aux[i] = l as u8;
             let lf = l as f32;
             let w = weights[i];
@@ -114,7 +116,7 @@ fn make_qkx2_quants(
                 cur_error += weights[i] * diff;
             }
             if cur_error < best_error {
-                l_out[..n].copy_from_slice(&l_aux[..n]);
+                l_out.copy_from_slice(l_aux);
                 best_error = cur_error;
                 scale = this_scale;
                 min = this_min;
@@ -144,7 +146,7 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
     let mut iscale = -nmaxf / max;
     let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
     for (lo, &v) in l_out.iter_mut().zip(x) {
-        let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        let l = nearest_int(iscale * v).max(-nmax).min(nmax - 1);
         *lo = (l + nmax) as i8;
         let w = v * v;
         let lf = l as f32;
@@ -161,7 +163,7 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
         sumlx = 0.0;
         suml2 = 0.0;
         for &v in x {
-            let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+            let l = nearest_int(iscale * v).max(-nmax).min(nmax - 1);
             let w = v * v;
             let lf = l as f32;
             sumlx += w * v * lf;
@@ -169,7 +171,7 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
         }
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
             for (lo, &v) in l_out.iter_mut().zip(x) {
-                let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+                let l = nearest_int(iscale * v).max(-nmax).min(nmax - 1);
                 *lo = (l + nmax) as i8;
             }
             scale = sumlx / suml2;
@@ -198,7 +200,7 @@ fn make_q3_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
     let iscale = -(nmax as f32) / max;
     let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
     for (lo, &v) in l_out.iter_mut().zip(x) {
-        let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        let l = nearest_int(iscale * v).max(-nmax).min(nmax - 1);
         *lo = l as i8;
         let w = v * v;
         let lf = l as f32;
@@ -213,7 +215,7 @@ fn make_q3_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
             let mut slx = sumlx - w * v * cur;
             if slx > 0.0 {
                 let mut sl2 = suml2 - w * cur * cur;
-                let new_l = nearest_int(v * sl2 / slx).clamp(-nmax, nmax - 1);
+                let new_l = nearest_int(v * sl2 / slx).max(-nmax).min(nmax - 1);
                 if new_l != *lo as i32 {
                     let nl = new_l as f32;
                     slx += w * v * nl;
@@ -321,7 +323,7 @@ pub(crate) fn quant_q2_k(src: &[f32], dst: &mut [u8]) {
             }
             let dm = dmin_all * (sc[j] >> 4) as f32;
             for ii in 0..16 {
-                let l = nearest_int((x[16 * j + ii] + dm) / d).clamp(0, 3);
+                let l = nearest_int((x[16 * j + ii] + dm) / d).max(0).min(3);
                 levels[16 * j + ii] = l as u8;
             }
         }
@@ -357,7 +359,7 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
         if max_scale != 0.0 {
             let iscale = -32.0 / max_scale;
             for j in 0..16 {
-                let l = (nearest_int(iscale * scales[j]) as i8).clamp(-32, 31) + 32;
+                let l = (nearest_int(iscale * scales[j]) as i8).max(-32).min(31) + 32;
                 let l = l as u8;
                 if j < 8 {
                     sc[j] = l & 0x0f;
@@ -379,7 +381,7 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
                 continue;
             }
             for ii in 0..16 {
-                let l = nearest_int(x[16 * j + ii] / d).clamp(-4, 3);
+                let l = nearest_int(x[16 * j + ii] / d).max(-4).min(3);
                 l_signed[16 * j + ii] = (l + 4) as i8;
             }
         }
@@ -484,7 +486,7 @@ fn qkx_superblock(
         }
         let dm = dmin_all * m as f32;
         for ii in 0..32 {
-            let l = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax);
+            let l = nearest_int((x[32 * j + ii] + dm) / d).max(0).min(nmax);
             levels[32 * j + ii] = l as u8;
         }
     }
@@ -568,7 +570,7 @@ pub(crate) fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
                 continue;
             }
             for ii in 0..16 {
-                let l = nearest_int(x[16 * j + ii] / d).clamp(-32, 31);
+                let l = nearest_int(x[16 * j + ii] / d).max(-32).min(31);
                 levels[16 * j + ii] = (l + 32) as i8;
             }
         }

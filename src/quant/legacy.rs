@@ -30,7 +30,8 @@ fn wr16(b: &mut [u8], at: usize, x: f32) {
     b[at..at + 2].copy_from_slice(&f32_to_f16(x).to_le_bytes());
 }
 
-/// numpy's float32 → uint8 cast on x86-64 (see the module doc).
+/// numpy's float32 → uint8 cast on x86-64 (see the module doc). It truncates toward zero, so
+/// gguf-py's `np.trunc` before the cast is implied.
 #[inline]
 fn np_u8(v: f32) -> u8 {
     if (-2_147_483_648.0..2_147_483_648.0).contains(&v) {
@@ -40,23 +41,26 @@ fn np_u8(v: f32) -> u8 {
     }
 }
 
-/// gguf-py `np_roundf`: round half away from zero, written the way numpy evaluates it
-/// (infinity gives NaN, which the cast then turns into 0).
+/// gguf-py `np_roundf` (`sign(n) * (floor(a) + floor(2 * (a - floor(a))))`, a = |n|): round
+/// half away from zero; infinity gives NaN (which the cast then turns into 0). Written without
+/// `floor`, a libm call on baseline x86-64: for 0 <= a < 2^23 truncation is floor, and above
+/// that every f32 is an integer.
 #[inline]
 fn np_roundf(n: f32) -> f32 {
     let a = n.abs();
-    let fl = a.floor();
-    let b = fl + (2.0 * (a - fl)).floor();
-    let sign = if n > 0.0 {
-        1.0
-    } else if n < 0.0 {
-        -1.0
-    } else if n.is_nan() {
-        f32::NAN
+    let b = if a < 8_388_608.0 {
+        let fl = a as i32 as f32;
+        fl + (2.0 * (a - fl)) as i32 as f32
+    } else if a.is_finite() {
+        a
     } else {
-        0.0
+        f32::NAN
     };
-    sign * b
+    if n < 0.0 {
+        -b
+    } else {
+        b
+    }
 }
 
 /// numpy `abs(x).argmax()`: index of the first largest magnitude, or of the first NaN.
@@ -193,7 +197,7 @@ pub(crate) fn quant_q4_0(src: &[f32], dst: &mut [u8]) {
         let id = inv(d);
         let mut q = [0u8; QK];
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = np_u8((v * id + 8.5).trunc()).min(15);
+            *q = np_u8(v * id + 8.5).min(15);
         }
         wr16(b, 0, d);
         for j in 0..16 {
@@ -209,7 +213,7 @@ pub(crate) fn quant_q4_1(src: &[f32], dst: &mut [u8]) {
         let id = inv(d);
         let mut q = [0u8; QK];
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = np_u8(((v - min) * id + 0.5).trunc()).min(15);
+            *q = np_u8((v - min) * id + 0.5).min(15);
         }
         wr16(b, 0, d);
         wr16(b, 2, min);
@@ -239,7 +243,7 @@ pub(crate) fn quant_q5_0(src: &[f32], dst: &mut [u8]) {
         let id = inv(d);
         let mut q = [0u8; QK];
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = np_u8((v * id + 16.5).trunc()).min(31);
+            *q = np_u8(v * id + 16.5).min(31);
         }
         wr16(b, 0, d);
         let (qh, qs) = b[2..].split_at_mut(4);
@@ -254,7 +258,7 @@ pub(crate) fn quant_q5_1(src: &[f32], dst: &mut [u8]) {
         let id = inv(d);
         let mut q = [0u8; QK];
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = np_u8(((v - min) * id + 0.5).trunc()).min(31);
+            *q = np_u8((v - min) * id + 0.5).min(31);
         }
         wr16(b, 0, d);
         wr16(b, 2, min);
