@@ -211,6 +211,31 @@ pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
         DTypeChoice::Keep => None,
     };
     let fp8_out = target_dtype.filter(|d| d.is_fp8());
+    // Output name of an input name: strip the detected prefix, rename between layouts, add the
+    // ComfyUI prefix when asked; with the layout kept, names stay exactly as they are.
+    let out_name = |name: &str| -> Result<String> {
+        let stripped = name.strip_prefix(prefix.as_str()).unwrap_or(name);
+        let mut out = match (family, from_layout, to_layout) {
+            (Some(f), Some(a), Some(b)) if a != b || !prefix.is_empty() => {
+                if stripped == SCALED_FP8_MARKER {
+                    stripped.to_string()
+                } else if let Some((base, suffix)) = SCALE_SUFFIXES.iter().chain(&INPUT_SCALE_SUFFIXES).find_map(|s| stripped.strip_suffix(s).map(|b| (b, s))) {
+                    // A scale companion follows its weight's name.
+                    let w = f.rename(a, b, &format!("{base}.weight")).map_err(|e| e.with_path(&ck.path))?;
+                    format!("{}{suffix}", w.strip_suffix(".weight").unwrap_or(&w))
+                } else {
+                    f.rename(a, b, stripped).map_err(|e| e.with_path(&ck.path))?
+                }
+            }
+            _ => name.to_string(),
+        };
+        if opts.comfy_prefix && !out.starts_with("model.diffusion_model.") {
+            out = format!("model.diffusion_model.{out}");
+        } else if opts.layout.is_none() && opts.format == OutFormat::Safetensors && !prefix.is_empty() && !out.starts_with(&prefix) {
+            out = format!("{prefix}{out}");
+        }
+        Ok(out)
+    };
     let mut tensors = Vec::with_capacity(ck.tensors.len());
     let mut fp8_targets = Vec::new();
     let mut dequantized = 0usize;
@@ -221,21 +246,11 @@ pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
         if companions.contains(&i) {
             let keep_as_is = gguf_quant.is_none() && target_dtype.is_none();
             if keep_as_is {
-                tensors.push(OutTensor { name: t.name.clone(), encoding: t.encoding, shape: t.shape.clone(), op: Op::Copy { src: i } });
+                tensors.push(OutTensor { name: out_name(&t.name)?, encoding: t.encoding, shape: t.shape.clone(), op: Op::Copy { src: i } });
             }
             continue;
         }
-        let stripped = t.name.strip_prefix(prefix.as_str()).unwrap_or(&t.name);
-        let mut name = match (family, from_layout, to_layout) {
-            (Some(f), Some(a), Some(b)) if a != b || !prefix.is_empty() => f.rename(a, b, stripped).map_err(|e| e.with_path(&ck.path))?,
-            _ => t.name.clone(),
-        };
-        if opts.comfy_prefix && !name.starts_with("model.diffusion_model.") {
-            name = format!("model.diffusion_model.{name}");
-        } else if opts.layout.is_none() && opts.format == OutFormat::Safetensors && !prefix.is_empty() && !name.starts_with(&prefix) {
-            // Layout kept: names are kept exactly, prefix included.
-            name = format!("{prefix}{name}");
-        }
+        let name = out_name(&t.name)?;
         let scale = in_scale.unwrap_or(1.0);
         let (encoding, op) = if let Some(q) = gguf_quant {
             let g = gguf_type(family, &name, &t.shape, t.encoding, q);
