@@ -671,7 +671,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         _ => return Err(Error::usage(format!("invalid size unit in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)"))),
     };
     let v = num * mult;
-    if !(v >= 1.0 && v < 1e18) {
+    if !(1.0..1e18).contains(&v) {
         return Err(Error::usage(format!("size '{s}' out of range")));
     }
     Ok(v as u64)
@@ -888,7 +888,7 @@ pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
     let files = match opts.format {
         OutFormat::Gguf => {
             let (f, w) = write_gguf(&ck, &plan, output, opts, &progress)?;
-            commit_with_sidecars(vec![f], &[w.clone()], opts)?;
+            commit_with_sidecars(vec![f], std::slice::from_ref(&w), opts)?;
             vec![w]
         }
         OutFormat::Safetensors if name.ends_with(".safetensors") => {

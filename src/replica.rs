@@ -95,9 +95,12 @@ pub fn wan(dim: u64, ffn: u64, layers: usize, in_dim: u64, out_dim: u64) -> Vec<
     v
 }
 
+/// Fills one tensor's bytes (given its name).
+pub type Fill<'a> = &'a mut dyn FnMut(&str, &mut [u8]);
+
 /// Write a safetensors file with these tensors in `dtype`. With `fill = None` the data is a
 /// hole (a sparse file); otherwise `fill(name, bytes)` writes each tensor's bytes.
-pub fn write(path: &Path, tensors: &[(String, Vec<u64>)], dtype: DType, mut fill: Option<&mut dyn FnMut(&str, &mut [u8])>) -> Result<u64> {
+pub fn write(path: &Path, tensors: &[(String, Vec<u64>)], dtype: DType, mut fill: Option<Fill>) -> Result<u64> {
     let planned: Vec<crate::safetensors::Planned> =
         tensors.iter().map(|(n, s)| crate::safetensors::Planned { name: n.clone(), dtype, shape: s.clone() }).collect();
     let md = vec![("format".to_string(), "pt".to_string())];
