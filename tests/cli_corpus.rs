@@ -17,6 +17,7 @@ use serde_json::Value;
 
 fn kind_name(code: i64) -> &'static str {
     match code {
+        0 => "ok",
         1 => "internal",
         2 => "usage",
         3 => "io",
