@@ -42,6 +42,7 @@ pub struct AtomicFile {
     target: PathBuf,
     tmp: PathBuf,
     file: Option<File>,
+    sync: bool,
 }
 
 impl AtomicFile {
@@ -49,7 +50,13 @@ impl AtomicFile {
         let target = target.as_ref().to_path_buf();
         let tmp = temp_sibling(&target)?;
         let file = File::create(&tmp).with_file(&tmp)?;
-        Ok(AtomicFile { target, tmp, file: Some(file) })
+        Ok(AtomicFile { target, tmp, file: Some(file), sync: true })
+    }
+    /// Skip the fsync before the rename (scratch outputs: faster, but after a power loss the
+    /// file under the final name may be incomplete).
+    pub fn without_sync(mut self) -> Self {
+        self.sync = false;
+        self
     }
     pub fn file(&mut self) -> &mut File {
         self.file.as_mut().expect("file open until commit")
@@ -64,7 +71,9 @@ impl AtomicFile {
     pub fn commit(mut self) -> Result<()> {
         let mut f = self.file.take().expect("file open until commit");
         f.flush().with_file(&self.tmp)?;
-        f.sync_all().with_file(&self.tmp)?;
+        if self.sync {
+            f.sync_all().with_file(&self.tmp)?;
+        }
         drop(f);
         fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
         sync_parent(&self.target);

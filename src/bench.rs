@@ -200,10 +200,17 @@ fn io_in(dir: &Path, opts: &IoOptions, log: &mut dyn FnMut(&str)) -> Result<Vec<
     let mut l = ratio_line("bf16→f16 cast", gb(t_cast), "cp+sync", gb(t_cps), 0.7);
     l.note = vs_cp(gb(t_cast));
     lines.push(l);
+    // The same two without fsync, against plain cp (which does not sync either).
+    let nosync = convert::Options { sync: false, ..quiet.clone() };
+    let t_layout_ns = run(&convert::Options { layout: Some(Layout::Diffusers), ..nosync.clone() }, &out)?;
+    lines.push(ratio_line("layout convert --no-sync", gb(t_layout_ns), "cp", gb(t_cp), 0.9));
+    let t_cast_ns = run(&convert::Options { dtype: DTypeChoice::To(DType::F16), ..nosync.clone() }, &out)?;
+    lines.push(ratio_line("bf16→f16 cast --no-sync", gb(t_cast_ns), "cp", gb(t_cp), 0.7));
     rm(&out);
 
     let gg = dir.join("out.gguf");
-    let t_q8 = run(&convert::Options { format: OutFormat::Gguf, quant: Some(GgmlType::Q8_0), ..quiet.clone() }, &gg)?;
+    // gguf-py's writer does not fsync: compare like with like.
+    let t_q8 = run(&convert::Options { format: OutFormat::Gguf, quant: Some(GgmlType::Q8_0), ..nosync.clone() }, &gg)?;
     rm(&gg);
     if opts.python && python_has_gguf() {
         let script = dir.join("q8.py");

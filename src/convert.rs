@@ -77,6 +77,8 @@ pub struct Options {
     pub sha256: bool,
     pub force: bool,
     pub quiet: bool,
+    /// fsync every output before renaming it into place (default).
+    pub sync: bool,
 }
 
 impl Default for Options {
@@ -93,6 +95,7 @@ impl Default for Options {
             sha256: false,
             force: false,
             quiet: true,
+            sync: true,
         }
     }
 }
@@ -701,6 +704,11 @@ pub fn split_shards(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
     shards
 }
 
+fn atomic_file(path: &Path, opts: &Options) -> Result<AtomicFile> {
+    let f = AtomicFile::create(path)?;
+    Ok(if opts.sync { f } else { f.without_sync() })
+}
+
 /// Write one safetensors file holding `tensors` (indices into the plan) to `path`.
 fn write_one_safetensors(ck: &Checkpoint, plan: &Plan, idx: &[usize], path: &Path, opts: &Options, progress: &Progress) -> Result<(AtomicFile, Written)> {
     let planned: Vec<crate::safetensors::Planned> = idx
@@ -715,7 +723,7 @@ fn write_one_safetensors(ck: &Checkpoint, plan: &Plan, idx: &[usize], path: &Pat
         .collect::<Result<_>>()?;
     let header = crate::safetensors::plan(planned, Some(&plan.metadata))?;
     let by_name: HashMap<&str, usize> = idx.iter().map(|&i| (plan.tensors[i].name.as_str(), i)).collect();
-    let mut out = AtomicFile::create(path)?;
+    let mut out = atomic_file(path, opts)?;
     let tmp = out.temp_path().to_path_buf();
     let mut window = Vec::new();
     let hash;
@@ -779,7 +787,7 @@ fn write_safetensors(ck: &Checkpoint, plan: &Plan, weights: &Path, opts: &Option
         s.push(".index.json");
         PathBuf::from(s)
     };
-    let mut f = AtomicFile::create(&ipath)?;
+    let mut f = atomic_file(&ipath, opts)?;
     f.write_all(text.as_bytes()).with_file(&ipath)?;
     files.push(f);
     written.push(Written { path: ipath, bytes: text.len() as u64, sha256: opts.sha256.then(|| crate::hash::sha256_hex(text.as_bytes())) });
@@ -831,7 +839,7 @@ fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progres
         })
         .collect();
     let gp = crate::gguf::plan(&kv, &tplans, 32)?;
-    let mut out = AtomicFile::create(path)?;
+    let mut out = atomic_file(path, opts)?;
     let tmp = out.temp_path().to_path_buf();
     let mut window = Vec::new();
     let hash;
@@ -974,6 +982,7 @@ fn convert_multi(input: &Path, output: &Path, models: &[(String, PathBuf)], opts
     let mut files = Vec::new();
     let mut last = None;
     let mut bytes_in = 0;
+    let mut n_tensors = 0;
     for (role, p) in models {
         let ck = Checkpoint::open(p)?;
         let plan = plan(&ck, opts)?;
@@ -987,12 +996,14 @@ fn convert_multi(input: &Path, output: &Path, models: &[(String, PathBuf)], opts
         }
         progress.finish();
         bytes_in += ck.data_bytes();
+        n_tensors += plan.tensors.len();
         last = Some((ck, plan));
     }
     dir.commit()?;
     let (ck, plan) = last.expect("at least one model");
     let mut r = report(input, output, &ck, &plan, files, start);
     r.bytes_in = bytes_in;
+    r.tensors = n_tensors;
     Ok(r)
 }
 
