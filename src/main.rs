@@ -91,6 +91,10 @@ enum Command {
         /// Replace OUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Skip the fsync before the final rename (faster for scratch outputs; after a power
+        /// loss the output may be incomplete).
+        #[arg(long)]
+        no_sync: bool,
     },
     /// Validate structure (every safetensors rule, index vs shards, GGUF offsets) and .sha256 sidecars.
     ///
@@ -124,6 +128,29 @@ enum BenchCommand {
         #[arg(long)]
         no_python: bool,
     },
+    /// Write a sparse full-size replica of a real checkpoint: every tensor name and shape, data
+    /// all zeros in a sparse file (costs no disk). For testing memory and speed at real scale.
+    Replica {
+        #[arg(value_enum)]
+        model: ReplicaModel,
+        /// Output .safetensors file.
+        out: PathBuf,
+        /// Element type of the replica.
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: DTypeArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReplicaModel {
+    /// Qwen-Image transformer, 1933 tensors, 20.4B parameters (diffusers names).
+    QwenImage,
+    /// One Wan2.2 T2V-A14B expert, 1095 tensors, 14.3B parameters (original names).
+    WanT2vA14b,
+    /// One Wan2.2 I2V-A14B expert (36 input channels).
+    WanI2vA14b,
+    /// Wan2.2 TI2V-5B.
+    WanTi2v5b,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -224,7 +251,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Convert { input, out, layout: l, dtype, format, quant: q, shard_size, fp8_scale, comfy_prefix, drop_metadata, sha256, force } => {
+        Command::Convert { input, out, layout: l, dtype, format, quant: q, shard_size, fp8_scale, comfy_prefix, drop_metadata, sha256, force, no_sync } => {
             let format = match format {
                 Some(FormatArg::Gguf) => OutFormat::Gguf,
                 Some(FormatArg::Safetensors) => OutFormat::Safetensors,
@@ -269,6 +296,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 sha256,
                 force,
                 quiet,
+                sync: !no_sync,
             };
             let r = convert::convert(&input, &out, &opts)?;
             if cli.json {
@@ -315,6 +343,30 @@ fn run(cli: Cli) -> Result<(), Error> {
                 print_json(&lines)?;
             } else {
                 print!("{}", phasekit::bench::render(&lines));
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Replica { model, out, dtype }) => {
+            use phasekit::replica::{self, Model};
+            let m = match model {
+                ReplicaModel::QwenImage => Model::QwenImage,
+                ReplicaModel::WanT2vA14b => Model::WanT2vA14b,
+                ReplicaModel::WanI2vA14b => Model::WanI2vA14b,
+                ReplicaModel::WanTi2v5b => Model::WanTi2v5b,
+            };
+            let dt = match dtype {
+                DTypeArg::Keep | DTypeArg::Bf16 => DType::BF16,
+                DTypeArg::F16 => DType::F16,
+                DTypeArg::F32 => DType::F32,
+                DTypeArg::Fp8E4m3 => DType::F8E4M3,
+                DTypeArg::Fp8E5m2 => DType::F8E5M2,
+            };
+            let tensors = replica::tensors(m);
+            let len = replica::write(&out, &tensors, dt, None)?;
+            if cli.json {
+                print_json(&serde_json::json!({ "ok": true, "path": out, "tensors": tensors.len(), "bytes": len }))?;
+            } else {
+                println!("wrote {} ({} tensors, {:.2} GB sparse)", out.display(), tensors.len(), len as f64 / 1e9);
             }
             Ok(())
         }
