@@ -105,10 +105,18 @@ enum Command {
     /// Benchmarks that print ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Distil a teacher into few-step experts with Phased DMD (recipes/*.toml, docs/recipes.md).
+    Train(phasekit::train::cli::TrainArgs),
+    /// Draw samples from a trained run into a safetensors file (tensor `samples`).
+    Sample(phasekit::train::cli::SampleArgs),
+    /// Pretrain the toy teacher, distil it with Phased DMD and DMD2, sample, compare, plot (CPU, < 3 min).
+    Quickstart(phasekit::train::cli::QuickstartArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Phased DMD and its baselines on the toy mixture over several seeds (writes docs/results.md tables).
+    TrainToy(phasekit::train::cli::BenchTrainToyArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
     /// full-size Qwen-Image and Wan2.2 A14B replicas (they cost no disk).
     Io {
@@ -370,6 +378,10 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Train(a) => phasekit::train::cli::train(&a, cli.json, quiet),
+        Command::Sample(a) => phasekit::train::cli::sample(&a, cli.json),
+        Command::Quickstart(a) => phasekit::train::cli::quickstart(&a, cli.json, quiet),
+        Command::Bench(BenchCommand::TrainToy(a)) => phasekit::train::cli::bench_train_toy(&a, cli.json, quiet),
         Command::Verify { path } => {
             let r = phasekit::verify::verify(&path, quiet)?;
             if cli.json {
