@@ -62,6 +62,9 @@ fn row(v: &[f64]) -> CResult<Tensor> {
     Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), v.len(), &Device::Cpu)
 }
 
+/// `(x_t, ε, t, α_{t|s}, σ_{t|s})` of a re-noised batch.
+type Renoised = (Tensor, Tensor, Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// Everything one phase's updates need.
 pub struct Phase<'a> {
     pub sched: &'a Schedule,
@@ -152,7 +155,7 @@ impl Phase<'_> {
     }
 
     /// `x_t = α_{t|s}·x_s + σ_{t|s}·ε`; returns (x_t, ε, t, α, σ) per sample.
-    fn renoise(&self, rng: &mut Rng, xs: &Tensor) -> CResult<(Tensor, Tensor, Vec<f64>, Vec<f64>, Vec<f64>)> {
+    fn renoise(&self, rng: &mut Rng, xs: &Tensor) -> CResult<Renoised> {
         let (_, _, s) = self.bounds();
         let n = xs.dim(0)?;
         let t = self.renoise_levels(rng, n);

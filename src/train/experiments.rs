@@ -162,7 +162,10 @@ pub struct BenchOptions {
     pub only: Option<Vec<String>>,
 }
 
-fn one_run(m: &Method, s: u64, o: &BenchOptions, teacher_file: &Path, mix: &Mixture, n: usize) -> Result<(Metrics, f64, String)> {
+/// Metrics, seconds and method label of one run.
+type RunResult = (Metrics, f64, String);
+
+fn one_run(m: &Method, s: u64, o: &BenchOptions, teacher_file: &Path, mix: &Mixture, n: usize) -> Result<RunResult> {
     let r = recipe_for(m, s, o.updates, teacher_file)?;
     let label = run::method_name(&r, &r.schedule.build()?);
     let dir = o.dir.join(&r.name);
@@ -220,8 +223,7 @@ pub fn run_all(o: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> Result<String> 
     let ms_all: Vec<Method> = methods().into_iter().filter(|m| o.only.as_ref().is_none_or(|k| k.iter().any(|k| k == m.key))).collect();
     let jobs: Vec<(usize, u64)> = (0..ms_all.len()).flat_map(|i| seeds.iter().map(move |s| (i, *s))).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<Vec<Option<Result<(Metrics, f64, String)>>>> =
-        std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let results: std::sync::Mutex<Vec<Option<Result<RunResult>>>> = std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect());
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len().max(1));
     std::thread::scope(|sc| {
         for _ in 0..workers {

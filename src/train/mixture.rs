@@ -49,7 +49,7 @@ impl Mixture {
         if c.dim < 2 || c.modes == 0 || c.classes == 0 || c.classes > c.modes || c.std <= 0.0 {
             return Err(crate::Error::usage("recipe: mixture needs dim >= 2, modes >= 1, 1 <= classes <= modes and std > 0"));
         }
-        if !c.weights.is_empty() && (c.weights.len() != c.modes || c.weights.iter().any(|w| !(*w > 0.0))) {
+        if !c.weights.is_empty() && (c.weights.len() != c.modes || c.weights.iter().any(|w| w.is_nan() || *w <= 0.0)) {
             return Err(crate::Error::usage("recipe: mixture.weights must hold one positive weight per mode"));
         }
         let means = (0..c.modes)

@@ -112,9 +112,12 @@ pub fn zlib_stored(data: &[u8]) -> Vec<u8> {
 
 const CLASS_COLORS: [[u8; 3]; 6] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189], [255, 127, 14], [23, 190, 207]];
 
+/// One scatter panel: rows `[n, d]` flattened, d, class of each row, mode centres to mark.
+pub type Panel = (Vec<f64>, usize, Vec<u32>, Vec<[f64; 2]>);
+
 /// Scatter panels side by side: `panels[i]` = (rows `[n, ≥2]` flattened, d, classes, mode
 /// centres to mark). Coordinates in [−range, range].
-pub fn scatter_panels(panels: &[(Vec<f64>, usize, Vec<u32>, Vec<[f64; 2]>)], range: f64) -> Canvas {
+pub fn scatter_panels(panels: &[Panel], range: f64) -> Canvas {
     let s = 240;
     let mut c = Canvas::new(s * panels.len().max(1) + 8, s + 8);
     for (pi, (rows, d, cls, centres)) in panels.iter().enumerate() {
@@ -143,8 +146,8 @@ pub fn loss_curves(lines: &[LogLine]) -> Canvas {
         return c;
     }
     let maxg = lines.iter().map(|l| l.global_step).max().unwrap_or(1).max(1) as f64;
-    let panels: [(&dyn Fn(&LogLine) -> f64, usize, [u8; 3]); 2] =
-        [(&|l: &LogLine| l.gen_loss, 0, [31, 119, 180]), (&|l: &LogLine| l.fake_loss, 1, [214, 39, 40])];
+    type Series<'a> = (&'a dyn Fn(&LogLine) -> f64, usize, [u8; 3]);
+    let panels: [Series; 2] = [(&|l: &LogLine| l.gen_loss, 0, [31, 119, 180]), (&|l: &LogLine| l.fake_loss, 1, [214, 39, 40])];
     for (f, row, col) in panels {
         let y0 = 8 + row * (h / 2);
         let ph = h / 2 - 16;

@@ -36,6 +36,9 @@ use crate::error::{Error, IoContext, Kind, Result};
 use crate::hash::sha256_hex;
 use crate::safetensors::{self as st, Planned};
 
+/// Tensors with their names, in file order.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// Write f32 tensors as a safetensors file (atomically).
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<()> {
     let planned = tensors
@@ -55,7 +58,7 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(Str
 }
 
 /// Read every tensor of a safetensors file as f32 (F32 files only), with its metadata.
-pub fn read_tensors(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<(String, String)>)> {
+pub fn read_tensors(path: &Path) -> Result<(NamedTensors, Vec<(String, String)>)> {
     let bytes = std::fs::read(path).with_file(path)?;
     let h = st::parse(path, &bytes)?;
     let mut out = Vec::new();
