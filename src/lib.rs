@@ -14,13 +14,11 @@ pub mod gguf;
 pub mod hash;
 pub mod inspect;
 pub mod layout;
-pub mod moe;
 pub mod progress;
 pub mod quant;
 pub mod replica;
 pub mod safetensors;
 pub mod store;
-pub mod train;
 pub mod verify;
 
 pub use dtype::DType;

@@ -105,28 +105,10 @@ enum Command {
     /// Benchmarks that print ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Distil a teacher into few-step experts with Phased DMD (recipes/*.toml, docs/recipes.md).
-    Train(phasekit::train::cli::TrainArgs),
-    /// Draw samples from a trained run into a safetensors file (tensor `samples`).
-    Sample(phasekit::train::cli::SampleArgs),
-    /// Pretrain the toy teacher, distil it with Phased DMD and DMD2, sample, compare, plot (CPU, < 3 min).
-    Quickstart(phasekit::train::cli::QuickstartArgs),
-    /// Assemble experts (full or LoRA) into one routed, hashed MoE checkpoint (docs/moe-format.md).
-    Assemble(phasekit::moe::cli::AssembleArgs),
-    /// Export a MoE checkpoint to the per-expert files runtimes load (ComfyUI, diffusers, LoRA, GGUF).
-    Export(phasekit::moe::cli::ExportArgs),
-    /// Compress a checkpoint losslessly (zstd with byte planes for 16-bit floats).
-    Pack(phasekit::moe::cli::PackArgs),
-    /// Restore a packed checkpoint bit for bit, checked against its hashes.
-    Unpack(phasekit::moe::cli::UnpackArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Phased DMD and its baselines on the toy mixture over several seeds (writes docs/results.md tables).
-    TrainToy(phasekit::train::cli::BenchTrainToyArgs),
-    /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
-    Moe(phasekit::moe::cli::BenchMoeArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
     /// full-size Qwen-Image and Wan2.2 A14B replicas (they cost no disk).
     Io {
@@ -388,15 +370,6 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Assemble(a) => phasekit::moe::cli::assemble(a, cli.json, quiet),
-        Command::Export(a) => phasekit::moe::cli::export(a, cli.json, quiet),
-        Command::Pack(a) => phasekit::moe::cli::pack(a, cli.json, quiet),
-        Command::Unpack(a) => phasekit::moe::cli::unpack(a, cli.json, quiet),
-        Command::Bench(BenchCommand::Moe(a)) => phasekit::moe::cli::bench(a, cli.json),
-        Command::Train(a) => phasekit::train::cli::train(&a, cli.json, quiet),
-        Command::Sample(a) => phasekit::train::cli::sample(&a, cli.json),
-        Command::Quickstart(a) => phasekit::train::cli::quickstart(&a, cli.json, quiet),
-        Command::Bench(BenchCommand::TrainToy(a)) => phasekit::train::cli::bench_train_toy(&a, cli.json, quiet),
         Command::Verify { path } => {
             let r = phasekit::verify::verify(&path, quiet)?;
             if cli.json {

@@ -249,7 +249,8 @@ fn pack_2bit(levels: &[u8; QK_K], qs: &mut [u8]) {
     for h in 0..2 {
         for l in 0..32 {
             let e = 128 * h + l;
-            qs[32 * h + l] = levels[e] | (levels[e + 32] << 2) | (levels[e + 64] << 4) | (levels[e + 96] << 6);
+            qs[32 * h + l] =
+                levels[e] | (levels[e + 32] << 2) | (levels[e + 64] << 4) | (levels[e + 96] << 6);
         }
     }
 }
@@ -269,7 +270,17 @@ pub(crate) fn quant_q2_k(src: &[f32], dst: &mut [u8]) {
             for (w, v) in weights.iter_mut().zip(xs) {
                 *w = v.abs();
             }
-            let (s, m) = make_qkx2_quants(3, xs, &weights, &mut levels[16 * j..16 * j + 16], &mut aux, -0.5, 0.1, 15, true);
+            let (s, m) = make_qkx2_quants(
+                3,
+                xs,
+                &weights,
+                &mut levels[16 * j..16 * j + 16],
+                &mut aux,
+                -0.5,
+                0.1,
+                15,
+                true,
+            );
             scales[j] = s;
             mins[j] = m;
             if s > max_scale {
@@ -281,25 +292,28 @@ pub(crate) fn quant_q2_k(src: &[f32], dst: &mut [u8]) {
         }
         let (sc, rest) = b.split_at_mut(16);
         let (qs, dd) = rest.split_at_mut(64);
-        let d_bits = if max_scale > 0.0 {
+        let d_bits;
+        if max_scale > 0.0 {
             let iscale = Q4SCALE / max_scale;
-            for (s, &v) in sc.iter_mut().zip(&scales) {
-                *s = nearest_int(iscale * v) as u8;
+            for j in 0..16 {
+                sc[j] = nearest_int(iscale * scales[j]) as u8;
             }
-            f32_to_f16(max_scale / Q4SCALE)
+            d_bits = f32_to_f16(max_scale / Q4SCALE);
         } else {
             sc.fill(0);
-            f32_to_f16(0.0)
-        };
-        let dmin_bits = if max_min > 0.0 {
+            d_bits = f32_to_f16(0.0);
+        }
+        let dmin_bits;
+        if max_min > 0.0 {
             let iscale = Q4SCALE / max_min;
-            for (s, &m) in sc.iter_mut().zip(&mins) {
-                *s |= (nearest_int(iscale * m) << 4) as u8;
+            for j in 0..16 {
+                let l = nearest_int(iscale * mins[j]);
+                sc[j] |= (l << 4) as u8;
             }
-            f32_to_f16(max_min / Q4SCALE)
+            dmin_bits = f32_to_f16(max_min / Q4SCALE);
         } else {
-            f32_to_f16(0.0)
-        };
+            dmin_bits = f32_to_f16(0.0);
+        }
         let d_all = f16_to_f32(d_bits);
         let dmin_all = f16_to_f32(dmin_bits);
         for j in 0..16 {
@@ -309,7 +323,7 @@ pub(crate) fn quant_q2_k(src: &[f32], dst: &mut [u8]) {
             }
             let dm = dmin_all * (sc[j] >> 4) as f32;
             for ii in 0..16 {
-                let l = nearest_int((x[16 * j + ii] + dm) / d).clamp(0, 3);
+                let l = nearest_int((x[16 * j + ii] + dm) / d).max(0).min(3);
                 levels[16 * j + ii] = l as u8;
             }
         }
@@ -326,7 +340,11 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
         let mut max_scale = 0.0f32;
         let mut amax = 0.0f32;
         for j in 0..16 {
-            scales[j] = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut l_signed[16 * j..16 * j + 16]);
+            scales[j] = make_q3_quants(
+                4,
+                &x[16 * j..16 * j + 16],
+                &mut l_signed[16 * j..16 * j + 16],
+            );
             let s = scales[j].abs();
             if s > amax {
                 amax = s;
@@ -337,10 +355,11 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
         let (qs, rest) = rest.split_at_mut(64);
         let (sc, dd) = rest.split_at_mut(12);
         sc.fill(0);
-        let d_bits = if max_scale != 0.0 {
+        let d_bits;
+        if max_scale != 0.0 {
             let iscale = -32.0 / max_scale;
             for j in 0..16 {
-                let l = (nearest_int(iscale * scales[j]) as i8).clamp(-32, 31) + 32;
+                let l = (nearest_int(iscale * scales[j]) as i8).max(-32).min(31) + 32;
                 let l = l as u8;
                 if j < 8 {
                     sc[j] = l & 0x0f;
@@ -349,10 +368,10 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
                 }
                 sc[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
             }
-            f32_to_f16(1.0 / iscale)
+            d_bits = f32_to_f16(1.0 / iscale);
         } else {
-            f32_to_f16(0.0)
-        };
+            d_bits = f32_to_f16(0.0);
+        }
         let d_all = f16_to_f32(d_bits);
         for j in 0..16 {
             let lo = if j < 8 { sc[j] & 0x0f } else { sc[j - 8] >> 4 };
@@ -362,7 +381,7 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
                 continue;
             }
             for ii in 0..16 {
-                let l = nearest_int(x[16 * j + ii] / d).clamp(-4, 3);
+                let l = nearest_int(x[16 * j + ii] / d).max(-4).min(3);
                 l_signed[16 * j + ii] = (l + 4) as i8;
             }
         }
@@ -399,7 +418,14 @@ fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8], s: &mut [u8]) {
 
 /// The shared part of Q4_K and Q5_K: sub-block scales and mins for one super-block, and the
 /// final levels (0..=nmax) of its 256 elements. Returns the f16 `d` and `dmin` bits.
-fn qkx_superblock(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mut [u8], levels: &mut [u8; QK_K]) -> (u16, u16) {
+fn qkx_superblock(
+    x: &[f32],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+    scales_out: &mut [u8],
+    levels: &mut [u8; QK_K],
+) -> (u16, u16) {
     let mut weights = [0f32; 32];
     let mut aux = [0u8; 32];
     let mut scales = [0f32; 8];
@@ -416,7 +442,17 @@ fn qkx_superblock(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mut 
         for (w, &v) in weights.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        let (s, m) = make_qkx2_quants(nmax, xs, &weights, &mut levels[32 * j..32 * j + 32], &mut aux, rmin, 0.1, nstep, false);
+        let (s, m) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut levels[32 * j..32 * j + 32],
+            &mut aux,
+            rmin,
+            0.1,
+            nstep,
+            false,
+        );
         scales[j] = s;
         mins[j] = m;
         if s > max_scale {
@@ -426,7 +462,11 @@ fn qkx_superblock(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mut 
             max_min = m;
         }
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -501,7 +541,11 @@ pub(crate) fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
         let mut max_scale = 0.0f32;
         let mut max_abs_scale = 0.0f32;
         for ib in 0..16 {
-            let s = make_qx_quants_rmse1(32, &x[16 * ib..16 * ib + 16], &mut levels[16 * ib..16 * ib + 16]);
+            let s = make_qx_quants_rmse1(
+                32,
+                &x[16 * ib..16 * ib + 16],
+                &mut levels[16 * ib..16 * ib + 16],
+            );
             scales[ib] = s;
             if s.abs() > max_abs_scale {
                 max_abs_scale = s.abs();
@@ -526,7 +570,7 @@ pub(crate) fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
                 continue;
             }
             for ii in 0..16 {
-                let l = nearest_int(x[16 * j + ii] / d).clamp(-32, 31);
+                let l = nearest_int(x[16 * j + ii] / d).max(-32).min(31);
                 levels[16 * j + ii] = (l + 32) as i8;
             }
         }
@@ -536,7 +580,8 @@ pub(crate) fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
                 let q = |k: usize| levels[e + 32 * k] as u8;
                 ql[64 * h + l] = (q(0) & 0x0f) | ((q(2) & 0x0f) << 4);
                 ql[64 * h + l + 32] = (q(1) & 0x0f) | ((q(3) & 0x0f) << 4);
-                qh[32 * h + l] = (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
+                qh[32 * h + l] =
+                    (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
             }
         }
         dd.copy_from_slice(&d_bits.to_le_bytes());
