@@ -105,10 +105,20 @@ enum Command {
     /// Benchmarks that print ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Assemble experts (full or LoRA) into one routed, hashed MoE checkpoint (docs/moe-format.md).
+    Assemble(phasekit::moe::cli::AssembleArgs),
+    /// Export a MoE checkpoint to the per-expert files runtimes load (ComfyUI, diffusers, LoRA, GGUF).
+    Export(phasekit::moe::cli::ExportArgs),
+    /// Compress a checkpoint losslessly (zstd with byte planes for 16-bit floats).
+    Pack(phasekit::moe::cli::PackArgs),
+    /// Restore a packed checkpoint bit for bit, checked against its hashes.
+    Unpack(phasekit::moe::cli::UnpackArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
+    Moe(phasekit::moe::cli::BenchMoeArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
     /// full-size Qwen-Image and Wan2.2 A14B replicas (they cost no disk).
     Io {
@@ -370,6 +380,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Assemble(a) => phasekit::moe::cli::assemble(a, cli.json, quiet),
+        Command::Export(a) => phasekit::moe::cli::export(a, cli.json, quiet),
+        Command::Pack(a) => phasekit::moe::cli::pack(a, cli.json, quiet),
+        Command::Unpack(a) => phasekit::moe::cli::unpack(a, cli.json, quiet),
+        Command::Bench(BenchCommand::Moe(a)) => phasekit::moe::cli::bench(a, cli.json),
         Command::Verify { path } => {
             let r = phasekit::verify::verify(&path, quiet)?;
             if cli.json {

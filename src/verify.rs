@@ -68,6 +68,13 @@ pub fn verify(path: &Path, quiet: bool) -> Result<VerifyReport> {
             crate::store::Format::Safetensors => format!("{label}{} tensors; header, offsets and sizes valid", ck.tensors.len()),
         };
         checks.push(Check { check: "structure".into(), ok: true, detail });
+        if crate::moe::verify::is_moe(ck) {
+            let r = crate::moe::verify::verify_checkpoint(ck);
+            if let Some(k) = r.failure() {
+                failure.get_or_insert(k);
+            }
+            checks.extend(crate::moe::verify::as_checks(&r));
+        }
         for f in files_of(ck) {
             let sc = hash::sidecar_path(&f);
             if sc.is_file() {

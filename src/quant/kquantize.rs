@@ -35,9 +35,11 @@ fn fp16_round(x: f32) -> (u16, f32) {
     (h, f16_to_f32(h))
 }
 
-/// ggml `make_qkx2_quants`: levels 0..=nmax with a scale and a min (returned as `-min`, the
+/// ggml `make_qkx2_quants`, one sub-block at a time, as the reference writes it: the oracle for
+/// [`make_qkx2_quants_lanes`] in the tests. Levels 0..=nmax with a scale and a min (returned as `-min`, the
 /// amount subtracted), minimising the weighted squared (or absolute, `use_mad`) error over
 /// `nstep + 1` candidate scales.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn make_qkx2_quants(
     nmax: i32,
@@ -124,6 +126,169 @@ fn make_qkx2_quants(
         }
     }
     (scale, -min)
+}
+
+/// ggml `make_qkx2_quants` on `L` independent sub-blocks of `N` values at once, lane `c` being
+/// sub-block `c` (`xt[i][c]` is value `i` of sub-block `c`).
+///
+/// The reference's search is a chain of dependent f32 sums, so one sub-block is bound by add
+/// latency; running `L` sub-blocks side by side lets the compiler use SIMD lanes. Each lane does
+/// exactly the scalar operations in the scalar order, with its branches turned into per-lane
+/// selects, so the results are bit-identical to the scalar version (checked by a test).
+/// Returns each lane's scale and min (the min as the amount subtracted, `-min`).
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn make_qkx2_quants_lanes<const N: usize, const L: usize>(
+    nmax: i32,
+    xt: &[[f32; L]; N],
+    wt: &[[f32; L]; N],
+    lt: &mut [[u8; L]; N],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> ([f32; L], [f32; L]) {
+    let mut min = xt[0];
+    let mut max = xt[0];
+    let mut sum_w = wt[0];
+    let mut sum_x = [0f32; L];
+    for c in 0..L {
+        sum_x[c] = sum_w[c] * xt[0][c];
+    }
+    for i in 1..N {
+        for c in 0..L {
+            let v = xt[i][c];
+            if v < min[c] {
+                min[c] = v;
+            }
+            if v > max[c] {
+                max[c] = v;
+            }
+            let w = wt[i][c];
+            sum_w[c] += w;
+            sum_x[c] += w * v;
+        }
+    }
+    let mut flat = [false; L];
+    for c in 0..L {
+        if min[c] > 0.0 {
+            min[c] = 0.0;
+        }
+        // The reference returns early here; the lane keeps computing, and its results are
+        // ignored below.
+        flat[c] = max[c] == min[c];
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = [0f32; L];
+    let mut scale = [0f32; L];
+    let mut best_error = [0f32; L];
+    for c in 0..L {
+        iscale[c] = nmaxf / (max[c] - min[c]);
+        scale[c] = 1.0 / iscale[c];
+    }
+    for i in 0..N {
+        for c in 0..L {
+            let l = nearest_int(iscale[c] * (xt[i][c] - min[c])).max(0).min(nmax);
+            lt[i][c] = l as u8;
+            let mut diff = scale[c] * l as f32 + min[c] - xt[i][c];
+            diff = if use_mad { diff.abs() } else { diff * diff };
+            best_error[c] += wt[i][c] * diff;
+        }
+    }
+    let mut aux = [[0u8; L]; N];
+    for is in 0..=nstep {
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; L], [0f32; L], [0f32; L]);
+        for c in 0..L {
+            iscale[c] = (rmin + rdelta * is as f32 + nmaxf) / (max[c] - min[c]);
+        }
+        for i in 0..N {
+            for c in 0..L {
+                let l = nearest_int(iscale[c] * (xt[i][c] - min[c])).max(0).min(nmax);
+                aux[i][c] = l as u8;
+                let lf = l as f32;
+                let w = wt[i][c];
+                sum_l[c] += w * lf;
+                sum_l2[c] += w * lf * lf;
+                sum_xl[c] += w * lf * xt[i][c];
+            }
+        }
+        let (mut this_scale, mut this_min, mut ok) = ([0f32; L], [0f32; L], [false; L]);
+        for c in 0..L {
+            let det = sum_w[c] * sum_l2[c] - sum_l[c] * sum_l[c];
+            ok[c] = det > 0.0 && !flat[c];
+            this_scale[c] = (sum_w[c] * sum_xl[c] - sum_x[c] * sum_l[c]) / det;
+            this_min[c] = (sum_l2[c] * sum_x[c] - sum_l[c] * sum_xl[c]) / det;
+            if this_min[c] > 0.0 {
+                this_min[c] = 0.0;
+                this_scale[c] = sum_xl[c] / sum_l2[c];
+            }
+        }
+        let mut cur_error = [0f32; L];
+        for i in 0..N {
+            for c in 0..L {
+                let mut diff = this_scale[c] * aux[i][c] as f32 + this_min[c] - xt[i][c];
+                diff = if use_mad { diff.abs() } else { diff * diff };
+                cur_error[c] += wt[i][c] * diff;
+            }
+        }
+        let mut take = [false; L];
+        for c in 0..L {
+            take[c] = ok[c] && cur_error[c] < best_error[c];
+            if take[c] {
+                best_error[c] = cur_error[c];
+                scale[c] = this_scale[c];
+                min[c] = this_min[c];
+            }
+        }
+        for i in 0..N {
+            for c in 0..L {
+                if take[c] {
+                    lt[i][c] = aux[i][c];
+                }
+            }
+        }
+    }
+    let mut neg_min = [0f32; L];
+    for c in 0..L {
+        if flat[c] {
+            scale[c] = 0.0;
+            for row in lt.iter_mut() {
+                row[c] = 0;
+            }
+        }
+        neg_min[c] = -min[c];
+    }
+    (scale, neg_min)
+}
+
+/// Run [`make_qkx2_quants_lanes`] over the `L` sub-blocks of `N` values of `x` (sub-block `c` is
+/// `x[N*c..N*(c+1)]`), with weights laid out the same way; levels go to `levels` in that layout.
+#[allow(clippy::too_many_arguments)]
+fn qkx2_sub_blocks<const N: usize, const L: usize>(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    levels: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> ([f32; L], [f32; L]) {
+    let mut xt = [[0f32; L]; N];
+    let mut wt = [[0f32; L]; N];
+    for (c, (xs, ws)) in x.chunks_exact(N).zip(weights.chunks_exact(N)).take(L).enumerate() {
+        for i in 0..N {
+            xt[i][c] = xs[i];
+            wt[i][c] = ws[i];
+        }
+    }
+    let mut lt = [[0u8; L]; N];
+    let out = make_qkx2_quants_lanes(nmax, &xt, &wt, &mut lt, rmin, rdelta, nstep, use_mad);
+    for (c, ls) in levels.chunks_exact_mut(N).take(L).enumerate() {
+        for i in 0..N {
+            ls[i] = lt[i][c];
+        }
+    }
+    out
 }
 
 /// ggml `make_qx_quants` with `rmse_type == 1` and no importance weights (weights x²):
@@ -249,8 +414,7 @@ fn pack_2bit(levels: &[u8; QK_K], qs: &mut [u8]) {
     for h in 0..2 {
         for l in 0..32 {
             let e = 128 * h + l;
-            qs[32 * h + l] =
-                levels[e] | (levels[e + 32] << 2) | (levels[e + 64] << 4) | (levels[e + 96] << 6);
+            qs[32 * h + l] = levels[e] | (levels[e + 32] << 2) | (levels[e + 64] << 4) | (levels[e + 96] << 6);
         }
     }
 }
@@ -258,31 +422,15 @@ fn pack_2bit(levels: &[u8; QK_K], qs: &mut [u8]) {
 pub(crate) fn quant_q2_k(src: &[f32], dst: &mut [u8]) {
     const Q4SCALE: f32 = 15.0;
     let mut levels = [0u8; QK_K];
-    let mut aux = [0u8; 16];
-    let mut weights = [0f32; 16];
+    let mut weights = [0f32; QK_K];
     for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(84)) {
-        let mut scales = [0f32; 16];
-        let mut mins = [0f32; 16];
+        for (w, v) in weights.iter_mut().zip(x) {
+            *w = v.abs();
+        }
+        let (scales, mins) = qkx2_sub_blocks::<16, 16>(3, x, &weights, &mut levels, -0.5, 0.1, 15, true);
         let mut max_scale = 0.0f32;
         let mut max_min = 0.0f32;
-        for j in 0..16 {
-            let xs = &x[16 * j..16 * j + 16];
-            for (w, v) in weights.iter_mut().zip(xs) {
-                *w = v.abs();
-            }
-            let (s, m) = make_qkx2_quants(
-                3,
-                xs,
-                &weights,
-                &mut levels[16 * j..16 * j + 16],
-                &mut aux,
-                -0.5,
-                0.1,
-                15,
-                true,
-            );
-            scales[j] = s;
-            mins[j] = m;
+        for (&s, &m) in scales.iter().zip(&mins) {
             if s > max_scale {
                 max_scale = s;
             }
@@ -292,28 +440,25 @@ pub(crate) fn quant_q2_k(src: &[f32], dst: &mut [u8]) {
         }
         let (sc, rest) = b.split_at_mut(16);
         let (qs, dd) = rest.split_at_mut(64);
-        let d_bits;
-        if max_scale > 0.0 {
+        let d_bits = if max_scale > 0.0 {
             let iscale = Q4SCALE / max_scale;
-            for j in 0..16 {
-                sc[j] = nearest_int(iscale * scales[j]) as u8;
+            for (s, &v) in sc.iter_mut().zip(&scales) {
+                *s = nearest_int(iscale * v) as u8;
             }
-            d_bits = f32_to_f16(max_scale / Q4SCALE);
+            f32_to_f16(max_scale / Q4SCALE)
         } else {
             sc.fill(0);
-            d_bits = f32_to_f16(0.0);
-        }
-        let dmin_bits;
-        if max_min > 0.0 {
+            f32_to_f16(0.0)
+        };
+        let dmin_bits = if max_min > 0.0 {
             let iscale = Q4SCALE / max_min;
-            for j in 0..16 {
-                let l = nearest_int(iscale * mins[j]);
-                sc[j] |= (l << 4) as u8;
+            for (s, &m) in sc.iter_mut().zip(&mins) {
+                *s |= (nearest_int(iscale * m) << 4) as u8;
             }
-            dmin_bits = f32_to_f16(max_min / Q4SCALE);
+            f32_to_f16(max_min / Q4SCALE)
         } else {
-            dmin_bits = f32_to_f16(0.0);
-        }
+            f32_to_f16(0.0)
+        };
         let d_all = f16_to_f32(d_bits);
         let dmin_all = f16_to_f32(dmin_bits);
         for j in 0..16 {
@@ -323,7 +468,7 @@ pub(crate) fn quant_q2_k(src: &[f32], dst: &mut [u8]) {
             }
             let dm = dmin_all * (sc[j] >> 4) as f32;
             for ii in 0..16 {
-                let l = nearest_int((x[16 * j + ii] + dm) / d).max(0).min(3);
+                let l = nearest_int((x[16 * j + ii] + dm) / d).clamp(0, 3);
                 levels[16 * j + ii] = l as u8;
             }
         }
@@ -340,11 +485,7 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
         let mut max_scale = 0.0f32;
         let mut amax = 0.0f32;
         for j in 0..16 {
-            scales[j] = make_q3_quants(
-                4,
-                &x[16 * j..16 * j + 16],
-                &mut l_signed[16 * j..16 * j + 16],
-            );
+            scales[j] = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut l_signed[16 * j..16 * j + 16]);
             let s = scales[j].abs();
             if s > amax {
                 amax = s;
@@ -355,11 +496,10 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
         let (qs, rest) = rest.split_at_mut(64);
         let (sc, dd) = rest.split_at_mut(12);
         sc.fill(0);
-        let d_bits;
-        if max_scale != 0.0 {
+        let d_bits = if max_scale != 0.0 {
             let iscale = -32.0 / max_scale;
             for j in 0..16 {
-                let l = (nearest_int(iscale * scales[j]) as i8).max(-32).min(31) + 32;
+                let l = (nearest_int(iscale * scales[j]) as i8).clamp(-32, 31) + 32;
                 let l = l as u8;
                 if j < 8 {
                     sc[j] = l & 0x0f;
@@ -368,10 +508,10 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
                 }
                 sc[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
             }
-            d_bits = f32_to_f16(1.0 / iscale);
+            f32_to_f16(1.0 / iscale)
         } else {
-            d_bits = f32_to_f16(0.0);
-        }
+            f32_to_f16(0.0)
+        };
         let d_all = f16_to_f32(d_bits);
         for j in 0..16 {
             let lo = if j < 8 { sc[j] & 0x0f } else { sc[j - 8] >> 4 };
@@ -381,7 +521,7 @@ pub(crate) fn quant_q3_k(src: &[f32], dst: &mut [u8]) {
                 continue;
             }
             for ii in 0..16 {
-                let l = nearest_int(x[16 * j + ii] / d).max(-4).min(3);
+                let l = nearest_int(x[16 * j + ii] / d).clamp(-4, 3);
                 l_signed[16 * j + ii] = (l + 4) as i8;
             }
         }
@@ -418,43 +558,22 @@ fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8], s: &mut [u8]) {
 
 /// The shared part of Q4_K and Q5_K: sub-block scales and mins for one super-block, and the
 /// final levels (0..=nmax) of its 256 elements. Returns the f16 `d` and `dmin` bits.
-fn qkx_superblock(
-    x: &[f32],
-    nmax: i32,
-    rmin: f32,
-    nstep: i32,
-    scales_out: &mut [u8],
-    levels: &mut [u8; QK_K],
-) -> (u16, u16) {
-    let mut weights = [0f32; 32];
-    let mut aux = [0u8; 32];
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
-    let mut max_scale = 0.0f32;
-    let mut max_min = 0.0f32;
-    for j in 0..8 {
-        let xs = &x[32 * j..32 * j + 32];
+fn qkx_superblock(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mut [u8], levels: &mut [u8; QK_K]) -> (u16, u16) {
+    let mut weights = [0f32; QK_K];
+    for (ws, xs) in weights.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
         let mut sum_x2 = 0.0f32;
         for &v in xs {
             sum_x2 += v * v;
         }
         let av_x = (sum_x2 / 32.0).sqrt();
-        for (w, &v) in weights.iter_mut().zip(xs) {
+        for (w, &v) in ws.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        let (s, m) = make_qkx2_quants(
-            nmax,
-            xs,
-            &weights,
-            &mut levels[32 * j..32 * j + 32],
-            &mut aux,
-            rmin,
-            0.1,
-            nstep,
-            false,
-        );
-        scales[j] = s;
-        mins[j] = m;
+    }
+    let (scales, mins) = qkx2_sub_blocks::<32, 8>(nmax, x, &weights, levels, rmin, 0.1, nstep, false);
+    let mut max_scale = 0.0f32;
+    let mut max_min = 0.0f32;
+    for (&s, &m) in scales.iter().zip(&mins) {
         if s > max_scale {
             max_scale = s;
         }
@@ -462,11 +581,7 @@ fn qkx_superblock(
             max_min = m;
         }
     }
-    let inv_scale = if max_scale > 0.0 {
-        63.0 / max_scale
-    } else {
-        0.0
-    };
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -541,11 +656,7 @@ pub(crate) fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
         let mut max_scale = 0.0f32;
         let mut max_abs_scale = 0.0f32;
         for ib in 0..16 {
-            let s = make_qx_quants_rmse1(
-                32,
-                &x[16 * ib..16 * ib + 16],
-                &mut levels[16 * ib..16 * ib + 16],
-            );
+            let s = make_qx_quants_rmse1(32, &x[16 * ib..16 * ib + 16], &mut levels[16 * ib..16 * ib + 16]);
             scales[ib] = s;
             if s.abs() > max_abs_scale {
                 max_abs_scale = s.abs();
@@ -570,7 +681,7 @@ pub(crate) fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
                 continue;
             }
             for ii in 0..16 {
-                let l = nearest_int(x[16 * j + ii] / d).max(-32).min(31);
+                let l = nearest_int(x[16 * j + ii] / d).clamp(-32, 31);
                 levels[16 * j + ii] = (l + 32) as i8;
             }
         }
@@ -580,10 +691,72 @@ pub(crate) fn quant_q6_k(src: &[f32], dst: &mut [u8]) {
                 let q = |k: usize| levels[e + 32 * k] as u8;
                 ql[64 * h + l] = (q(0) & 0x0f) | ((q(2) & 0x0f) << 4);
                 ql[64 * h + l + 32] = (q(1) & 0x0f) | ((q(3) & 0x0f) << 4);
-                qh[32 * h + l] =
-                    (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
+                qh[32 * h + l] = (q(0) >> 4) | ((q(1) >> 4) << 2) | ((q(2) >> 4) << 4) | ((q(3) >> 4) << 6);
             }
         }
         dd.copy_from_slice(&d_bits.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lane version is the scalar reference, bit for bit, on ordinary and degenerate
+    /// sub-blocks (flat, all zero, one outlier, NaN, infinities, subnormals).
+    #[test]
+    fn lanes_equal_scalar() {
+        let mut s = 0x2545_f491u32;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s as f32 / u32::MAX as f32 - 0.5
+        };
+        for round in 0..200 {
+            let mut x = [0f32; QK_K];
+            for (i, v) in x.iter_mut().enumerate() {
+                *v = match (round + i / 32) % 9 {
+                    0 => 0.0,
+                    1 => 0.25,
+                    2 => rnd() * 1e-20,
+                    3 if i % 32 == 5 => f32::NAN,
+                    4 if i % 32 == 7 => f32::INFINITY,
+                    5 => rnd().abs() + 0.1,
+                    6 if i % 32 == 3 => 40.0,
+                    _ => rnd(),
+                };
+            }
+            for (n, nmax, rmin, nstep, mad) in [(32usize, 15, -1.0f32, 20, false), (32, 31, -0.5, 15, false), (16, 3, -0.5, 15, true)] {
+                let weights: Vec<f32> = x.iter().map(|v| if mad { v.abs() } else { 0.3 + v.abs() }).collect();
+                let mut lanes = [0u8; QK_K];
+                let (ls, lm): (Vec<f32>, Vec<f32>) = if n == 32 {
+                    let (a, b) = qkx2_sub_blocks::<32, 8>(nmax, &x, &weights, &mut lanes, rmin, 0.1, nstep, mad);
+                    (a.to_vec(), b.to_vec())
+                } else {
+                    let (a, b) = qkx2_sub_blocks::<16, 16>(nmax, &x, &weights, &mut lanes, rmin, 0.1, nstep, mad);
+                    (a.to_vec(), b.to_vec())
+                };
+                let mut aux = [0u8; 32];
+                for c in 0..QK_K / n {
+                    let mut lv = [0u8; 32];
+                    let (sc, mn) = make_qkx2_quants(
+                        nmax,
+                        &x[n * c..n * (c + 1)],
+                        &weights[n * c..n * (c + 1)],
+                        &mut lv[..n],
+                        &mut aux[..n],
+                        rmin,
+                        0.1,
+                        nstep,
+                        mad,
+                    );
+                    let what = format!("round {round}, nmax {nmax}, sub-block {c}");
+                    assert_eq!(sc.to_bits(), ls[c].to_bits(), "{what}: scale");
+                    assert_eq!(mn.to_bits(), lm[c].to_bits(), "{what}: min");
+                    assert_eq!(&lv[..n], &lanes[n * c..n * (c + 1)], "{what}: levels");
+                }
+            }
+        }
     }
 }

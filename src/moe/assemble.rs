@@ -1,0 +1,900 @@
+//! `phasekit assemble`: experts (full weights or LoRA, from a trainer run or from anywhere) →
+//! one routed `phasekit.moe/1` checkpoint.
+//!
+//! 1. Every input is opened through the tensor store (mmap; safetensors, sharded folders,
+//!    diffusers folders) and checked: same parameters and shapes across full experts (and the
+//!    base), LoRA targets present in the base with fitting shapes, one model family.
+//! 2. Tensors equal across experts are found by comparing their bytes in the map (same
+//!    parameter, dtype and shape; differing tensors differ within their first bytes, so this
+//!    costs almost nothing) and stored once: `shared.<param>` when every expert has it, else
+//!    under the first expert's name plus an alias.
+//! 3. The header is planned first (hashes as zero placeholders of their final length), then
+//!    data streams straight from the maps into a temporary file (`copy_file_range` for plain
+//!    copies, casts and LoRA merges in bounded windows) while the sha256 of every tensor is
+//!    computed from the same bytes on the other cores. The header is then rewritten in place
+//!    with the real hashes and digest (same length), the file synced and renamed; the
+//!    `<file>.sha256` sidecar is written last. Any error leaves nothing under the final name.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::format::{self, expert_prefix, lora_part, LoraPart, ModelInfo, MoeMeta, Provenance, TensorHash, BASE, SHARED};
+use super::loader::{apply_lora_delta, Lora};
+use super::routing::{ExpertKind, Routing};
+use crate::atomic::AtomicFile;
+use crate::cast;
+use crate::convert::{shard_name, split_shards, Sink, Written};
+use crate::dtype::DType;
+use crate::error::{clean, Error, IoContext, Kind, Result};
+use crate::progress::Progress;
+use crate::store::{Checkpoint, Encoding};
+
+/// One expert to assemble.
+#[derive(Debug, Clone)]
+pub struct ExpertInput {
+    pub path: PathBuf,
+    pub sigma_lo: f64,
+    pub sigma_hi: f64,
+    pub name: Option<String>,
+    pub guidance: Option<f64>,
+    /// Expected kind (from a manifest); `None` = detect from the tensor names.
+    pub kind: Option<ExpertKind>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub experts: Vec<ExpertInput>,
+    pub base: Option<PathBuf>,
+    pub steps: u32,
+    pub shift: f64,
+    pub solver: String,
+    pub guidance: f64,
+    pub num_train_timesteps: f64,
+    /// Cast floating-point tensors (LoRA `alpha` scalars stay as they are).
+    pub dtype: Option<DType>,
+    /// Bake LoRA experts into full experts (base + (alpha/rank)·up·down, in f32).
+    pub merge_lora: bool,
+    pub shard_size: Option<u64>,
+    pub title: Option<String>,
+    pub teacher_digests: Vec<String>,
+    pub recipe_digest: Option<String>,
+    pub sidecar: bool,
+    pub force: bool,
+    pub quiet: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            experts: Vec::new(),
+            base: None,
+            steps: 4,
+            shift: 1.0,
+            solver: "euler".into(),
+            guidance: 1.0,
+            num_train_timesteps: 1000.0,
+            dtype: None,
+            merge_lora: false,
+            shard_size: None,
+            title: None,
+            teacher_digests: Vec::new(),
+            recipe_digest: None,
+            sidecar: true,
+            force: false,
+            quiet: true,
+        }
+    }
+}
+
+/// What `assemble` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub output: PathBuf,
+    pub experts: usize,
+    pub tensors: usize,
+    /// Tensors stored once for all experts (`shared.`) and extra references (aliases).
+    pub shared: usize,
+    pub aliased: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub seconds: f64,
+    pub digest: String,
+    pub files: Vec<Written>,
+    pub notes: Vec<String>,
+}
+
+/// The trainer's run manifest (`RUN_DIR/manifest.json`, schema `phasekit.run/1`, see
+/// `docs/moe-format.md`). Paths are relative to the run folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub experts: Vec<ManifestExpert>,
+    #[serde(default)]
+    pub base: Option<String>,
+    pub shift: f64,
+    pub steps: u32,
+    #[serde(default = "euler")]
+    pub solver: String,
+    #[serde(default = "one")]
+    pub guidance: f64,
+    #[serde(default = "thousand")]
+    pub num_train_timesteps: f64,
+    #[serde(default)]
+    pub teacher_digests: Vec<String>,
+    #[serde(default)]
+    pub recipe_digest: Option<String>,
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+fn euler() -> String {
+    "euler".into()
+}
+fn one() -> f64 {
+    1.0
+}
+fn thousand() -> f64 {
+    1000.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestExpert {
+    pub path: String,
+    pub sigma_lo: f64,
+    pub sigma_hi: f64,
+    /// Timesteps the trainer distilled this expert for; checked against the routing.
+    #[serde(default)]
+    pub timesteps: Option<Vec<f64>>,
+    pub kind: ExpertKind,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub guidance: Option<f64>,
+}
+
+pub const MANIFEST_TAG: &str = "phasekit.run/1";
+
+/// Read `RUN_DIR/manifest.json` into assemble options (other fields at their defaults).
+pub fn options_from_run(run: &Path) -> Result<(Options, Manifest)> {
+    let p = run.join("manifest.json");
+    let text = std::fs::read(&p).with_file(&p)?;
+    if text.len() > 16 << 20 {
+        return Err(Error::limit(&p, "manifest larger than 16 MiB"));
+    }
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| Error::malformed(&p, format!("invalid manifest: {e}")))?;
+    if m.format != MANIFEST_TAG {
+        return Err(Error::at(Kind::Unsupported, &p, format!("manifest format '{}' is not {MANIFEST_TAG}", clean(&m.format))));
+    }
+    let rel = |s: &str| -> Result<PathBuf> {
+        let q = Path::new(s);
+        if s.is_empty() || q.is_absolute() || q.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(Error::malformed(&p, format!("path '{}' must be relative and inside the run folder", clean(s))));
+        }
+        Ok(run.join(q))
+    };
+    let experts = m
+        .experts
+        .iter()
+        .map(|e| {
+            Ok(ExpertInput {
+                path: rel(&e.path)?,
+                sigma_lo: e.sigma_lo,
+                sigma_hi: e.sigma_hi,
+                name: e.name.clone(),
+                guidance: e.guidance,
+                kind: Some(e.kind),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let opts = Options {
+        experts,
+        base: m.base.as_deref().map(rel).transpose()?,
+        steps: m.steps,
+        shift: m.shift,
+        solver: m.solver.clone(),
+        guidance: m.guidance,
+        num_train_timesteps: m.num_train_timesteps,
+        teacher_digests: m.teacher_digests.clone(),
+        recipe_digest: m.recipe_digest.clone(),
+        title: m.title.clone(),
+        ..Options::default()
+    };
+    Ok((opts, m))
+}
+
+/// Check a manifest's declared timesteps against the routing built from its ranges.
+pub fn check_manifest_timesteps(m: &Manifest, r: &Routing) -> Result<()> {
+    for (i, e) in m.experts.iter().enumerate() {
+        if let Some(ts) = &e.timesteps {
+            let have = &r.experts[i].timesteps;
+            let same = ts.len() == have.len() && ts.iter().zip(have).all(|(a, b)| (a - b).abs() <= 1e-6 * r.num_train_timesteps);
+            if !same {
+                return Err(Error::new(
+                    Kind::Inconsistent,
+                    format!("manifest expert {i} lists timesteps {ts:?} but steps {} with shift {} route {have:?} to it", r.steps, r.shift),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How one output tensor's bytes are produced.
+#[derive(Debug, Clone)]
+pub(crate) enum Src {
+    /// A tensor of `cks[ck]`, copied or cast.
+    Copy { ck: usize, t: usize },
+    /// Base weight + LoRA delta, in f32, encoded to the output dtype.
+    Merge { base: (usize, usize), ck: usize, down: usize, up: usize, alpha: Option<usize> },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct OutT {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub src: Src,
+}
+
+fn dense(ck: &Checkpoint, t: usize) -> Result<DType> {
+    match ck.tensors[t].encoding {
+        Encoding::Dense(d) => Ok(d),
+        Encoding::Ggml(g) => Err(Error::at(
+            Kind::Unsupported,
+            &ck.path,
+            format!("tensor '{}' is GGUF-quantized ({g}); convert the expert to safetensors first", clean(&ck.tensors[t].name)),
+        )),
+    }
+}
+
+fn out_dtype(src: DType, want: Option<DType>, name: &str) -> DType {
+    match want {
+        Some(d) if src.is_castable_float() && !name.ends_with(".alpha") && src != d => d,
+        _ => src,
+    }
+}
+
+/// A LoRA file's tensors by normalised name (`<param>.lora_down.weight`, ...).
+fn lora_names(ck: &Checkpoint) -> Result<BTreeMap<String, usize>> {
+    let mut out = BTreeMap::new();
+    for (i, t) in ck.tensors.iter().enumerate() {
+        let n = t.name.strip_prefix("model.diffusion_model.").or_else(|| t.name.strip_prefix("diffusion_model.")).unwrap_or(&t.name);
+        let (p, part) = lora_part(n)
+            .ok_or_else(|| Error::malformed(&ck.path, format!("'{}' is not a LoRA tensor (.lora_down/.lora_up/.alpha)", clean(&t.name))))?;
+        let key = format!("{p}{}", part.suffix());
+        if out.insert(key, i).is_some() {
+            return Err(Error::inconsistent(
+                &ck.path,
+                format!("LoRA tensor for '{}' appears twice (with and without prefix, or lora_A and lora_down)", clean(p)),
+            ));
+        }
+    }
+    for k in out.keys() {
+        if let Some((p, LoraPart::Down)) = lora_part(k) {
+            if !out.contains_key(&format!("{p}.lora_up.weight")) {
+                return Err(Error::inconsistent(&ck.path, format!("LoRA '{}' has lora_down but no lora_up", clean(p))));
+            }
+        }
+        if let Some((p, LoraPart::Up)) = lora_part(k) {
+            if !out.contains_key(&format!("{p}.lora_down.weight")) {
+                return Err(Error::inconsistent(&ck.path, format!("LoRA '{}' has lora_up but no lora_down", clean(p))));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn kind_of(ck: &Checkpoint) -> Result<ExpertKind> {
+    let n = ck.tensors.iter().filter(|t| lora_part(&t.name).is_some()).count();
+    if ck.tensors.is_empty() {
+        return Err(Error::malformed(&ck.path, "expert holds no tensors"));
+    }
+    match n {
+        0 => Ok(ExpertKind::Full),
+        n if n == ck.tensors.len() => Ok(ExpertKind::Lora),
+        _ => Err(Error::malformed(&ck.path, format!("mixes {n} LoRA tensors with {} full weights", ck.tensors.len() - n))),
+    }
+}
+
+fn detect(ck: &Checkpoint) -> Option<crate::layout::Detection> {
+    crate::layout::Registry::builtin().detect(&ck.names_and_shapes(), ck.config.as_ref().map(|c| &c.json)).ok()
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Assemble the experts into `output`.
+pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
+    let start = Instant::now();
+    crate::atomic::check_target(output, opts.force)?;
+    if !output.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".safetensors")) {
+        return Err(Error::at(Kind::Usage, output, "the output must be named *.safetensors"));
+    }
+    if opts.experts.is_empty() {
+        return Err(Error::usage("no experts given (use --expert PATH --sigma-range LO:HI, or --run RUN_DIR)"));
+    }
+    // Routing first: a bad table fails before any file is opened.
+    let two = opts.experts.len() == 2;
+    let mut cks = Vec::with_capacity(opts.experts.len() + 1);
+    let mut kinds = Vec::new();
+    for (i, e) in opts.experts.iter().enumerate() {
+        let ck = Checkpoint::open(&e.path)?;
+        let k = kind_of(&ck)?;
+        if let Some(want) = e.kind {
+            if want != k {
+                return Err(Error::inconsistent(
+                    &e.path,
+                    format!("the manifest says expert {i} is {} but the file holds {} weights", want.as_str(), k.as_str()),
+                ));
+            }
+        }
+        kinds.push(k);
+        cks.push(ck);
+    }
+    let stored_kinds: Vec<ExpertKind> = kinds.iter().map(|&k| if opts.merge_lora { ExpertKind::Full } else { k }).collect();
+    let names: Vec<String> = opts
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            e.name.clone().unwrap_or_else(|| {
+                if two {
+                    let hi = e.sigma_lo > opts.experts[1 - i].sigma_lo;
+                    if hi { "high_noise" } else { "low_noise" }.to_string()
+                } else {
+                    format!("e{i}")
+                }
+            })
+        })
+        .collect();
+    let routing = Routing::new(
+        opts.experts.iter().zip(&names).zip(&stored_kinds).map(|((e, n), &k)| (n.clone(), k, e.sigma_lo, e.sigma_hi, e.guidance)).collect(),
+        opts.steps,
+        opts.shift,
+        &opts.solver,
+        opts.guidance,
+        opts.num_train_timesteps,
+    )?;
+    let any_lora = kinds.contains(&ExpertKind::Lora);
+    let base_idx = match &opts.base {
+        Some(b) => {
+            let ck = Checkpoint::open(b)?;
+            if kind_of(&ck)? != ExpertKind::Full {
+                return Err(Error::inconsistent(b, "--base must hold full weights, not a LoRA"));
+            }
+            cks.push(ck);
+            Some(cks.len() - 1)
+        }
+        None if any_lora => return Err(Error::usage("LoRA experts need --base (the model they apply to)")),
+        None => None,
+    };
+    let mut notes = Vec::new();
+
+    // Model family: every full model must be the same family and variant.
+    let mut model = ModelInfo::default();
+    let mut reference: Option<usize> = None;
+    for (i, ck) in cks.iter().enumerate() {
+        let full = if i < kinds.len() { kinds[i] == ExpertKind::Full } else { true };
+        if !full {
+            continue;
+        }
+        let d = detect(ck);
+        match (&model.family, &d) {
+            (None, Some(d)) if reference.is_none() => {
+                model = ModelInfo {
+                    family: Some(d.family.clone()),
+                    variant: Some(d.variant.clone()),
+                    layout: Some(d.layout.as_str().to_string()),
+                    config: ck.config.as_ref().map(|c| c.json.clone()).or_else(|| Some(d.config.clone())),
+                };
+            }
+            (Some(f), Some(d)) if *f != d.family || model.layout.as_deref() != Some(d.layout.as_str()) => {
+                return Err(Error::inconsistent(
+                    &ck.path,
+                    format!(
+                        "is a {} model in {} layout but {} is {} in {} layout",
+                        d.family,
+                        d.layout,
+                        file_name(&cks[reference.unwrap_or(0)].path),
+                        f,
+                        model.layout.as_deref().unwrap_or("?")
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        reference.get_or_insert(i);
+    }
+    if model.family.is_none() {
+        notes.push("model family not recognised: names are stored as given (diffusers and GGUF export need a known family)".into());
+    }
+
+    // Full experts (and the base) must have the same tensors with the same shapes.
+    let shapes_of = |ck: &Checkpoint| -> BTreeMap<String, (Vec<u64>, usize)> {
+        ck.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), (t.shape.clone(), i))).collect()
+    };
+    if let Some(r) = reference {
+        let want = shapes_of(&cks[r]);
+        for (i, ck) in cks.iter().enumerate() {
+            let full = if i < kinds.len() { kinds[i] == ExpertKind::Full } else { true };
+            if !full || i == r {
+                continue;
+            }
+            let have = shapes_of(ck);
+            let who = |j: usize| if j < kinds.len() { format!("expert {j}") } else { "the base".to_string() };
+            for (n, (s, _)) in &want {
+                match have.get(n) {
+                    None => {
+                        return Err(Error::inconsistent(&ck.path, format!("{} lacks tensor '{}' that {} has", who(i), clean(n), who(r))))
+                    }
+                    Some((s2, _)) if s2 != s => {
+                        return Err(Error::inconsistent(
+                            &ck.path,
+                            format!("tensor '{}' has shape {s2:?} in {} but {s:?} in {}", clean(n), who(i), who(r)),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(n) = have.keys().find(|n| !want.contains_key(*n)) {
+                return Err(Error::inconsistent(&ck.path, format!("{} has tensor '{}' that {} lacks", who(i), clean(n), who(r))));
+            }
+        }
+    }
+
+    // Each expert's logical tensors.
+    let mut logical: Vec<BTreeMap<String, OutT>> = Vec::new();
+    for (i, ck) in cks.iter().enumerate().take(kinds.len()) {
+        let mut m = BTreeMap::new();
+        match kinds[i] {
+            ExpertKind::Full => {
+                for (t, e) in ck.tensors.iter().enumerate() {
+                    let d = dense(ck, t)?;
+                    m.insert(
+                        e.name.clone(),
+                        OutT {
+                            name: e.name.clone(),
+                            dtype: out_dtype(d, opts.dtype, &e.name),
+                            shape: e.shape.clone(),
+                            src: Src::Copy { ck: i, t },
+                        },
+                    );
+                }
+            }
+            ExpertKind::Lora => {
+                let b = base_idx.expect("checked above");
+                let base = &cks[b];
+                let lora = lora_names(ck)?;
+                let base_names: HashMap<&str, usize> = base.tensors.iter().enumerate().map(|(j, t)| (t.name.as_str(), j)).collect();
+                let mut targets = BTreeMap::new();
+                for (k, &t) in &lora {
+                    let (p, part) = lora_part(k).expect("normalised");
+                    let w = format!("{p}.weight");
+                    let Some(&bt) = base_names.get(w.as_str()) else {
+                        return Err(Error::inconsistent(
+                            &ck.path,
+                            format!(
+                                "LoRA '{}' targets '{}' which the base does not have (LoRA and base in different layouts?)",
+                                clean(p),
+                                clean(&w)
+                            ),
+                        ));
+                    };
+                    let bshape = &base.tensors[bt].shape;
+                    let s = &ck.tensors[t].shape;
+                    let ok = match part {
+                        LoraPart::Down => s.len() >= 2 && bshape.len() >= 2 && s[1..] == bshape[1..],
+                        LoraPart::Up => s.len() >= 2 && s[0] == bshape[0],
+                        LoraPart::Alpha => crate::dtype::numel(s) == Some(1),
+                    };
+                    if !ok {
+                        return Err(Error::inconsistent(
+                            &ck.path,
+                            format!(
+                                "LoRA tensor '{}' has shape {s:?} which does not fit base weight '{}' of shape {bshape:?}",
+                                clean(k),
+                                clean(&w)
+                            ),
+                        ));
+                    }
+                    let e: &mut (Option<usize>, Option<usize>, Option<usize>, usize) =
+                        targets.entry(p.to_string()).or_insert((None, None, None, bt));
+                    match part {
+                        LoraPart::Down => e.0 = Some(t),
+                        LoraPart::Up => e.1 = Some(t),
+                        LoraPart::Alpha => e.2 = Some(t),
+                    }
+                    let d = dense(ck, t)?;
+                    m.insert(
+                        k.clone(),
+                        OutT { name: k.clone(), dtype: out_dtype(d, opts.dtype, k), shape: s.clone(), src: Src::Copy { ck: i, t } },
+                    );
+                }
+                for (p, (d, u, _, _)) in &targets {
+                    if let (Some(d), Some(u)) = (d, u) {
+                        if ck.tensors[*d].shape[0] != ck.tensors[*u].shape[1] {
+                            return Err(Error::inconsistent(
+                                &ck.path,
+                                format!(
+                                    "LoRA '{}': lora_down rank {} ≠ lora_up rank {}",
+                                    clean(p),
+                                    ck.tensors[*d].shape[0],
+                                    ck.tensors[*u].shape[1]
+                                ),
+                            ));
+                        }
+                    }
+                }
+                if opts.merge_lora {
+                    m.clear();
+                    for (bt, e) in base.tensors.iter().enumerate() {
+                        let d = dense(base, bt)?;
+                        let p = e.name.strip_suffix(".weight");
+                        let src = match p.and_then(|p| targets.get(p)) {
+                            Some(&(Some(down), Some(up), alpha, _)) => {
+                                if !d.is_castable_float() {
+                                    return Err(Error::at(
+                                        Kind::Unsupported,
+                                        &base.path,
+                                        format!("cannot merge a LoRA into '{}' of {d}", clean(&e.name)),
+                                    ));
+                                }
+                                Src::Merge { base: (b, bt), ck: i, down, up, alpha }
+                            }
+                            _ => Src::Copy { ck: b, t: bt },
+                        };
+                        m.insert(
+                            e.name.clone(),
+                            OutT { name: e.name.clone(), dtype: out_dtype(d, opts.dtype, &e.name), shape: e.shape.clone(), src },
+                        );
+                    }
+                }
+            }
+        }
+        logical.push(m);
+    }
+
+    // Dedup: per parameter, experts whose bytes are equal share one stored tensor.
+    let n = logical.len();
+    let mut params: Vec<&String> = logical.iter().flat_map(|m| m.keys()).collect();
+    params.sort();
+    params.dedup();
+    let classes: Vec<Vec<Vec<usize>>> = params
+        .par_iter()
+        .map(|p| {
+            let holders: Vec<usize> = (0..n).filter(|&i| logical[i].contains_key(*p)).collect();
+            let mut classes: Vec<Vec<usize>> = Vec::new();
+            for &i in &holders {
+                let a = &logical[i][*p];
+                match classes.iter_mut().find(|c| same_bytes(&cks, a, &logical[c[0]][*p])) {
+                    Some(c) => c.push(i),
+                    None => classes.push(vec![i]),
+                }
+            }
+            classes
+        })
+        .collect();
+    let mut out: Vec<OutT> = Vec::new();
+    let mut aliases = BTreeMap::new();
+    let (mut shared, mut aliased) = (0, 0);
+    for (p, cls) in params.iter().zip(classes) {
+        for c in cls {
+            let first = &logical[c[0]][*p];
+            if c.len() == n && n > 1 {
+                out.push(OutT { name: format!("{SHARED}{p}"), ..first.clone() });
+                shared += 1;
+            } else {
+                out.push(OutT { name: format!("{}{p}", expert_prefix(c[0])), ..first.clone() });
+                for &j in &c[1..] {
+                    aliases.insert(format!("{}{p}", expert_prefix(j)), format!("{}{p}", expert_prefix(c[0])));
+                    aliased += 1;
+                }
+            }
+        }
+    }
+    if let Some(b) = base_idx.filter(|_| any_lora && !opts.merge_lora) {
+        for (t, e) in cks[b].tensors.iter().enumerate() {
+            let d = dense(&cks[b], t)?;
+            out.push(OutT {
+                name: format!("{BASE}{}", e.name),
+                dtype: out_dtype(d, opts.dtype, &e.name),
+                shape: e.shape.clone(),
+                src: Src::Copy { ck: b, t },
+            });
+        }
+    } else if base_idx.is_some() && !any_lora {
+        notes.push("--base was used to check the full experts; it is not stored".into());
+    }
+
+    let title = opts.title.clone().unwrap_or_else(|| output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    let provenance = Provenance {
+        tool: format!("phasekit {}", env!("CARGO_PKG_VERSION")),
+        teacher_digests: opts.teacher_digests.clone(),
+        recipe_digest: opts.recipe_digest.clone(),
+        sources: opts.experts.iter().map(|e| file_name(&e.path)).collect(),
+        base_source: opts.base.as_deref().map(file_name),
+    };
+    let mut meta = MoeMeta {
+        extra: format::modelspec(&routing, &model, &title, None, false),
+        routing,
+        model,
+        provenance,
+        tensors: out.iter().map(|t| (t.name.clone(), TensorHash(t.dtype.as_str().to_string(), t.shape.clone(), "0".repeat(64)))).collect(),
+        aliases,
+        digest: String::new(),
+    };
+    let bytes_in: u64 = cks.iter().map(|c| c.data_bytes()).sum();
+    let progress = if opts.quiet { Progress::hidden() } else { Progress::bytes(out.iter().map(size_of).sum(), "assemble", false) };
+    let (files, written, _hashes) = write_outputs(&cks, &out, output, opts.shard_size, opts.sidecar, &progress, &mut |h| {
+        for (name, hex) in h {
+            if let Some(e) = meta.tensors.get_mut(name) {
+                e.2 = hex.clone();
+            }
+        }
+        meta.to_metadata()
+    })?;
+    commit(files, &written, opts.sidecar)?;
+    progress.finish();
+    let md = meta.to_metadata();
+    Ok(Report {
+        output: output.to_path_buf(),
+        experts: n,
+        tensors: out.len(),
+        shared,
+        aliased,
+        bytes_in,
+        bytes_out: written.iter().map(|w| w.bytes).sum(),
+        seconds: start.elapsed().as_secs_f64(),
+        digest: md.last().map(|(_, v)| v.clone()).unwrap_or_default(),
+        files: written,
+        notes,
+    })
+}
+
+fn size_of(t: &OutT) -> u64 {
+    crate::dtype::numel(&t.shape).and_then(|n| t.dtype.byte_size(n)).unwrap_or(0)
+}
+
+fn same_bytes(cks: &[Checkpoint], a: &OutT, b: &OutT) -> bool {
+    match (&a.src, &b.src) {
+        (Src::Copy { ck: c1, t: t1 }, Src::Copy { ck: c2, t: t2 }) => {
+            let (e1, e2) = (&cks[*c1].tensors[*t1], &cks[*c2].tensors[*t2]);
+            if a.dtype != b.dtype || a.shape != b.shape || e1.encoding != e2.encoding {
+                return false;
+            }
+            if c1 == c2 && t1 == t2 {
+                return true;
+            }
+            let eq = cks[*c1].bytes(e1) == cks[*c2].bytes(e2);
+            cks[*c1].release(e1);
+            cks[*c2].release(e2);
+            eq
+        }
+        (Src::Merge { base: b1, ck: c1, down: d1, up: u1, alpha: a1 }, Src::Merge { base: b2, ck: c2, down: d2, up: u2, alpha: a2 }) => {
+            let eqt = |x: (usize, usize), y: (usize, usize)| {
+                x == y || cks[x.0].bytes(&cks[x.0].tensors[x.1]) == cks[y.0].bytes(&cks[y.0].tensors[y.1])
+            };
+            a.dtype == b.dtype
+                && b1 == b2
+                && eqt((*c1, *d1), (*c2, *d2))
+                && eqt((*c1, *u1), (*c2, *u2))
+                && match (a1, a2) {
+                    (Some(x), Some(y)) => eqt((*c1, *x), (*c2, *y)),
+                    (None, None) => true,
+                    _ => false,
+                }
+        }
+        _ => false,
+    }
+}
+
+/// The bytes of one output tensor: borrowed from the map when copied as is.
+pub(crate) fn materialize<'a>(cks: &'a [Checkpoint], t: &OutT) -> Result<Cow<'a, [u8]>> {
+    let ctx = |e: Error| e.context(format!("tensor '{}'", clean(&t.name)));
+    match &t.src {
+        Src::Copy { ck, t: i } => {
+            let e = &cks[*ck].tensors[*i];
+            let bytes = cks[*ck].bytes(e);
+            let from = dense(&cks[*ck], *i)?;
+            if from == t.dtype {
+                return Ok(Cow::Borrowed(bytes));
+            }
+            let mut out = vec![0u8; size_of(t) as usize];
+            cast::cast(from, bytes, t.dtype, &mut out, 1.0).map_err(ctx)?;
+            Ok(Cow::Owned(out))
+        }
+        Src::Merge { base, ck, down, up, alpha } => {
+            let b = &cks[base.0];
+            let be = &b.tensors[base.1];
+            let f32_of = |c: &Checkpoint, i: usize| -> Result<Vec<f32>> {
+                let e = &c.tensors[i];
+                super::loader::decode(&super::loader::RawTensor { name: &e.name, dtype: dense(c, i)?, shape: &e.shape, bytes: c.bytes(e) })
+            };
+            let mut w = f32_of(b, base.1)?;
+            let c = &cks[*ck];
+            let a = match alpha {
+                Some(a) => f32_of(c, *a)?.first().copied(),
+                None => None,
+            };
+            let l = Lora::new(f32_of(c, *down)?, &c.tensors[*down].shape, f32_of(c, *up)?, &c.tensors[*up].shape, a).map_err(ctx)?;
+            apply_lora_delta(&mut w, &be.shape, &l).map_err(ctx)?;
+            let mut out = vec![0u8; size_of(t) as usize];
+            cast::encode_f32(t.dtype, &w, &mut out).map_err(ctx)?;
+            Ok(Cow::Owned(out))
+        }
+    }
+}
+
+/// Bytes of owned (cast or merged) data materialised per batch.
+const BATCH_BYTES: u64 = 256 << 20;
+
+type Hashes = HashMap<String, String>;
+
+/// Write `tensors` as one safetensors file at `output`, or as shards with an index when they
+/// exceed `shard_size`. `metadata` is called twice: with zero hashes to plan the header, then
+/// with the real ones; both results must serialise to the same length.
+pub(crate) fn write_outputs(
+    cks: &[Checkpoint],
+    tensors: &[OutT],
+    output: &Path,
+    shard_size: Option<u64>,
+    sidecar: bool,
+    progress: &Progress,
+    metadata: &mut dyn FnMut(&Hashes) -> Vec<(String, String)>,
+) -> Result<(Vec<AtomicFile>, Vec<Written>, Hashes)> {
+    let sizes: Vec<u64> = tensors.iter().map(size_of).collect();
+    let shards = match shard_size {
+        Some(max) => split_shards(&sizes, max),
+        None => vec![(0..tensors.len()).collect()],
+    };
+    let paths: Vec<PathBuf> = if shards.len() <= 1 {
+        vec![output.to_path_buf()]
+    } else {
+        (0..shards.len()).map(|i| shard_name(output, i, shards.len())).collect()
+    };
+    let md0 = metadata(&HashMap::new());
+    let mut hashes: Hashes = HashMap::new();
+    let mut files = Vec::new();
+    let mut plans = Vec::new();
+    for (s, path) in shards.iter().zip(&paths) {
+        let planned = s
+            .iter()
+            .map(|&i| crate::safetensors::Planned {
+                name: tensors[i].name.clone(),
+                dtype: tensors[i].dtype,
+                shape: tensors[i].shape.clone(),
+            })
+            .collect();
+        let header = crate::safetensors::plan(planned, Some(&md0))?;
+        let by_name: HashMap<&str, usize> = s.iter().map(|&i| (tensors[i].name.as_str(), i)).collect();
+        let order: Vec<usize> = header.order.iter().map(|p| by_name[p.name.as_str()]).collect();
+        let mut f = AtomicFile::create(path)?;
+        let tmp = f.temp_path().to_path_buf();
+        {
+            let mut sink = Sink::new(f.file(), &tmp, false, progress);
+            sink.write(&header.bytes)?;
+            let mut batch: Vec<usize> = Vec::new();
+            let mut owned = 0u64;
+            for &i in &order {
+                let needs_buf = !matches!(&tensors[i].src, Src::Copy { ck, t } if dense(&cks[*ck], *t).ok() == Some(tensors[i].dtype));
+                if needs_buf {
+                    owned += sizes[i];
+                }
+                batch.push(i);
+                if owned >= BATCH_BYTES || batch.len() >= 4096 {
+                    stream_batch(cks, tensors, &batch, &mut sink, &mut hashes)?;
+                    batch.clear();
+                    owned = 0;
+                }
+            }
+            stream_batch(cks, tensors, &batch, &mut sink, &mut hashes)?;
+            sink.finish()?;
+        }
+        let len = f.file().metadata().with_file(&tmp)?.len();
+        if len != header.file_len() {
+            return Err(Error::internal(format!("wrote {len} bytes, planned {}", header.file_len())).with_path(path));
+        }
+        files.push(f);
+        plans.push(header.bytes.len());
+    }
+    // The real header, same length, over the placeholder.
+    let md = metadata(&hashes);
+    let mut written = Vec::new();
+    for ((s, path), (f, hlen)) in shards.iter().zip(&paths).zip(files.iter_mut().zip(&plans)) {
+        let planned = s
+            .iter()
+            .map(|&i| crate::safetensors::Planned {
+                name: tensors[i].name.clone(),
+                dtype: tensors[i].dtype,
+                shape: tensors[i].shape.clone(),
+            })
+            .collect();
+        let header = crate::safetensors::plan(planned, Some(&md))?;
+        if header.bytes.len() != *hlen {
+            return Err(Error::internal(format!("final header is {} bytes, planned {hlen}", header.bytes.len())).with_path(path));
+        }
+        let tmp = f.temp_path().to_path_buf();
+        f.file().seek(SeekFrom::Start(0)).with_file(&tmp)?;
+        f.file().write_all(&header.bytes).with_file(&tmp)?;
+        f.file().flush().with_file(&tmp)?;
+        written.push(Written { path: path.clone(), bytes: header.file_len(), sha256: None });
+    }
+    if sidecar {
+        let digests: Vec<Result<String>> = files.par_iter().map(|f| crate::hash::sha256_file(f.temp_path(), &|_| {})).collect();
+        for (w, d) in written.iter_mut().zip(digests) {
+            w.sha256 = Some(d?);
+        }
+    }
+    if shards.len() > 1 {
+        let mut weight_map = BTreeMap::new();
+        for (s, p) in shards.iter().zip(&paths) {
+            for &i in s {
+                weight_map.insert(tensors[i].name.clone(), file_name(p));
+            }
+        }
+        let mut meta = serde_json::Map::new();
+        meta.insert("total_size".into(), sizes.iter().sum::<u64>().into());
+        meta.insert(format::KEY_FORMAT.into(), format::FORMAT_TAG.into());
+        let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
+        let mut text = serde_json::to_string_pretty(&index).expect("json");
+        text.push('\n');
+        let ipath = PathBuf::from(format!("{}.index.json", output.display()));
+        let mut f = AtomicFile::create(&ipath)?;
+        f.write_all(text.as_bytes()).with_file(&ipath)?;
+        files.push(f);
+        written.push(Written { path: ipath, bytes: text.len() as u64, sha256: sidecar.then(|| crate::hash::sha256_hex(text.as_bytes())) });
+    }
+    Ok((files, written, hashes))
+}
+
+/// Write a batch of tensors in order while hashing the same bytes on the other cores.
+fn stream_batch(cks: &[Checkpoint], tensors: &[OutT], batch: &[usize], sink: &mut Sink, hashes: &mut Hashes) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let bufs: Vec<Cow<[u8]>> = batch.par_iter().map(|&i| materialize(cks, &tensors[i])).collect::<Result<_>>()?;
+    let digests = std::thread::scope(|s| -> Result<Vec<String>> {
+        let h = s.spawn(|| bufs.par_iter().map(|b| crate::hash::sha256_hex(b)).collect::<Vec<_>>());
+        for (&i, b) in batch.iter().zip(&bufs) {
+            match (&tensors[i].src, b) {
+                (Src::Copy { ck, t }, Cow::Borrowed(_)) => {
+                    let e = &cks[*ck].tensors[*t];
+                    sink.copy_from(&cks[*ck].files[e.file], e.offset, e.len)?;
+                }
+                (_, b) => sink.write(b)?,
+            }
+        }
+        h.join().map_err(|_| Error::internal("hashing thread panicked"))
+    })?;
+    for (&i, d) in batch.iter().zip(digests) {
+        hashes.insert(tensors[i].name.clone(), d);
+        if let Src::Copy { ck, t } = &tensors[i].src {
+            cks[*ck].release(&cks[*ck].tensors[*t]);
+        }
+    }
+    Ok(())
+}
+
+/// Rename every file into place, then write the sidecars.
+pub(crate) fn commit(files: Vec<AtomicFile>, written: &[Written], sidecar: bool) -> Result<()> {
+    for f in files {
+        f.commit()?;
+    }
+    if sidecar {
+        for w in written {
+            if let Some(h) = &w.sha256 {
+                crate::atomic::write_file(&crate::hash::sidecar_path(&w.path), crate::hash::sidecar_line(h, &w.path).as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}
