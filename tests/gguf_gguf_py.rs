@@ -15,11 +15,7 @@ use serde_json::{json, Value as J};
 use sha2::{Digest, Sha256};
 
 fn have_gguf_py() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import gguf, numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let ok = Command::new("python3").args(["-c", "import gguf, numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
     if !ok {
         eprintln!("skipped: python3/gguf not available");
     }
@@ -28,25 +24,13 @@ fn have_gguf_py() -> bool {
 
 fn oracle(mode: &str, path: &Path) -> J {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/gguf_oracle.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(mode)
-        .arg(path)
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "gguf_oracle.py {mode} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("python3").arg(script).arg(mode).arg(path).output().expect("run python3");
+    assert!(out.status.success(), "gguf_oracle.py {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("oracle JSON")
 }
 
 fn sha256(b: &[u8]) -> String {
-    Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
+    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// gguf-py's `ReaderField.types` for a value: the value's type, then for arrays the type chain
@@ -130,15 +114,8 @@ fn assert_same_view(ours: &J, theirs: &J) {
     for k in ["version", "alignment", "data_offset"] {
         assert_eq!(ours[k], theirs[k], "{k}");
     }
-    let (of, tf) = (
-        ours["fields"].as_object().unwrap(),
-        theirs["fields"].as_object().unwrap(),
-    );
-    assert_eq!(
-        of.keys().collect::<Vec<_>>(),
-        tf.keys().collect::<Vec<_>>(),
-        "keys and their order"
-    );
+    let (of, tf) = (ours["fields"].as_object().unwrap(), theirs["fields"].as_object().unwrap());
+    assert_eq!(of.keys().collect::<Vec<_>>(), tf.keys().collect::<Vec<_>>(), "keys and their order");
     for (k, v) in of {
         assert_eq!(v, &tf[k], "field {k}");
     }
@@ -163,15 +140,9 @@ fn we_read_what_gguf_py_writes() {
     assert_eq!(f.get("t.str").and_then(Value::as_str), Some("héllo, wörld"));
     assert_eq!(f.orig_shape("blocks.0.ffn.0.weight"), Some(vec![3, 256]));
     let pe = f.tensor("patch_embedding.weight").unwrap();
-    assert_eq!(
-        (pe.ty, pe.shape.as_slice()),
-        (GgmlType::F32, &[8u64, 4, 1, 2, 2][..])
-    );
+    assert_eq!((pe.ty, pe.shape.as_slice()), (GgmlType::F32, &[8u64, 4, 1, 2, 2][..]));
     let bf = f.tensor("blocks.0.ffn.0.weight").unwrap();
-    assert_eq!(
-        (bf.ty, bf.shape.as_slice(), bf.size),
-        (GgmlType::BF16, &[3u64, 256][..], 3 * 256 * 2)
-    );
+    assert_eq!((bf.ty, bf.shape.as_slice(), bf.size), (GgmlType::BF16, &[3u64, 256][..], 3 * 256 * 2));
     // The BF16 and Q8_0 tensors hold the same matrix; our decoders agree on it.
     let q8 = f.tensor("blocks.0.ffn.2.weight").unwrap();
     let mut a = vec![0f32; 768];
@@ -185,10 +156,7 @@ fn we_read_what_gguf_py_writes() {
 fn our_sample() -> (Vec<(String, Value)>, Vec<(TensorPlan, Vec<u8>)>) {
     let kv: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::from("qwen_image")),
-        (
-            "general.file_type".into(),
-            Value::U32(gguf::file_type::MOSTLY_Q4_K_M),
-        ),
+        ("general.file_type".into(), Value::U32(gguf::file_type::MOSTLY_Q4_K_M)),
         ("general.quantization_version".into(), Value::U32(2)),
         ("t.u8".into(), Value::U8(255)),
         ("t.i8".into(), Value::I8(-128)),
@@ -204,31 +172,12 @@ fn our_sample() -> (Vec<(String, Value)>, Vec<(TensorPlan, Vec<u8>)>) {
         ("t.f64".into(), Value::F64(std::f64::consts::PI)),
         ("t.arr_u8".into(), Value::Array(Array::U8(vec![0, 1, 255]))),
         ("t.arr_i16".into(), Value::Array(Array::I16(vec![-3, 4]))),
-        (
-            "t.arr_f64".into(),
-            Value::Array(Array::F64(vec![0.5, 1e300])),
-        ),
-        (
-            "t.arr_bool".into(),
-            Value::Array(Array::Bool(vec![true, false])),
-        ),
-        (
-            "t.arr_str".into(),
-            Value::Array(Array::String(vec!["x".into(), "yz".into()])),
-        ),
+        ("t.arr_f64".into(), Value::Array(Array::F64(vec![0.5, 1e300]))),
+        ("t.arr_bool".into(), Value::Array(Array::Bool(vec![true, false]))),
+        ("t.arr_str".into(), Value::Array(Array::String(vec!["x".into(), "yz".into()]))),
         ("t.arr_empty".into(), Value::Array(Array::U32(vec![]))),
-        (
-            "t.nested".into(),
-            Value::Array(Array::Array(vec![
-                Array::I32(vec![1, 2]),
-                Array::I32(vec![]),
-                Array::I32(vec![3]),
-            ])),
-        ),
-        (
-            "comfy.gguf.orig_shape.img_in.weight".into(),
-            Value::Array(Array::I32(vec![3072, 64])),
-        ),
+        ("t.nested".into(), Value::Array(Array::Array(vec![Array::I32(vec![1, 2]), Array::I32(vec![]), Array::I32(vec![3])]))),
+        ("comfy.gguf.orig_shape.img_in.weight".into(), Value::Array(Array::I32(vec![3072, 64]))),
     ];
     let mut s = 7u32;
     let mut rnd = |n: usize| -> Vec<f32> {
@@ -245,57 +194,18 @@ fn our_sample() -> (Vec<(String, Value)>, Vec<(TensorPlan, Vec<u8>)>) {
     let mut add = |name: &str, shape: Vec<u64>, ty: GgmlType, x: Vec<f32>| {
         let mut b = vec![0u8; x.len() / ty.block_size() as usize * ty.type_size() as usize];
         quant::quantize(ty, &x, &mut b).unwrap();
-        tensors.push((
-            TensorPlan {
-                name: name.into(),
-                shape,
-                ty,
-            },
-            b,
-        ));
+        tensors.push((TensorPlan { name: name.into(), shape, ty }, b));
     };
-    add(
-        "patch_embedding.weight",
-        vec![8, 4, 1, 2, 2],
-        GgmlType::F32,
-        rnd(128),
-    );
-    add(
-        "transformer_blocks.0.img_mlp.net.0.proj.weight",
-        vec![4, 512],
-        GgmlType::Q4_K,
-        rnd(2048),
-    );
-    add(
-        "transformer_blocks.0.img_mlp.net.2.weight",
-        vec![2, 256],
-        GgmlType::Q6_K,
-        rnd(512),
-    );
-    add(
-        "transformer_blocks.0.attn.to_q.weight",
-        vec![3, 64],
-        GgmlType::Q8_0,
-        rnd(192),
-    );
-    add(
-        "transformer_blocks.0.attn.to_q.bias",
-        vec![3],
-        GgmlType::BF16,
-        rnd(3),
-    );
+    add("patch_embedding.weight", vec![8, 4, 1, 2, 2], GgmlType::F32, rnd(128));
+    add("transformer_blocks.0.img_mlp.net.0.proj.weight", vec![4, 512], GgmlType::Q4_K, rnd(2048));
+    add("transformer_blocks.0.img_mlp.net.2.weight", vec![2, 256], GgmlType::Q6_K, rnd(512));
+    add("transformer_blocks.0.attn.to_q.weight", vec![3, 64], GgmlType::Q8_0, rnd(192));
+    add("transformer_blocks.0.attn.to_q.bias", vec![3], GgmlType::BF16, rnd(3));
     add("img_in.weight", vec![5, 7], GgmlType::BF16, rnd(35));
     add("norm_out.linear.weight", vec![2, 3], GgmlType::F16, rnd(6));
     add("empty", vec![0, 4], GgmlType::F32, vec![]);
     let ids: Vec<u8> = (0..5i32).flat_map(|v| v.to_le_bytes()).collect();
-    tensors.push((
-        TensorPlan {
-            name: "ids".into(),
-            shape: vec![5],
-            ty: GgmlType::I32,
-        },
-        ids,
-    ));
+    tensors.push((TensorPlan { name: "ids".into(), shape: vec![5], ty: GgmlType::I32 }, ids));
     (kv, tensors)
 }
 
@@ -311,11 +221,7 @@ fn gguf_py_reads_what_we_write() {
         let plans: Vec<TensorPlan> = tensors.iter().map(|(p, _)| p.clone()).collect();
         let plan = gguf::plan(&kv, &plans, alignment).unwrap();
         let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-        gguf::write_all(&path, &mut file, &plan, |i, w| {
-            w.write_all(&tensors[i].1)
-                .map_err(|e| phasekit::Error::io(&path, e))
-        })
-        .unwrap();
+        gguf::write_all(&path, &mut file, &plan, |i, w| w.write_all(&tensors[i].1).map_err(|e| phasekit::Error::io(&path, e))).unwrap();
         file.into_inner().unwrap().sync_all().unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len() as u64, plan.total_len);
@@ -327,10 +233,7 @@ fn gguf_py_reads_what_we_write() {
         assert_eq!(theirs["alignment"], alignment);
         assert_eq!(theirs["version"], 3);
         assert_eq!(theirs["fields"]["general.alignment"]["value"], alignment);
-        assert_eq!(
-            theirs["fields"]["general.architecture"]["value"],
-            "qwen_image"
-        );
+        assert_eq!(theirs["fields"]["general.architecture"]["value"], "qwen_image");
         assert_eq!(theirs["fields"]["t.nested"]["value"], json!([1, 2, 3]));
         assert_eq!(theirs["fields"]["t.str"]["value"], "ünïcode ✓");
         for (i, (p, data)) in tensors.iter().enumerate() {

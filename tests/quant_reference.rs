@@ -49,40 +49,18 @@ fn inputs() -> Vec<(&'static str, Vec<f32>, bool)> {
     let mut r = Rng(0x5eed);
     let mut v: Vec<(&'static str, Vec<f32>, bool)> = Vec::new();
     v.push(("uniform", (0..n).map(|_| r.uniform()).collect(), false));
-    v.push((
-        "weights",
-        (0..n).map(|_| r.normal() * 0.02).collect(),
-        false,
-    ));
+    v.push(("weights", (0..n).map(|_| r.normal() * 0.02).collect(), false));
     let mut out: Vec<f32> = (0..n).map(|_| r.normal() * 0.05).collect();
     for i in (0..n).step_by(97) {
         out[i] *= 60.0;
     }
     v.push(("outliers", out, false));
-    v.push((
-        "positive",
-        (0..n).map(|_| r.normal().abs() + 0.01).collect(),
-        false,
-    ));
-    v.push((
-        "negative",
-        (0..n).map(|_| -r.normal().abs()).collect(),
-        false,
-    ));
+    v.push(("positive", (0..n).map(|_| r.normal().abs() + 0.01).collect(), false));
+    v.push(("negative", (0..n).map(|_| -r.normal().abs()).collect(), false));
     v.push(("tiny", (0..n).map(|_| r.normal() * 1e-6).collect(), false));
-    v.push((
-        "subnormal",
-        (0..n).map(|_| r.normal() * 1e-40).collect(),
-        false,
-    ));
+    v.push(("subnormal", (0..n).map(|_| r.normal() * 1e-40).collect(), false));
     v.push(("large", (0..n).map(|_| r.normal() * 3e4).collect(), false));
-    v.push((
-        "quantized_grid",
-        (0..n)
-            .map(|_| ((r.next() % 31) as f32 - 15.0) * 0.125)
-            .collect(),
-        false,
-    ));
+    v.push(("quantized_grid", (0..n).map(|_| ((r.next() % 31) as f32 - 15.0) * 0.125).collect(), false));
     // Blocks of every kind of degenerate content, 32 values each.
     let mut z = vec![0f32; n];
     for (b, chunk) in z.chunks_mut(32).enumerate() {
@@ -91,15 +69,10 @@ fn inputs() -> Vec<(&'static str, Vec<f32>, bool)> {
             1 => chunk.iter_mut().for_each(|x| *x = 0.75), // constant
             2 => chunk[b % 32] = -3.0,                     // one nonzero
             3 => chunk.iter_mut().for_each(|x| *x = -0.0), // all -0
-            4 => chunk
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, x)| *x = if i % 2 == 0 { 1.0 } else { -1.0 }),
+            4 => chunk.iter_mut().enumerate().for_each(|(i, x)| *x = if i % 2 == 0 { 1.0 } else { -1.0 }),
             5 => chunk.iter_mut().for_each(|x| *x = r.uniform() * 1e-3),
             6 => chunk.iter_mut().for_each(|x| *x = 65504.0 * r.uniform()),
-            _ => chunk
-                .iter_mut()
-                .for_each(|x| *x = if r.next() % 3 == 0 { 0.0 } else { r.uniform() }),
+            _ => chunk.iter_mut().for_each(|x| *x = if r.next() % 3 == 0 { 0.0 } else { r.uniform() }),
         }
     }
     v.push(("degenerate", z, false));
@@ -119,23 +92,9 @@ fn inputs() -> Vec<(&'static str, Vec<f32>, bool)> {
     v
 }
 
-const EXACT_QUANT: [GgmlType; 8] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-];
-const K_QUANT: [GgmlType; 5] = [
-    GgmlType::Q2_K,
-    GgmlType::Q3_K,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
+const EXACT_QUANT: [GgmlType; 8] =
+    [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
+const K_QUANT: [GgmlType; 5] = [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K];
 
 fn quantized(t: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut q = vec![0u8; x.len() / t.block_size() as usize * t.type_size() as usize];
@@ -154,9 +113,7 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
 }
 
 fn f32_from(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// Bit-equal, except that any NaN matches any NaN (Rust does not promise NaN payloads
@@ -166,12 +123,7 @@ fn assert_same_f32(ours: &[f32], theirs: &[f32], what: &str) {
     assert_eq!(ours.len(), theirs.len(), "{what}: lengths");
     for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
         let same = a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
-        assert!(
-            same,
-            "{what}: value {i}: ours {a:e} ({:#010x}), reference {b:e} ({:#010x})",
-            a.to_bits(),
-            b.to_bits()
-        );
+        assert!(same, "{what}: value {i}: ours {a:e} ({:#010x}), reference {b:e} ({:#010x})", a.to_bits(), b.to_bits());
     }
 }
 
@@ -179,13 +131,7 @@ fn assert_same_f32(ours: &[f32], theirs: &[f32], what: &str) {
 fn assert_same_blocks(t: GgmlType, ours: &[u8], theirs: &[u8], what: &str) {
     assert_eq!(ours.len(), theirs.len(), "{what}: lengths");
     let ts = t.type_size() as usize;
-    let bad: Vec<usize> = ours
-        .chunks(ts)
-        .zip(theirs.chunks(ts))
-        .enumerate()
-        .filter(|(_, (a, b))| a != b)
-        .map(|(i, _)| i)
-        .collect();
+    let bad: Vec<usize> = ours.chunks(ts).zip(theirs.chunks(ts)).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
     if let Some(&i) = bad.first() {
         panic!(
             "{what}: {} of {} blocks differ; first is block {i}:\n ours   {:02x?}\n theirs {:02x?}",
@@ -198,11 +144,7 @@ fn assert_same_blocks(t: GgmlType, ours: &[u8], theirs: &[u8], what: &str) {
 }
 
 fn have_gguf_py() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import gguf, numpy"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let ok = Command::new("python3").args(["-c", "import gguf, numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
     if !ok {
         eprintln!("skipped: python3/gguf not available");
     }
@@ -220,9 +162,7 @@ struct Job {
 fn run_oracle(dir: &Path, jobs: &[Job], ggml_lib: Option<&str>) -> serde_json::Value {
     let list: Vec<serde_json::Value> = jobs
         .iter()
-        .map(|j| {
-            serde_json::json!({"op": j.op, "type": j.ty.name(), "cols": COLS, "input": j.input, "output": j.output})
-        })
+        .map(|j| serde_json::json!({"op": j.op, "type": j.ty.name(), "cols": COLS, "input": j.input, "output": j.output}))
         .collect();
     std::fs::write(dir.join("jobs.json"), serde_json::to_vec(&list).unwrap()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/quant_oracle.py");
@@ -232,11 +172,7 @@ fn run_oracle(dir: &Path, jobs: &[Job], ggml_lib: Option<&str>) -> serde_json::V
         cmd.args(["--ggml-lib", lib]);
     }
     let out = cmd.output().expect("run python3");
-    assert!(
-        out.status.success(),
-        "quant_oracle.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "quant_oracle.py failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&std::fs::read(dir.join("status.json")).unwrap()).unwrap()
 }
 
@@ -251,12 +187,7 @@ fn quantize_matches_gguf_py_byte_for_byte() {
     for (name, x, _) in &cases {
         std::fs::write(dir.path().join(format!("{name}.f32")), f32_bytes(x)).unwrap();
         for t in EXACT_QUANT.iter().chain(&K_QUANT) {
-            jobs.push(Job {
-                op: "quantize",
-                ty: *t,
-                input: format!("{name}.f32"),
-                output: format!("{name}.{t}.q"),
-            });
+            jobs.push(Job { op: "quantize", ty: *t, input: format!("{name}.f32"), output: format!("{name}.{t}.q") });
         }
     }
     let status = run_oracle(dir.path(), &jobs, None);
@@ -301,18 +232,10 @@ fn dequantize_matches_gguf_py_bit_for_bit() {
         for (_, x, _) in inputs() {
             blocks.extend(quantized(*t, &x));
         }
-        blocks.extend(
-            (0..ROWS * COLS / t.block_size() as usize * t.type_size() as usize)
-                .map(|_| r.next() as u8),
-        );
+        blocks.extend((0..ROWS * COLS / t.block_size() as usize * t.type_size() as usize).map(|_| r.next() as u8));
         let input = format!("{t}.blocks");
         std::fs::write(dir.path().join(&input), &blocks).unwrap();
-        jobs.push(Job {
-            op: "dequantize",
-            ty: *t,
-            input,
-            output: format!("{t}.deq"),
-        });
+        jobs.push(Job { op: "dequantize", ty: *t, input, output: format!("{t}.deq") });
         ours.push((*t, dequantized(*t, &blocks)));
     }
     let status = run_oracle(dir.path(), &jobs, None);
@@ -343,25 +266,13 @@ fn k_quants_match_ggml_reference() {
     for (name, x, _) in &cases {
         std::fs::write(dir.path().join(format!("{name}.f32")), f32_bytes(x)).unwrap();
         for t in &all {
-            jobs.push(Job {
-                op: "ggml_quantize",
-                ty: *t,
-                input: format!("{name}.f32"),
-                output: format!("{name}.{t}.c"),
-            });
+            jobs.push(Job { op: "ggml_quantize", ty: *t, input: format!("{name}.f32"), output: format!("{name}.{t}.c") });
         }
     }
     let mut r = Rng(0xc0de);
-    let q8k: Vec<u8> = (0..ROWS * COLS / 256 * 292)
-        .map(|_| r.next() as u8)
-        .collect();
+    let q8k: Vec<u8> = (0..ROWS * COLS / 256 * 292).map(|_| r.next() as u8).collect();
     std::fs::write(dir.path().join("q8k.blocks"), &q8k).unwrap();
-    jobs.push(Job {
-        op: "ggml_dequantize",
-        ty: GgmlType::Q8_K,
-        input: "q8k.blocks".into(),
-        output: "q8k.deq".into(),
-    });
+    jobs.push(Job { op: "ggml_dequantize", ty: GgmlType::Q8_K, input: "q8k.blocks".into(), output: "q8k.deq".into() });
     let status = run_oracle(dir.path(), &jobs, Some(&lib));
     for (name, x, _) in &cases {
         for t in &all {
@@ -388,54 +299,18 @@ fn k_quants_match_ggml_reference() {
 #[test]
 fn golden_digests() {
     let golden: &[(GgmlType, &str)] = &[
-        (
-            GgmlType::F16,
-            "648e3a6449437ff60d9104ac33c8e235ccbb1f22760f2dc3cb8a645b12066bab",
-        ),
-        (
-            GgmlType::BF16,
-            "86854d19298752e226b8d173ae325c647201664505acf6a6d9bd41e5ca5276b6",
-        ),
-        (
-            GgmlType::Q4_0,
-            "19e55695748e37337b9cb8ddaeaff3b78d8b1b2274542237ddeeafbab2fceb1c",
-        ),
-        (
-            GgmlType::Q4_1,
-            "e42847e7ec091497c8fd4c1d50ee625edb95a45a9e668e3c44756c50be60095e",
-        ),
-        (
-            GgmlType::Q5_0,
-            "888c43af05a779e4ab4abb439a239b6fc909ce3a1829f5f292e4aed2938d4610",
-        ),
-        (
-            GgmlType::Q5_1,
-            "31048975318a5caef86c5f00c4ca8aee11633116140a04b43af4be2ba1e2355f",
-        ),
-        (
-            GgmlType::Q8_0,
-            "983f135c3d6bcba0b40fd984d1d8c6841c05d9f41d5c8d5d3674652a9d00cf92",
-        ),
-        (
-            GgmlType::Q2_K,
-            "cfbc53d697a36fd893f967481bc84d1e9ae827c994031c460951fda6e773f58c",
-        ),
-        (
-            GgmlType::Q3_K,
-            "73c75bce4636e95255331f0e3208eb1357ed43d2d2e3c4b46fec8fe1d6a37f3e",
-        ),
-        (
-            GgmlType::Q4_K,
-            "73ae918583baed14d5c8503e35e84479338465d49d4c86c6b49a6da42832b822",
-        ),
-        (
-            GgmlType::Q5_K,
-            "776c7ef415c17647a718312cea41e3d335b53776c4ea684adc387aa348e56d34",
-        ),
-        (
-            GgmlType::Q6_K,
-            "7b80becafcc1b35e9c62dc8f93a24f29eaa9d9cfddfa120328011b7863a50976",
-        ),
+        (GgmlType::F16, "648e3a6449437ff60d9104ac33c8e235ccbb1f22760f2dc3cb8a645b12066bab"),
+        (GgmlType::BF16, "86854d19298752e226b8d173ae325c647201664505acf6a6d9bd41e5ca5276b6"),
+        (GgmlType::Q4_0, "19e55695748e37337b9cb8ddaeaff3b78d8b1b2274542237ddeeafbab2fceb1c"),
+        (GgmlType::Q4_1, "e42847e7ec091497c8fd4c1d50ee625edb95a45a9e668e3c44756c50be60095e"),
+        (GgmlType::Q5_0, "888c43af05a779e4ab4abb439a239b6fc909ce3a1829f5f292e4aed2938d4610"),
+        (GgmlType::Q5_1, "31048975318a5caef86c5f00c4ca8aee11633116140a04b43af4be2ba1e2355f"),
+        (GgmlType::Q8_0, "983f135c3d6bcba0b40fd984d1d8c6841c05d9f41d5c8d5d3674652a9d00cf92"),
+        (GgmlType::Q2_K, "cfbc53d697a36fd893f967481bc84d1e9ae827c994031c460951fda6e773f58c"),
+        (GgmlType::Q3_K, "73c75bce4636e95255331f0e3208eb1357ed43d2d2e3c4b46fec8fe1d6a37f3e"),
+        (GgmlType::Q4_K, "73ae918583baed14d5c8503e35e84479338465d49d4c86c6b49a6da42832b822"),
+        (GgmlType::Q5_K, "776c7ef415c17647a718312cea41e3d335b53776c4ea684adc387aa348e56d34"),
+        (GgmlType::Q6_K, "7b80becafcc1b35e9c62dc8f93a24f29eaa9d9cfddfa120328011b7863a50976"),
     ];
     let cases = inputs();
     let mut report = String::new();

@@ -42,6 +42,10 @@ pub const ORIG_SHAPE_PREFIX: &str = "comfy.gguf.orig_shape.";
 
 /// Safety limits of the reader (the writer refuses to write what the reader would refuse).
 pub mod limits {
+    /// `general.alignment`. ggml accepts any power of two that fits in u32, but the padding
+    /// after the header is part of [`super::GgufPlan::header`], so the writer caps it, and the
+    /// reader refuses what the writer could not write back.
+    pub const MAX_ALIGNMENT: u64 = 1 << 24;
     /// Dimensions of one tensor. ggml allows 4; ComfyUI-GGUF Wan files have 5-D tensors.
     pub const MAX_DIMS: usize = 8;
     /// Arrays inside arrays (a top-level array is depth 1).
@@ -60,6 +64,18 @@ pub mod limits {
     pub(crate) const MIN_KV_BYTES: u64 = 8 + 4 + 1;
     /// The smallest tensor info: name length, n_dims, type, offset.
     pub(crate) const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8;
+}
+
+/// Elements of a shape: 0 when any dimension is 0 (whatever the others are, as in ggml),
+/// otherwise the product if it fits in i64. Each dimension must fit in i64 (ggml's `int64_t ne`).
+pub(crate) fn numel(dims: &[u64]) -> Option<u64> {
+    if dims.iter().any(|&d| d > i64::MAX as u64) {
+        return None;
+    }
+    if dims.contains(&0) {
+        return Some(0);
+    }
+    crate::dtype::numel(dims).filter(|&n| n <= i64::MAX as u64)
 }
 
 /// A parsed, validated GGUF file. Tensor data stays in the caller's byte slice.
@@ -106,9 +122,7 @@ impl GgufFile {
 
     /// The torch shape recorded by ComfyUI-GGUF in `comfy.gguf.orig_shape.<name>`, if any.
     pub fn orig_shape(&self, name: &str) -> Option<Vec<i64>> {
-        self.get(&format!("{ORIG_SHAPE_PREFIX}{name}"))?
-            .as_array()?
-            .to_i64s()
+        self.get(&format!("{ORIG_SHAPE_PREFIX}{name}"))?.as_array()?.to_i64s()
     }
 }
 
@@ -116,7 +130,7 @@ impl GgufTensor {
     /// Number of elements.
     pub fn numel(&self) -> u64 {
         // Checked when parsed.
-        self.shape.iter().product()
+        numel(&self.shape).unwrap_or(0)
     }
 
     /// This tensor's bytes in `file` (the slice [`parse`] was given); `None` if `file` is
@@ -130,11 +144,7 @@ impl GgufTensor {
 
 impl From<&GgufTensor> for TensorPlan {
     fn from(t: &GgufTensor) -> TensorPlan {
-        TensorPlan {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            ty: t.ty,
-        }
+        TensorPlan { name: t.name.clone(), shape: t.shape.clone(), ty: t.ty }
     }
 }
 

@@ -17,20 +17,10 @@ use crate::quant::GgmlType;
 ///
 /// Versions 2 and 3, little-endian. See `docs/gguf.md` for every check and limit.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
-    let mut r = Reader {
-        path,
-        bytes,
-        pos: 0,
-    };
+    let mut r = Reader { path, bytes, pos: 0 };
     let magic = r.take(4, "the magic")?;
     if magic != MAGIC {
-        return Err(Error::malformed(
-            path,
-            format!(
-                "not a GGUF file: the magic is {:02x?}, expected \"GGUF\" (47 47 55 46)",
-                magic
-            ),
-        ));
+        return Err(Error::malformed(path, format!("not a GGUF file: the magic is {:02x?}, expected \"GGUF\" (47 47 55 46)", magic)));
     }
     let version = r.u32("the version")?;
     match version {
@@ -43,26 +33,15 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
             ))
         }
         0 => return Err(r.err(Kind::Malformed, "GGUF version 0 is not a valid version")),
-        v => {
-            return Err(r.err(
-                Kind::Unsupported,
-                format!("GGUF version {v} is not supported (phasekit reads versions 2 and 3)"),
-            ))
-        }
+        v => return Err(r.err(Kind::Unsupported, format!("GGUF version {v} is not supported (phasekit reads versions 2 and 3)"))),
     }
     let n_tensors = r.u64("the tensor count")?;
     let n_kv = r.u64("the key-value count")?;
     if n_tensors > MAX_TENSORS {
-        return Err(r.err(
-            Kind::Limit,
-            format!("declares {n_tensors} tensors, over the limit of {MAX_TENSORS}"),
-        ));
+        return Err(r.err(Kind::Limit, format!("declares {n_tensors} tensors, over the limit of {MAX_TENSORS}")));
     }
     if n_kv > MAX_KV {
-        return Err(r.err(
-            Kind::Limit,
-            format!("declares {n_kv} key-value pairs, over the limit of {MAX_KV}"),
-        ));
+        return Err(r.err(Kind::Limit, format!("declares {n_kv} key-value pairs, over the limit of {MAX_KV}")));
     }
     // Each pair takes at least 13 bytes and each tensor info at least 24.
     let need = n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES;
@@ -95,33 +74,19 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
 
     let alignment = match kv.iter().find(|(k, _)| k == KEY_ALIGNMENT) {
         None => DEFAULT_ALIGNMENT,
-        Some((_, Value::U32(a))) if a.is_power_of_two() => *a as u64,
-        Some((_, Value::U32(a))) => {
-            return Err(r.err(
-                Kind::Malformed,
-                format!("{KEY_ALIGNMENT} is {a}, not a non-zero power of two"),
-            ))
+        Some((_, Value::U32(a))) if a.is_power_of_two() && *a as u64 <= MAX_ALIGNMENT => *a as u64,
+        Some((_, Value::U32(a))) if a.is_power_of_two() => {
+            return Err(r.err(Kind::Limit, format!("{KEY_ALIGNMENT} is {a}, over the limit of {MAX_ALIGNMENT}")))
         }
-        Some((_, v)) => {
-            return Err(r.err(
-                Kind::Malformed,
-                format!(
-                    "{KEY_ALIGNMENT} must be a UINT32, found a {}",
-                    v.value_type()
-                ),
-            ))
-        }
+        Some((_, Value::U32(a))) => return Err(r.err(Kind::Malformed, format!("{KEY_ALIGNMENT} is {a}, not a non-zero power of two"))),
+        Some((_, v)) => return Err(r.err(Kind::Malformed, format!("{KEY_ALIGNMENT} must be a UINT32, found a {}", v.value_type()))),
     };
 
     // Tensor infos.
     if n_tensors * MIN_TENSOR_INFO_BYTES > r.left() as u64 {
-        return Err(r.err(
-            Kind::Truncated,
-            format!(
-                "declares {n_tensors} tensors, but only {} bytes are left for their descriptions",
-                r.left()
-            ),
-        ));
+        return Err(
+            r.err(Kind::Truncated, format!("declares {n_tensors} tensors, but only {} bytes are left for their descriptions", r.left()))
+        );
     }
     let mut tensors: Vec<GgufTensor> = Vec::with_capacity(n_tensors as usize);
     let mut rel_offsets: Vec<u64> = Vec::with_capacity(n_tensors as usize);
@@ -129,86 +94,41 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
     for i in 0..n_tensors {
         let name = r.name(&format!("tensor info #{i}"))?;
         if let Some(j) = names.insert(name, i as usize) {
-            return Err(r.err(
-                Kind::Malformed,
-                format!(
-                    "duplicate tensor name '{}' (tensors #{j} and #{i})",
-                    clean(name)
-                ),
-            ));
+            return Err(r.err(Kind::Malformed, format!("duplicate tensor name '{}' (tensors #{j} and #{i})", clean(name))));
         }
         let ctx = format!("tensor '{}'", clean(name));
         let n_dims = r.u32(&ctx)?;
         if n_dims as usize > MAX_DIMS {
-            return Err(r.err(
-                Kind::Limit,
-                format!(
-                    "{} has {n_dims} dimensions, over the limit of {MAX_DIMS}",
-                    ctx
-                ),
-            ));
+            return Err(r.err(Kind::Limit, format!("{} has {n_dims} dimensions, over the limit of {MAX_DIMS}", ctx)));
         }
         let mut ne = [0u64; MAX_DIMS];
         for d in ne.iter_mut().take(n_dims as usize) {
             *d = r.u64(&ctx)?;
             if *d > i64::MAX as u64 {
-                return Err(r.err(
-                    Kind::Malformed,
-                    format!("{} has a dimension of {}, over 2^63 - 1", ctx, *d),
-                ));
+                return Err(r.err(Kind::Malformed, format!("{} has a dimension of {}, over 2^63 - 1", ctx, *d)));
             }
         }
         let ne = &ne[..n_dims as usize];
         let type_id = r.u32(&ctx)?;
         let offset = r.u64(&ctx)?;
-        let ty = GgmlType::from_id(type_id).ok_or_else(|| {
-            r.err(
-                Kind::Unsupported,
-                format!("{} has unknown ggml type id {type_id}", ctx),
-            )
-        })?;
-        let numel = crate::dtype::numel(ne)
-            .filter(|&n| n <= i64::MAX as u64)
-            .ok_or_else(|| {
-                r.err(
-                    Kind::Malformed,
-                    format!("{}: the element count of shape {ne:?} overflows", ctx),
-                )
-            })?;
+        let ty =
+            GgmlType::from_id(type_id).ok_or_else(|| r.err(Kind::Unsupported, format!("{} has unknown ggml type id {type_id}", ctx)))?;
+        let numel =
+            super::numel(ne).ok_or_else(|| r.err(Kind::Malformed, format!("{}: the element count of shape {ne:?} overflows", ctx)))?;
         let ne0 = ne.first().copied().unwrap_or(1);
         if ne0 % ty.block_size() != 0 {
             return Err(r.err(
                 Kind::Malformed,
-                format!(
-                    "{} has rows of {ne0} elements, not a multiple of the {ty} block size {}",
-                    ctx,
-                    ty.block_size()
-                ),
+                format!("{} has rows of {ne0} elements, not a multiple of the {ty} block size {}", ctx, ty.block_size()),
             ));
         }
-        let size = ty.byte_size(ne0, numel).ok_or_else(|| {
-            r.err(
-                Kind::Malformed,
-                format!("{}: the byte size of shape {ne:?} overflows", ctx),
-            )
-        })?;
+        let size =
+            ty.byte_size(ne0, numel).ok_or_else(|| r.err(Kind::Malformed, format!("{}: the byte size of shape {ne:?} overflows", ctx)))?;
         if offset % alignment != 0 {
-            return Err(r.err(
-                Kind::Malformed,
-                format!(
-                    "{}: data offset {offset} is not a multiple of the alignment {alignment}",
-                    ctx
-                ),
-            ));
+            return Err(r.err(Kind::Malformed, format!("{}: data offset {offset} is not a multiple of the alignment {alignment}", ctx)));
         }
         rel_offsets.push(offset);
-        tensors.push(GgufTensor {
-            name: name.to_string(),
-            shape: ne.iter().rev().copied().collect(),
-            ty,
-            offset: 0,
-            size,
-        });
+        tensors.push(GgufTensor { name: name.to_string(), shape: ne.iter().rev().copied().collect(), ty, offset: 0, size });
     }
 
     // The data section starts at the next multiple of the alignment.
@@ -216,48 +136,31 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
     let data_offset = header_end.div_ceil(alignment) * alignment;
     let file_len = bytes.len() as u64;
     if !tensors.is_empty() && data_offset > file_len {
-        return Err(r.err(
-            Kind::Truncated,
-            format!("the data section would start at byte {data_offset}, past the end of the file"),
-        ));
+        return Err(r.err(Kind::Truncated, format!("the data section would start at byte {data_offset}, past the end of the file")));
     }
     for (t, rel) in tensors.iter_mut().zip(&rel_offsets) {
         let start = data_offset.checked_add(*rel);
         let end = start.and_then(|s| s.checked_add(t.size));
         let (Some(start), Some(end)) = (start, end) else {
-            return Err(r.err(
-                Kind::Malformed,
-                format!("tensor '{}': data offset {rel} overflows", clean(&t.name)),
-            ));
+            return Err(r.err(Kind::Malformed, format!("tensor '{}': data offset {rel} overflows", clean(&t.name))));
         };
         if end > file_len {
             return Err(r.err(
                 Kind::Truncated,
-                format!(
-                    "tensor '{}' data is bytes {start}..{end}, past the end of the file ({file_len} bytes)",
-                    clean(&t.name)
-                ),
+                format!("tensor '{}' data is bytes {start}..{end}, past the end of the file ({file_len} bytes)", clean(&t.name)),
             ));
         }
         t.offset = start;
     }
     check_overlaps(path, &tensors)?;
 
-    Ok(GgufFile {
-        version,
-        alignment,
-        kv,
-        tensors,
-        data_offset,
-    })
+    Ok(GgufFile { version, alignment, kv, tensors, data_offset })
 }
 
 /// Tensors may be laid out in any order and with gaps (ggml insists on a packed layout in info
 /// order; files that ggml wrote satisfy that), but no two may share a byte.
 fn check_overlaps(path: &Path, tensors: &[GgufTensor]) -> Result<()> {
-    let mut order: Vec<usize> = (0..tensors.len())
-        .filter(|&i| tensors[i].size > 0)
-        .collect();
+    let mut order: Vec<usize> = (0..tensors.len()).filter(|&i| tensors[i].size > 0).collect();
     order.sort_by_key(|&i| tensors[i].offset);
     for w in order.windows(2) {
         let (a, b) = (&tensors[w[0]], &tensors[w[1]]);
@@ -298,11 +201,7 @@ impl<'a> Reader<'a> {
         if n > self.left() {
             return Err(self.err(
                 Kind::Truncated,
-                format!(
-                    "file ends at byte {} inside {what}, which needs {n} bytes from offset {}",
-                    self.bytes.len(),
-                    self.pos
-                ),
+                format!("file ends at byte {} inside {what}, which needs {n} bytes from offset {}", self.bytes.len(), self.pos),
             ));
         }
         let s = &self.bytes[self.pos..self.pos + n];
@@ -329,10 +228,7 @@ impl<'a> Reader<'a> {
     fn string_bytes(&mut self, cap: u64, what: &str) -> Result<&'a [u8]> {
         let len = self.u64(what)?;
         if len > cap {
-            return Err(self.err(
-                Kind::Limit,
-                format!("{what}: string of {len} bytes, over the limit of {cap}"),
-            ));
+            return Err(self.err(Kind::Limit, format!("{what}: string of {len} bytes, over the limit of {cap}")));
         }
         self.take(len as usize, what)
     }
@@ -341,21 +237,11 @@ impl<'a> Reader<'a> {
     fn name(&mut self, what: &str) -> Result<&'a str> {
         let at = self.pos;
         let b = self.string_bytes(MAX_NAME_LEN, what)?;
-        std::str::from_utf8(b).map_err(|_| {
-            self.err(
-                Kind::Malformed,
-                format!("{what} at offset {at} is not valid UTF-8"),
-            )
-        })
+        std::str::from_utf8(b).map_err(|_| self.err(Kind::Malformed, format!("{what} at offset {at} is not valid UTF-8")))
     }
 
     fn value(&mut self, ty: u32, depth: usize, what: &str) -> Result<Value> {
-        let t = ValueType::from_id(ty).ok_or_else(|| {
-            self.err(
-                Kind::Malformed,
-                format!("{} has unknown value type {ty}", what),
-            )
-        })?;
+        let t = ValueType::from_id(ty).ok_or_else(|| self.err(Kind::Malformed, format!("{} has unknown value type {ty}", what)))?;
         Ok(match t {
             ValueType::U8 => Value::U8(self.array::<1>(what)?[0]),
             ValueType::I8 => Value::I8(self.array::<1>(what)?[0] as i8),
@@ -377,10 +263,7 @@ impl<'a> Reader<'a> {
         match self.array::<1>(what)?[0] {
             0 => Ok(false),
             1 => Ok(true),
-            b => Err(self.err(
-                Kind::Malformed,
-                format!("{}: BOOL byte is {b}, not 0 or 1", what),
-            )),
+            b => Err(self.err(Kind::Malformed, format!("{}: BOOL byte is {b}, not 0 or 1", what))),
         }
     }
 
@@ -392,71 +275,41 @@ impl<'a> Reader<'a> {
 
     fn array_value(&mut self, depth: usize, what: &str) -> Result<Array> {
         if depth > MAX_NESTING {
-            return Err(self.err(
-                Kind::Limit,
-                format!("{}: arrays nested deeper than {MAX_NESTING}", what),
-            ));
+            return Err(self.err(Kind::Limit, format!("{}: arrays nested deeper than {MAX_NESTING}", what)));
         }
         let ty = self.u32(what)?;
-        let t = ValueType::from_id(ty).ok_or_else(|| {
-            self.err(
-                Kind::Malformed,
-                format!("{} is an array of unknown value type {ty}", what),
-            )
-        })?;
+        let t =
+            ValueType::from_id(ty).ok_or_else(|| self.err(Kind::Malformed, format!("{} is an array of unknown value type {ty}", what)))?;
         let n = self.u64(what)?;
         if n > MAX_ARRAY_LEN {
-            return Err(self.err(
-                Kind::Limit,
-                format!(
-                    "{}: array of {n} elements, over the limit of {MAX_ARRAY_LEN}",
-                    what
-                ),
-            ));
+            return Err(self.err(Kind::Limit, format!("{}: array of {n} elements, over the limit of {MAX_ARRAY_LEN}", what)));
         }
         let min = n * t.min_size() as u64;
         if min > self.left() as u64 {
-            return Err(self.err(
-                Kind::Truncated,
-                format!(
-                    "{}: array of {n} {t} needs at least {min} bytes, only {} are left",
-                    what,
-                    self.left()
-                ),
-            ));
+            return Err(
+                self.err(Kind::Truncated, format!("{}: array of {n} {t} needs at least {min} bytes, only {} are left", what, self.left()))
+            );
         }
         let n = n as usize;
-        fn fixed<T, const N: usize>(
-            r: &mut Reader,
-            n: usize,
-            what: &str,
-            f: fn([u8; N]) -> T,
-        ) -> Result<Vec<T>> {
+        fn fixed<T, const N: usize>(r: &mut Reader, n: usize, what: &str, f: fn([u8; N]) -> T) -> Result<Vec<T>> {
             let raw = r.take(n * N, what)?;
-            Ok(raw
-                .chunks_exact(N)
-                .map(|c| f(c.try_into().unwrap_or([0; N])))
-                .collect())
+            Ok(raw.chunks_exact(N).map(|c| f(c.try_into().unwrap_or([0; N]))).collect())
         }
-        let w = what;
         Ok(match t {
-            ValueType::U8 => Array::U8(self.take(n, &w)?.to_vec()),
-            ValueType::I8 => Array::I8(self.take(n, &w)?.iter().map(|&b| b as i8).collect()),
-            ValueType::U16 => Array::U16(fixed(self, n, &w, u16::from_le_bytes)?),
-            ValueType::I16 => Array::I16(fixed(self, n, &w, i16::from_le_bytes)?),
-            ValueType::U32 => Array::U32(fixed(self, n, &w, u32::from_le_bytes)?),
-            ValueType::I32 => Array::I32(fixed(self, n, &w, i32::from_le_bytes)?),
-            ValueType::F32 => Array::F32(fixed(self, n, &w, f32::from_le_bytes)?),
-            ValueType::U64 => Array::U64(fixed(self, n, &w, u64::from_le_bytes)?),
-            ValueType::I64 => Array::I64(fixed(self, n, &w, i64::from_le_bytes)?),
-            ValueType::F64 => Array::F64(fixed(self, n, &w, f64::from_le_bytes)?),
+            ValueType::U8 => Array::U8(self.take(n, what)?.to_vec()),
+            ValueType::I8 => Array::I8(self.take(n, what)?.iter().map(|&b| b as i8).collect()),
+            ValueType::U16 => Array::U16(fixed(self, n, what, u16::from_le_bytes)?),
+            ValueType::I16 => Array::I16(fixed(self, n, what, i16::from_le_bytes)?),
+            ValueType::U32 => Array::U32(fixed(self, n, what, u32::from_le_bytes)?),
+            ValueType::I32 => Array::I32(fixed(self, n, what, i32::from_le_bytes)?),
+            ValueType::F32 => Array::F32(fixed(self, n, what, f32::from_le_bytes)?),
+            ValueType::U64 => Array::U64(fixed(self, n, what, u64::from_le_bytes)?),
+            ValueType::I64 => Array::I64(fixed(self, n, what, i64::from_le_bytes)?),
+            ValueType::F64 => Array::F64(fixed(self, n, what, f64::from_le_bytes)?),
             ValueType::Bool => {
-                let raw = self.take(n, &w)?;
+                let raw = self.take(n, what)?;
                 if let Some(b) = raw.iter().find(|&&b| b > 1) {
-                    return Err(self.err(
-                        Kind::Malformed,
-                        format!("{w}: BOOL byte is {b}, not 0 or 1"),
-                    ));
+                    return Err(self.err(Kind::Malformed, format!("{what}: BOOL byte is {b}, not 0 or 1")));
                 }
                 Array::Bool(raw.iter().map(|&b| b == 1).collect())
             }

@@ -437,29 +437,14 @@ mod tests {
         assert_eq!(Value::from("wan").as_str(), Some("wan"));
         assert_eq!(Value::F32(0.1).to_json().to_string(), "0.1");
         assert_eq!(Value::F64(f64::NAN).to_json(), serde_json::json!("nan"));
-        assert_eq!(
-            Value::U64(u64::MAX).to_json().to_string(),
-            "18446744073709551615"
-        );
-        let a = Array::Array(vec![
-            Array::I32(vec![1, 2]),
-            Array::String(vec!["x".into()]),
-        ]);
-        assert_eq!(
-            Value::Array(a.clone()).to_json(),
-            serde_json::json!([[1, 2], ["x"]])
-        );
-        assert_eq!(
-            a.to_string(),
-            "[2 × ARRAY: [2 × INT32: 1, 2], [1 × STRING: \"x\"]]"
-        );
+        assert_eq!(Value::U64(u64::MAX).to_json().to_string(), "18446744073709551615");
+        let a = Array::Array(vec![Array::I32(vec![1, 2]), Array::String(vec!["x".into()])]);
+        assert_eq!(Value::Array(a.clone()).to_json(), serde_json::json!([[1, 2], ["x"]]));
+        assert_eq!(a.to_string(), "[2 × ARRAY: [2 × INT32: 1, 2], [1 × STRING: \"x\"]]");
         let long = Array::U8((0..20).collect());
         assert!(long.to_string().ends_with("7, …]"));
         assert_eq!(Value::from("a\nb").to_string(), "\"a\\nb\"");
-        assert_eq!(
-            Array::I32(vec![5120, 16, 1, 2, 2]).to_i64s(),
-            Some(vec![5120, 16, 1, 2, 2])
-        );
+        assert_eq!(Array::I32(vec![5120, 16, 1, 2, 2]).to_i64s(), Some(vec![5120, 16, 1, 2, 2]));
         for id in 0..13 {
             let t = ValueType::from_id(id).unwrap();
             assert_eq!(t.id(), id);

@@ -62,44 +62,38 @@ fn plan_err(msg: impl Into<String>) -> Error {
 /// dimension count, an array length or a nesting depth over the limits of
 /// [`super::limits`], or a row length that is not a multiple of the type's block size.
 pub fn plan(kv: &[(String, Value)], tensors: &[TensorPlan], alignment: u64) -> Result<GgufPlan> {
-    if !alignment.is_power_of_two() || alignment > u32::MAX as u64 {
-        return Err(plan_err(format!(
-            "GGUF alignment must be a power of two below 2^32, got {alignment}"
-        )));
+    if !alignment.is_power_of_two() || alignment > MAX_ALIGNMENT {
+        return Err(plan_err(format!("GGUF alignment must be a power of two of at most {MAX_ALIGNMENT}, got {alignment}")));
     }
-    if tensors.len() as u64 > MAX_TENSORS || kv.len() as u64 + 1 > MAX_KV {
-        return Err(plan_err(format!(
-            "{} tensors and {} keys exceed the limits of {MAX_TENSORS} and {MAX_KV}",
-            tensors.len(),
-            kv.len()
-        )));
+    if tensors.len() as u64 > MAX_TENSORS {
+        return Err(plan_err(format!("{} tensors exceed the limit of {MAX_TENSORS}", tensors.len())));
     }
     let mut keys = HashSet::with_capacity(kv.len());
     let mut has_alignment = false;
     for (k, v) in kv {
         check_name(k, "key")?;
         if !keys.insert(k.as_str()) {
-            return Err(Error::new(
-                Kind::Inconsistent,
-                format!("duplicate GGUF key '{}'", clean(k)),
-            ));
+            return Err(Error::new(Kind::Inconsistent, format!("duplicate GGUF key '{}'", clean(k))));
         }
         if k == KEY_ALIGNMENT {
             if *v != Value::U32(alignment as u32) {
-                return Err(plan_err(format!(
-                    "{KEY_ALIGNMENT} is {v} but the file is planned with alignment {alignment}"
-                )));
+                return Err(plan_err(format!("{KEY_ALIGNMENT} is {v} but the file is planned with alignment {alignment}")));
             }
             has_alignment = true;
         }
         check_value(k, v, 0)?;
     }
 
+    let n_kv = kv.len() as u64 + u64::from(!has_alignment);
+    if n_kv > MAX_KV {
+        return Err(plan_err(format!("{n_kv} keys exceed the limit of {MAX_KV}")));
+    }
+
     let mut h = Vec::with_capacity(4096);
     h.extend_from_slice(&MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
     h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
-    h.extend_from_slice(&(kv.len() as u64 + u64::from(!has_alignment)).to_le_bytes());
+    h.extend_from_slice(&n_kv.to_le_bytes());
     for (k, v) in kv {
         put_str(&mut h, k);
         put_value(&mut h, v);
@@ -116,28 +110,13 @@ pub fn plan(kv: &[(String, Value)], tensors: &[TensorPlan], alignment: u64) -> R
     for t in tensors {
         check_name(&t.name, "tensor name")?;
         if !names.insert(t.name.as_str()) {
-            return Err(Error::new(
-                Kind::Inconsistent,
-                format!("duplicate tensor name '{}'", clean(&t.name)),
-            ));
+            return Err(Error::new(Kind::Inconsistent, format!("duplicate tensor name '{}'", clean(&t.name))));
         }
         let ctx = || format!("tensor '{}'", clean(&t.name));
         if t.shape.len() > MAX_DIMS {
-            return Err(plan_err(format!(
-                "{} has {} dimensions, over the limit of {MAX_DIMS}",
-                ctx(),
-                t.shape.len()
-            )));
+            return Err(plan_err(format!("{} has {} dimensions, over the limit of {MAX_DIMS}", ctx(), t.shape.len())));
         }
-        let numel = crate::dtype::numel(&t.shape)
-            .filter(|&n| n <= i64::MAX as u64)
-            .ok_or_else(|| {
-                plan_err(format!(
-                    "{}: shape {:?} has too many elements",
-                    ctx(),
-                    t.shape
-                ))
-            })?;
+        let numel = super::numel(&t.shape).ok_or_else(|| plan_err(format!("{}: shape {:?} has too many elements", ctx(), t.shape)))?;
         let ne0 = t.shape.last().copied().unwrap_or(1);
         if ne0 % t.ty.block_size() != 0 {
             return Err(plan_err(format!(
@@ -147,9 +126,7 @@ pub fn plan(kv: &[(String, Value)], tensors: &[TensorPlan], alignment: u64) -> R
                 t.ty.block_size()
             )));
         }
-        let size =
-            t.ty.byte_size(ne0, numel)
-                .ok_or_else(|| plan_err(format!("{}: byte size overflows", ctx())))?;
+        let size = t.ty.byte_size(ne0, numel).ok_or_else(|| plan_err(format!("{}: byte size overflows", ctx())))?;
         put_str(&mut h, &t.name);
         h.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
         for d in t.shape.iter().rev() {
@@ -166,16 +143,8 @@ pub fn plan(kv: &[(String, Value)], tensors: &[TensorPlan], alignment: u64) -> R
     }
     let pad = pad_len(h.len() as u64, alignment) as usize;
     h.resize(h.len() + pad, 0);
-    let total_len = (h.len() as u64)
-        .checked_add(at)
-        .ok_or_else(|| plan_err("the file is larger than 2^64 bytes"))?;
-    Ok(GgufPlan {
-        header: h,
-        offsets,
-        sizes,
-        total_len,
-        alignment,
-    })
+    let total_len = (h.len() as u64).checked_add(at).ok_or_else(|| plan_err("the file is larger than 2^64 bytes"))?;
+    Ok(GgufPlan { header: h, offsets, sizes, total_len, alignment })
 }
 
 fn check_name(s: &str, what: &str) -> Result<()> {
@@ -183,22 +152,16 @@ fn check_name(s: &str, what: &str) -> Result<()> {
         return Err(plan_err("a GGUF key is empty"));
     }
     if s.len() as u64 > MAX_NAME_LEN {
-        return Err(plan_err(format!(
-            "{what} '{}' is {} bytes, over the limit of {MAX_NAME_LEN}",
-            clean(s),
-            s.len()
-        )));
+        return Err(plan_err(format!("{what} '{}' is {} bytes, over the limit of {MAX_NAME_LEN}", clean(s), s.len())));
     }
     Ok(())
 }
 
 fn check_value(key: &str, v: &Value, depth: usize) -> Result<()> {
     match v {
-        Value::String(s) if s.len() as u64 > MAX_STRING_LEN => Err(plan_err(format!(
-            "key '{}': string of {} bytes, over the limit",
-            clean(key),
-            s.len()
-        ))),
+        Value::String(s) if s.len() as u64 > MAX_STRING_LEN => {
+            Err(plan_err(format!("key '{}': string of {} bytes, over the limit", clean(key), s.len())))
+        }
         Value::Array(a) => check_array(key, a, depth + 1),
         _ => Ok(()),
     }
@@ -206,30 +169,17 @@ fn check_value(key: &str, v: &Value, depth: usize) -> Result<()> {
 
 fn check_array(key: &str, a: &Array, depth: usize) -> Result<()> {
     if depth > MAX_NESTING {
-        return Err(plan_err(format!(
-            "key '{}': arrays nested deeper than {MAX_NESTING}",
-            clean(key)
-        )));
+        return Err(plan_err(format!("key '{}': arrays nested deeper than {MAX_NESTING}", clean(key))));
     }
     if a.len() as u64 > MAX_ARRAY_LEN {
-        return Err(plan_err(format!(
-            "key '{}': array of {} elements, over the limit of {MAX_ARRAY_LEN}",
-            clean(key),
-            a.len()
-        )));
+        return Err(plan_err(format!("key '{}': array of {} elements, over the limit of {MAX_ARRAY_LEN}", clean(key), a.len())));
     }
     match a {
         Array::String(v) => match v.iter().find(|s| s.len() as u64 > MAX_STRING_LEN) {
-            Some(s) => Err(plan_err(format!(
-                "key '{}': string of {} bytes, over the limit",
-                clean(key),
-                s.len()
-            ))),
+            Some(s) => Err(plan_err(format!("key '{}': string of {} bytes, over the limit", clean(key), s.len()))),
             None => Ok(()),
         },
-        Array::Array(v) => v
-            .iter()
-            .try_for_each(|inner| check_array(key, inner, depth + 1)),
+        Array::Array(v) => v.iter().try_for_each(|inner| check_array(key, inner, depth + 1)),
         _ => Ok(()),
     }
 }
@@ -318,11 +268,7 @@ impl<W: Write> Write for TensorWriter<'_, W> {
         if buf.len() as u64 > self.left {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!(
-                    "{} bytes written to a tensor with {} bytes left in the plan",
-                    buf.len(),
-                    self.left
-                ),
+                format!("{} bytes written to a tensor with {} bytes left in the plan", buf.len(), self.left),
             ));
         }
         let n = self.inner.write(buf)?;
@@ -345,16 +291,10 @@ where
 {
     w.write_all(&plan.header).with_file(path)?;
     for (i, &size) in plan.sizes.iter().enumerate() {
-        let mut tw = TensorWriter {
-            inner: w,
-            left: size,
-        };
+        let mut tw = TensorWriter { inner: w, left: size };
         f(i, &mut tw)?;
         if tw.left != 0 {
-            return Err(Error::internal(format!(
-                "tensor #{i}: {} of its {size} bytes were written",
-                size - tw.left
-            )));
+            return Err(Error::internal(format!("tensor #{i}: {} of its {size} bytes were written", size - tw.left)));
         }
         write_padding(w, plan.padding(i)).with_file(path)?;
     }

@@ -301,9 +301,7 @@ mod tests {
 
     #[test]
     fn q8_0_round_trip_is_close() {
-        let x: Vec<f32> = (0..64)
-            .map(|i| ((i * 37 % 64) as f32 - 31.5) / 7.0)
-            .collect();
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 31.5) / 7.0).collect();
         let mut q = vec![0u8; 2 * 34];
         quant_q8_0(&x, &mut q);
         let mut y = vec![0f32; 64];

@@ -26,36 +26,13 @@ use crate::error::{Error, Kind, Result};
 /// Whether [`dequantize`] handles `t`.
 pub fn can_dequantize(t: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(
-        t,
-        F32 | F16
-            | BF16
-            | F64
-            | I8
-            | I16
-            | I32
-            | I64
-            | Q4_0
-            | Q4_1
-            | Q5_0
-            | Q5_1
-            | Q8_0
-            | Q2_K
-            | Q3_K
-            | Q4_K
-            | Q5_K
-            | Q6_K
-            | Q8_K
-    )
+    matches!(t, F32 | F16 | BF16 | F64 | I8 | I16 | I32 | I64 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K)
 }
 
 /// Whether [`quantize`] handles `t`.
 pub fn can_quantize(t: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(
-        t,
-        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
-    )
+    matches!(t, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K)
 }
 
 /// Decode whole blocks of type `t`: `src.len() == n_blocks * t.type_size()` and
@@ -65,29 +42,17 @@ pub fn can_quantize(t: GgmlType) -> bool {
 /// lengths do not describe whole blocks.
 pub fn dequantize(t: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
     if !can_dequantize(t) {
-        return Err(Error::unsupported(format!(
-            "dequantizing {t} is not implemented"
-        )));
+        return Err(Error::unsupported(format!("dequantizing {t} is not implemented")));
     }
     let (bs, ts) = (t.block_size() as usize, t.type_size() as usize);
     if src.len() % ts != 0 {
-        return Err(Error::new(
-            Kind::Malformed,
-            format!(
-                "{t}: {} bytes is not a whole number of {ts}-byte blocks",
-                src.len()
-            ),
-        ));
+        return Err(Error::new(Kind::Malformed, format!("{t}: {} bytes is not a whole number of {ts}-byte blocks", src.len())));
     }
     let n_blocks = src.len() / ts;
     if n_blocks.checked_mul(bs) != Some(dst.len()) {
         return Err(Error::new(
             Kind::Malformed,
-            format!(
-                "{t}: {n_blocks} blocks decode to {} values, the output holds {}",
-                n_blocks * bs,
-                dst.len()
-            ),
+            format!("{t}: {n_blocks} blocks decode to {} values, the output holds {}", n_blocks * bs, dst.len()),
         ));
     }
     use GgmlType::*;
@@ -111,11 +76,7 @@ pub fn dequantize(t: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
         Q5_K => kquants::dequant_q5_k(src, dst),
         Q6_K => kquants::dequant_q6_k(src, dst),
         Q8_K => kquants::dequant_q8_k(src, dst),
-        _ => {
-            return Err(Error::internal(format!(
-                "no dequantizer for {t} behind can_dequantize"
-            )))
-        }
+        _ => return Err(Error::internal(format!("no dequantizer for {t} behind can_dequantize"))),
     }
     Ok(())
 }
@@ -128,26 +89,17 @@ pub fn dequantize(t: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
 /// when the output length does not match.
 pub fn quantize(t: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
     if !can_quantize(t) {
-        return Err(Error::unsupported(format!(
-            "quantizing to {t} is not implemented"
-        )));
+        return Err(Error::unsupported(format!("quantizing to {t} is not implemented")));
     }
     let (bs, ts) = (t.block_size() as usize, t.type_size() as usize);
     if src.len() % bs != 0 {
-        return Err(Error::unsupported(format!(
-            "{t}: {} values are not a whole number of {bs}-value blocks",
-            src.len()
-        )));
+        return Err(Error::unsupported(format!("{t}: {} values are not a whole number of {bs}-value blocks", src.len())));
     }
     let n_blocks = src.len() / bs;
     if n_blocks.checked_mul(ts) != Some(dst.len()) {
         return Err(Error::new(
             Kind::Malformed,
-            format!(
-                "{t}: {n_blocks} blocks encode to {} bytes, the output holds {}",
-                n_blocks * ts,
-                dst.len()
-            ),
+            format!("{t}: {n_blocks} blocks encode to {} bytes, the output holds {}", n_blocks * ts, dst.len()),
         ));
     }
     use GgmlType::*;
@@ -165,11 +117,7 @@ pub fn quantize(t: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         Q4_K => kquantize::quant_q4_k(src, dst),
         Q5_K => kquantize::quant_q5_k(src, dst),
         Q6_K => kquantize::quant_q6_k(src, dst),
-        _ => {
-            return Err(Error::internal(format!(
-                "no quantizer for {t} behind can_quantize"
-            )))
-        }
+        _ => return Err(Error::internal(format!("no quantizer for {t} behind can_quantize"))),
     }
     Ok(())
 }
@@ -181,9 +129,8 @@ mod tests {
     const ALL: [GgmlType; 32] = {
         use GgmlType::*;
         [
-            F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K,
-            IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_NL, IQ3_S, IQ2_S, IQ4_XS, I8, I16, I32, I64, F64,
-            IQ1_M, BF16, TQ1_0, TQ2_0, MXFP4,
+            F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_NL,
+            IQ3_S, IQ2_S, IQ4_XS, I8, I16, I32, I64, F64, IQ1_M, BF16, TQ1_0, TQ2_0, MXFP4,
         ]
     };
 
@@ -228,19 +175,13 @@ mod tests {
             let mut dst = vec![0f32; 3 * bs];
             match dequantize(t, &src, &mut dst) {
                 Ok(()) => assert!(can_dequantize(t)),
-                Err(e) => assert!(
-                    !can_dequantize(t) && e.kind() == Kind::Unsupported,
-                    "{t}: {e}"
-                ),
+                Err(e) => assert!(!can_dequantize(t) && e.kind() == Kind::Unsupported, "{t}: {e}"),
             }
             let x = data(3 * bs, 7);
             let mut q = vec![0u8; 3 * ts];
             match quantize(t, &x, &mut q) {
                 Ok(()) => assert!(can_quantize(t)),
-                Err(e) => assert!(
-                    !can_quantize(t) && e.kind() == Kind::Unsupported,
-                    "{t}: {e}"
-                ),
+                Err(e) => assert!(!can_quantize(t) && e.kind() == Kind::Unsupported, "{t}: {e}"),
             }
         }
     }
@@ -287,17 +228,11 @@ mod tests {
                 dequantize(t, &q, &mut y).unwrap();
                 for (cx, cy) in x.chunks(256).zip(y.chunks(256)) {
                     let amax = cx.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let err = cx
-                        .iter()
-                        .zip(cy)
-                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let err = cx.iter().zip(cy).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                     if std::env::var_os("PHASEKIT_PRINT_ERR").is_some() {
                         eprintln!("{t} seed {seed}: {}", err / amax.max(1e-30));
                     }
-                    assert!(
-                        err <= bound * amax.max(1e-30),
-                        "{t} seed {seed}: error {err} vs max {amax}"
-                    );
+                    assert!(err <= bound * amax.max(1e-30), "{t} seed {seed}: error {err} vs max {amax}");
                 }
                 // Chunking on a block boundary gives the same blocks.
                 let bs = t.block_size() as usize;
@@ -313,18 +248,7 @@ mod tests {
 
     #[test]
     fn hostile_values_do_not_panic() {
-        let specials = [
-            f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::MAX,
-            f32::MIN,
-            1e-45,
-            -1e-45,
-            0.0,
-            -0.0,
-            1e30,
-        ];
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 1e-45, -1e-45, 0.0, -0.0, 1e30];
         for t in ALL.into_iter().filter(|&t| can_quantize(t)) {
             let bs = t.block_size() as usize;
             for (i, &s) in specials.iter().enumerate() {
