@@ -20,6 +20,7 @@ pub mod quant;
 pub mod replica;
 pub mod safetensors;
 pub mod store;
+pub mod train;
 pub mod verify;
 
 pub use dtype::DType;

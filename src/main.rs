@@ -105,6 +105,12 @@ enum Command {
     /// Benchmarks that print ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Distil a teacher into few-step experts with Phased DMD (recipes/*.toml, docs/recipes.md).
+    Train(phasekit::train::cli::TrainArgs),
+    /// Draw samples from a trained run into a safetensors file (tensor `samples`).
+    Sample(phasekit::train::cli::SampleArgs),
+    /// Pretrain the toy teacher, distil it with Phased DMD and DMD2, sample, compare, plot (CPU, < 3 min).
+    Quickstart(phasekit::train::cli::QuickstartArgs),
     /// Assemble experts (full or LoRA) into one routed, hashed MoE checkpoint (docs/moe-format.md).
     Assemble(phasekit::moe::cli::AssembleArgs),
     /// Export a MoE checkpoint to the per-expert files runtimes load (ComfyUI, diffusers, LoRA, GGUF).
@@ -117,6 +123,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Phased DMD and its baselines on the toy mixture over several seeds (writes docs/results.md tables).
+    TrainToy(phasekit::train::cli::BenchTrainToyArgs),
     /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
     Moe(phasekit::moe::cli::BenchMoeArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
@@ -385,6 +393,10 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Pack(a) => phasekit::moe::cli::pack(a, cli.json, quiet),
         Command::Unpack(a) => phasekit::moe::cli::unpack(a, cli.json, quiet),
         Command::Bench(BenchCommand::Moe(a)) => phasekit::moe::cli::bench(a, cli.json),
+        Command::Train(a) => phasekit::train::cli::train(&a, cli.json, quiet),
+        Command::Sample(a) => phasekit::train::cli::sample(&a, cli.json),
+        Command::Quickstart(a) => phasekit::train::cli::quickstart(&a, cli.json, quiet),
+        Command::Bench(BenchCommand::TrainToy(a)) => phasekit::train::cli::bench_train_toy(&a, cli.json, quiet),
         Command::Verify { path } => {
             let r = phasekit::verify::verify(&path, quiet)?;
             if cli.json {

@@ -1,0 +1,367 @@
+//! Commands: `train`, `sample`, `quickstart`, `bench train-toy`. Argument types (doc comments
+//! are the help text) and one run function per command; `main.rs` only delegates.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use super::denoiser::ExactMixture;
+use super::metrics::{self, Metrics};
+use super::recipe::Recipe;
+use super::run::{self, Event, LoadedRun, TrainOptions};
+use crate::error::{Error, IoContext, Kind, Result};
+
+/// `phasekit train`.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Recipe file (see docs/recipes.md and recipes/*.toml).
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Run folder (created; must be empty unless --resume).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in --out (bit-identical on the CPU).
+    #[arg(long)]
+    pub resume: bool,
+    /// Samples drawn for the final metrics and plots (toy; 0 skips them).
+    #[arg(long, default_value_t = 2000)]
+    pub eval_samples: usize,
+    /// Stop after this many generator updates in total, as if killed (for resume tests).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<u64>,
+}
+
+/// `phasekit sample`.
+#[derive(Args, Debug, Clone)]
+pub struct SampleArgs {
+    /// A finished run folder (its manifest.json and experts).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Number of samples.
+    #[arg(long, default_value_t = 1000)]
+    pub n: usize,
+    /// Euler steps (default: the run's step list; other counts use the run's shift and route
+    /// each σ to the expert whose range holds it).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Class of every sample (default: drawn from the class prior).
+    #[arg(long)]
+    pub class: Option<u32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output safetensors file with tensor `samples` [N, d].
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `phasekit quickstart`.
+#[derive(Args, Debug, Clone)]
+pub struct QuickstartArgs {
+    /// Output folder (teacher, runs, plots, metrics).
+    #[arg(long, default_value = "phasekit-quickstart")]
+    pub out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `phasekit bench train-toy`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchTrainToyArgs {
+    /// Seeds per method.
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Generator updates per run (split evenly over a run's phases).
+    #[arg(long, default_value_t = 2000)]
+    pub updates: u64,
+    /// Samples per evaluation.
+    #[arg(long, default_value_t = 2000)]
+    pub eval_samples: usize,
+    /// Write the Markdown tables here (e.g. docs/results.md).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Scratch folder for the runs (default: a temporary folder).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Only these methods (comma-separated keys; default: all).
+    #[arg(long)]
+    pub only: Option<String>,
+}
+
+fn bar(total: u64, quiet: bool) -> ProgressBar {
+    let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(8));
+    if quiet || !std::io::stderr().is_terminal() {
+        b.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    b.set_style(
+        ProgressStyle::with_template("{prefix:>9} [{bar:28}] {pos}/{len} {per_sec} ETA {eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b
+}
+
+/// Run one recipe with a progress bar.
+fn train_with_bar(r: &Recipe, text: &str, out: &Path, opts: &TrainOptions, quiet: bool, label: &str) -> Result<run::Summary> {
+    let b = bar(1, quiet);
+    b.set_prefix(label.to_string());
+    let on = |e: &Event| match e {
+        Event::Pretrain { step, total, loss } => {
+            b.set_length(*total);
+            b.set_position(*step);
+            b.set_message(format!("teacher flow-matching loss {loss:.4}"));
+        }
+        Event::Step { phase, phases, global_step, total, gen_loss, fake_loss } => {
+            if b.length() != Some(*total) {
+                b.reset();
+                b.set_length(*total);
+            }
+            b.set_position(*global_step);
+            b.set_message(format!("phase {}/{phases} gen {gen_loss:.4} fake {fake_loss:.4}", phase + 1));
+        }
+    };
+    let s = run::train(r, text, out, opts, &on);
+    b.finish_and_clear();
+    s
+}
+
+fn print_json(v: &impl Serialize) {
+    if let Ok(t) = serde_json::to_string_pretty(v) {
+        println!("{t}");
+    }
+}
+
+/// `phasekit train`.
+pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
+    super::single_threaded_kernels();
+    let (r, text) = Recipe::load(&a.recipe)?;
+    let opts = TrainOptions { resume: a.resume, stop_after: a.stop_after, eval_samples: a.eval_samples };
+    let s = train_with_bar(&r, &text, &a.out, &opts, quiet || json, "train")?;
+    if json {
+        print_json(&serde_json::json!({ "ok": true, "summary": s }));
+    } else {
+        let state = if s.completed { "finished" } else { "stopped" };
+        println!("{state} {} after {} generator updates in {:.1} s → {}", r.name, s.global_step, s.seconds, a.out.display());
+        if let Some(m) = &s.metrics {
+            println!("{}", table(&[(r.name.clone(), m.clone())]));
+        }
+    }
+    Ok(())
+}
+
+/// `phasekit sample`.
+pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
+    super::single_threaded_kernels();
+    crate::atomic::check_target(&a.out, a.force)?;
+    let run = LoadedRun::open(&a.run)?;
+    if let Some(c) = a.class {
+        if c as usize >= run.mixture.classes {
+            return Err(Error::usage(format!("--class {c}: the run has {} classes", run.mixture.classes)));
+        }
+    }
+    if a.n == 0 || a.steps == Some(0) {
+        return Err(Error::usage("--n and --steps must be at least 1"));
+    }
+    let x = run.sample(a.n, a.steps, a.seed, a.class)?;
+    let md = vec![
+        ("phasekit.format".to_string(), "phasekit-samples/1".to_string()),
+        ("phasekit.run".to_string(), a.run.display().to_string()),
+        ("phasekit.steps".to_string(), a.steps.unwrap_or(run.manifest.steps).to_string()),
+    ];
+    run::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
+    let m = metrics::evaluate(&x, &run.mixture, a.seed ^ 0x5EED);
+    if json {
+        print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "metrics": m }));
+    } else {
+        println!("wrote {} samples → {}", a.n, a.out.display());
+        println!("{}", table(&[(run.manifest.method.clone(), m)]));
+    }
+    Ok(())
+}
+
+/// A Markdown table of metrics.
+pub fn table(rows: &[(String, Metrics)]) -> String {
+    let mut s = String::from(
+        "| sampler | energy dist. | MMD² | modes | mode-weight err. | outliers | spread | diversity |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for (n, m) in rows {
+        s.push_str(&format!(
+            "| {n} | {:.4} | {:.4} | {}/{} | {:.3} | {:.3} | {:.2} | {:.2} |\n",
+            m.energy, m.mmd, m.modes_covered, m.modes, m.mode_weight_error, m.outliers, m.spread, m.diversity
+        ));
+    }
+    s
+}
+
+const QUICK_PHASED: &str = include_str!("../../recipes/toy-phased-4step-4phase.toml");
+const QUICK_DMD2: &str = include_str!("../../recipes/toy-dmd2-4step.toml");
+
+/// `phasekit quickstart`: teacher → Phased DMD → (assemble) → sample → metrics and plots.
+pub fn quickstart(a: &QuickstartArgs, json: bool, quiet: bool) -> Result<()> {
+    super::single_threaded_kernels();
+    let t0 = Instant::now();
+    let out = &a.out;
+    if out.exists() {
+        if !a.force {
+            return Err(Error::at(Kind::Usage, out, "output already exists (use --force to replace it)"));
+        }
+        std::fs::remove_dir_all(out).with_file(out)?;
+    }
+    std::fs::create_dir_all(out).with_file(out)?;
+    let say = |m: &str| {
+        if !json {
+            eprintln!("{m}");
+        }
+    };
+    let quiet = quiet || json;
+    // 1. Teacher: flow matching on mixture samples.
+    let mut phased = Recipe::parse(QUICK_PHASED, Path::new("recipes/toy-phased-4step-4phase.toml"))?;
+    phased.seed = a.seed;
+    let mix = super::mixture::Mixture::new(&phased.mixture)?;
+    say("1/4 pretraining the toy teacher (flow matching on the 8-mode mixture)");
+    let b = bar(phased.teacher.pretrain.steps, quiet);
+    b.set_prefix("teacher");
+    let teacher = run::pretrain_teacher(&phased, &mix, &|s, _, l| {
+        b.set_position(s);
+        b.set_message(format!("loss {l:.4}"));
+    })?;
+    b.finish_and_clear();
+    let teacher_file = out.join("teacher.safetensors");
+    run::write_tensors(&teacher_file, &teacher.named_tensors(), &[("phasekit.format".into(), "phasekit-teacher/1".into())])?;
+    let teacher_abs = std::fs::canonicalize(&teacher_file).with_file(&teacher_file)?;
+    // 2. Distil: Phased DMD (4 steps, 4 phases) and the DMD2 baseline, same budget.
+    // The two runs are independent and single-threaded: run them side by side.
+    let opts = TrainOptions { eval_samples: 0, ..Default::default() };
+    let mp = MultiProgress::with_draw_target(if quiet || !std::io::stderr().is_terminal() {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr_with_hz(8)
+    });
+    let mut jobs = Vec::new();
+    for (name, text) in [("phased", QUICK_PHASED), ("dmd2", QUICK_DMD2)] {
+        let mut r = Recipe::parse(text, Path::new(name))?;
+        r.seed = a.seed;
+        r.teacher.checkpoint = Some(teacher_abs.clone());
+        say(&format!("2/4 distilling: {}", run::method_name(&r, &r.schedule.build()?)));
+        jobs.push((name, r));
+    }
+    let results: Vec<Result<run::Summary>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(name, r)| {
+                let dir = out.join(name);
+                let b = mp.add(bar(1, false));
+                b.set_prefix(name.to_string());
+                let opts = &opts;
+                sc.spawn(move || {
+                    let text = r.to_toml();
+                    let on = |e: &Event| {
+                        if let Event::Step { phase, phases, global_step, total, gen_loss, fake_loss } = e {
+                            b.set_length(*total);
+                            b.set_position(*global_step);
+                            b.set_message(format!("phase {}/{phases} gen {gen_loss:.3} fake {fake_loss:.3}", phase + 1));
+                        }
+                    };
+                    let s = run::train(r, &text, &dir, opts, &on);
+                    b.finish_and_clear();
+                    s
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("training thread panicked")))).collect()
+    });
+    let mut runs = Vec::new();
+    for (res, (name, _)) in results.into_iter().zip(&jobs) {
+        res?;
+        runs.push(out.join(name));
+    }
+    // 3. Assemble.
+    // HOOK(assemble): when `phasekit assemble` exists, call it here on `out/phased`
+    // (manifest.json + experts/*.safetensors → out/phased-moe.safetensors), verify the file,
+    // and sample through the assembled checkpoint instead of the run folder.
+    say("3/4 assemble: skipped (the assembler is not built yet)");
+    // 4. Sample and measure against the exact mixture.
+    say("4/4 sampling and measuring against the exact mixture");
+    let n = 2000;
+    let seed = a.seed ^ 0xE7A1;
+    let exact = ExactMixture { mixture: mix.clone() };
+    let tf = teacher.frozen();
+    let mut rows = Vec::new();
+    let (ex, _, _) = mix.sample(n, &mut super::Rng::new(seed));
+    rows.push(("exact mixture (independent draw)".to_string(), metrics::evaluate_rows(&ex, &mix, seed ^ 0x5EED)));
+    let x = run::sample_denoiser(&exact, &mix, n, 100, 1.0, seed)?;
+    rows.push(("exact velocity, 100 Euler steps".into(), metrics::evaluate(&x, &mix, seed ^ 0x5EED)));
+    for steps in [100, 4] {
+        let x = run::sample_denoiser(&tf, &mix, n, steps, 1.0, seed)?;
+        rows.push((format!("MLP teacher, {steps} Euler steps"), metrics::evaluate(&x, &mix, seed ^ 0x5EED)));
+    }
+    for dir in &runs {
+        let r = LoadedRun::open(dir)?;
+        let x = r.sample(n, None, seed, None)?;
+        run::write_tensors(&dir.join("samples.safetensors"), &[("samples".into(), x.clone())], &[])?;
+        rows.push((r.manifest.method.clone(), metrics::evaluate(&x, &mix, seed ^ 0x5EED)));
+        let plots = dir.join("plots");
+        std::fs::create_dir_all(&plots).with_file(&plots)?;
+        super::plot::run_plots(&r, &plots, a.seed)?;
+    }
+    let t = table(&rows);
+    crate::atomic::write_file(&out.join("metrics.md"), t.as_bytes())?;
+    if json {
+        let v: Vec<_> = rows.iter().map(|(n, m)| serde_json::json!({ "sampler": n, "metrics": m })).collect();
+        print_json(&serde_json::json!({ "ok": true, "out": out, "seconds": t0.elapsed().as_secs_f64(), "rows": v }));
+    } else {
+        println!("{t}");
+        println!(
+            "done in {:.0} s. Plots: {out}/phased/plots/samples.png, {out}/dmd2/plots/samples.png, losses.png beside them.",
+            t0.elapsed().as_secs_f64(),
+            out = out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `phasekit bench train-toy`.
+pub fn bench_train_toy(a: &BenchTrainToyArgs, json: bool, _quiet: bool) -> Result<()> {
+    super::single_threaded_kernels();
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("phasekit-bench-train-{}", std::process::id()));
+            tmp.clone()
+        }
+    };
+    let o = super::experiments::BenchOptions {
+        seeds: a.seeds.max(1),
+        updates: a.updates,
+        eval_samples: a.eval_samples,
+        dir: dir.clone(),
+        only: a.only.as_ref().map(|s| s.split(',').map(|x| x.trim().to_string()).collect()),
+    };
+    let md = super::experiments::run_all(&o, &|m| {
+        if !json {
+            eprintln!("{m}");
+        }
+    })?;
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if let Some(p) = &a.markdown {
+        crate::atomic::write_file(p, md.as_bytes())?;
+    }
+    if json {
+        print_json(&serde_json::json!({ "ok": true, "markdown": md }));
+    } else {
+        println!("{md}");
+    }
+    Ok(())
+}

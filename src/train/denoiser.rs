@@ -1,0 +1,206 @@
+//! The interface the method talks to — a velocity predictor `v(x, σ, condition)` — and the
+//! embedded implementations: the exact mixture and a small MLP with time and class embeddings.
+//!
+//! The Wan2.2 and Qwen-Image transformers implement the same trait (with
+//! [`Cond::Embedding`] conditions); the Phased DMD code in [`super::dmd`] never sees which.
+
+use candle_core::{Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use super::mixture::Mixture;
+use super::Rng;
+
+/// A batch of conditions.
+#[derive(Debug, Clone)]
+pub enum Cond {
+    /// Class ids `[B]` (u32); the null class is `classes`.
+    Class(Tensor),
+    /// Precomputed text embeddings `[B, L, C]` (transformer denoisers).
+    Embedding(Tensor),
+}
+
+/// A flow-matching velocity predictor.
+pub trait Denoiser {
+    /// `v(x, σ, c)` for `x: [B, …]`, `sigma: [B]` (f32, σ ∈ [0, 1], timestep = 1000σ).
+    fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> candle_core::Result<Tensor>;
+    /// The unconditional ("negative") condition for a batch of `n`.
+    fn null_cond(&self, n: usize) -> candle_core::Result<Cond>;
+}
+
+/// Classifier-free guidance `v_null + g·(v_c − v_null)` (just `v_c` when `g = 1`).
+pub fn guided(d: &dyn Denoiser, x: &Tensor, sigma: &Tensor, cond: &Cond, g: f64) -> candle_core::Result<Tensor> {
+    let vc = d.velocity(x, sigma, cond)?;
+    if g == 1.0 {
+        return Ok(vc);
+    }
+    let vn = d.velocity(x, sigma, &d.null_cond(x.dim(0)?)?)?;
+    &vn + ((vc - &vn)? * g)?
+}
+
+/// The analytic mixture as a denoiser (computed in f64, returned in f32). Exact; no weights.
+pub struct ExactMixture {
+    pub mixture: Mixture,
+}
+
+impl Denoiser for ExactMixture {
+    fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> candle_core::Result<Tensor> {
+        let Cond::Class(c) = cond else {
+            candle_core::bail!("the exact mixture takes class conditions");
+        };
+        let (n, d) = x.dims2()?;
+        let xs: Vec<f64> = x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+        let ss: Vec<f64> = sigma.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+        let cs = c.to_vec1::<u32>()?;
+        let v = self.mixture.velocity_batch(&xs, &ss, &cs, 1.0);
+        Tensor::from_vec(v.into_iter().map(|a| a as f32).collect::<Vec<f32>>(), (n, d), x.device())
+    }
+    fn null_cond(&self, n: usize) -> candle_core::Result<Cond> {
+        Ok(Cond::Class(Tensor::full(self.mixture.classes as u32, n, &Device::Cpu)?))
+    }
+}
+
+/// Shape of the MLP (recipe section `[mlp]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MlpConfig {
+    /// Hidden width.
+    pub width: usize,
+    /// Number of hidden layers.
+    pub depth: usize,
+    /// Sinusoidal frequencies of the timestep embedding (2× as many features).
+    pub time_freqs: usize,
+    /// Width of the learned class embedding.
+    pub class_dim: usize,
+}
+
+impl Default for MlpConfig {
+    fn default() -> Self {
+        MlpConfig { width: 64, depth: 3, time_freqs: 8, class_dim: 8 }
+    }
+}
+
+/// `v = MLP([x, sin/cos(1000σ·f), E[c]])` with SiLU activations. Weights are `[in, out]`.
+pub struct Mlp {
+    pub cfg: MlpConfig,
+    pub dim: usize,
+    pub classes: usize,
+    /// Parameter names, in the order of `params`.
+    pub names: Vec<String>,
+    /// Trainable variables (empty for a frozen view).
+    pub vars: Vec<Var>,
+    params: Vec<Tensor>,
+    freqs: Tensor,
+}
+
+impl Mlp {
+    /// A fresh MLP (weights ~ N(0, 1/fan_in), zero biases).
+    pub fn new(cfg: &MlpConfig, dim: usize, classes: usize, rng: &mut Rng) -> candle_core::Result<Mlp> {
+        let mut shapes: Vec<(String, Vec<usize>)> = vec![("embed.class".into(), vec![classes + 1, cfg.class_dim])];
+        let mut fan_in = dim + 2 * cfg.time_freqs + cfg.class_dim;
+        for i in 0..=cfg.depth {
+            let out = if i == cfg.depth { dim } else { cfg.width };
+            shapes.push((format!("layers.{i}.weight"), vec![fan_in, out]));
+            shapes.push((format!("layers.{i}.bias"), vec![out]));
+            fan_in = out;
+        }
+        let mut tensors = Vec::new();
+        for (name, shape) in &shapes {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("bias") {
+                vec![0.0; n]
+            } else {
+                let scale = if name.starts_with("embed") { 1.0 } else { (1.0 / shape[0] as f64).sqrt() };
+                (0..n).map(|_| (rng.normal() * scale) as f32).collect()
+            };
+            tensors.push((name.clone(), Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?));
+        }
+        Mlp::from_tensors(cfg, dim, classes, tensors)
+    }
+
+    /// Trainable MLP from named tensors (deep copies: the new variables own their storage).
+    pub fn from_tensors(cfg: &MlpConfig, dim: usize, classes: usize, tensors: Vec<(String, Tensor)>) -> candle_core::Result<Mlp> {
+        let mut names = Vec::new();
+        let mut vars = Vec::new();
+        for (n, t) in tensors {
+            names.push(n);
+            vars.push(Var::from_tensor(&t.copy()?)?);
+        }
+        let params = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let freqs: Vec<f32> = (0..cfg.time_freqs).map(|i| (-(10000f64.ln()) * i as f64 / cfg.time_freqs as f64).exp() as f32).collect();
+        let freqs = Tensor::from_vec(freqs, (1, cfg.time_freqs), &Device::Cpu)?;
+        let m = Mlp { cfg: cfg.clone(), dim, classes, names, vars, params, freqs };
+        m.check()?;
+        Ok(m)
+    }
+
+    fn check(&self) -> candle_core::Result<()> {
+        let want = 1 + 2 * (self.cfg.depth + 1);
+        if self.params.len() != want {
+            candle_core::bail!("MLP has {} tensors, its config needs {want}", self.params.len());
+        }
+        Ok(())
+    }
+
+    /// A trainable deep copy (fresh storage, no shared state).
+    pub fn deep_copy(&self) -> candle_core::Result<Mlp> {
+        Mlp::from_tensors(&self.cfg, self.dim, self.classes, self.named_tensors())
+    }
+
+    /// A view that computes with the current weights without recording gradients.
+    pub fn frozen(&self) -> Mlp {
+        Mlp {
+            cfg: self.cfg.clone(),
+            dim: self.dim,
+            classes: self.classes,
+            names: self.names.clone(),
+            vars: Vec::new(),
+            params: self.params.iter().map(|p| p.detach()).collect(),
+            freqs: self.freqs.clone(),
+        }
+    }
+
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.names.iter().cloned().zip(self.params.iter().map(|p| p.detach())).collect()
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.params.iter().map(|p| p.elem_count()).sum()
+    }
+}
+
+impl Denoiser for Mlp {
+    fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> candle_core::Result<Tensor> {
+        let Cond::Class(c) = cond else {
+            candle_core::bail!("the MLP takes class conditions");
+        };
+        let n = x.dim(0)?;
+        let t = (sigma.reshape((n, 1))? * 1000.0)?;
+        let arg = t.broadcast_mul(&self.freqs)?;
+        let emb = self.params[0].index_select(c, 0)?;
+        let mut h = Tensor::cat(&[x, &arg.sin()?, &arg.cos()?, &emb], D::Minus1)?;
+        for i in 0..=self.cfg.depth {
+            let w = &self.params[1 + 2 * i];
+            let b = &self.params[2 + 2 * i];
+            h = h.matmul(w)?.broadcast_add(b)?;
+            if i < self.cfg.depth {
+                h = h.silu()?;
+            }
+        }
+        Ok(h)
+    }
+    fn null_cond(&self, n: usize) -> candle_core::Result<Cond> {
+        Ok(Cond::Class(Tensor::full(self.classes as u32, n, &Device::Cpu)?))
+    }
+}
+
+/// `[n]` f32 tensor.
+pub fn vec_tensor(v: Vec<f32>) -> candle_core::Result<Tensor> {
+    let n = v.len();
+    Tensor::from_vec(v, n, &Device::Cpu)
+}
+
+/// Class ids as a condition.
+pub fn class_cond(c: Vec<u32>) -> candle_core::Result<Cond> {
+    let n = c.len();
+    Ok(Cond::Class(Tensor::from_vec(c, n, &Device::Cpu)?))
+}

@@ -1,0 +1,248 @@
+//! Phased DMD and its baselines, written against [`Denoiser`] only.
+//!
+//! One phase trains one expert `G_p` that owns steps `[a, b)` of the step list and maps
+//! `p(x_{t_a})` to `p(x_s)`, `s = t_b`. Per generator update (Eq. 10 with DMD2's normaliser):
+//! roll out the frozen earlier experts from noise to `t_a` without gradients; pick the
+//! gradient step `j` (SGTS: uniform in the phase; otherwise the phase's last step); roll the
+//! current expert without gradients to `t_j`; one Euler jump with gradient to the boundary,
+//! `x_s = x + (s − t_j)·v`; re-noise `x_t = α_{t|s}·sg(x_s) + σ_{t|s}·ε` with `t ~ U(s, 1]`
+//! before the shift (or `(s, t_a]`, disjoint); `g = (x̂₀_fake − x̂₀_teacher) / mean|x̂₀ − x̂₀_teacher|`;
+//! loss `½‖x_s − sg(x_s − g)‖²`. Per fake update (Eq. 11/13): the same rollout without
+//! gradients, the same re-noise, and the subinterval target
+//! `((1−s)²t + (1−t)s²)/((1−s)²σ_{t|s})·ε − x_s/(1−s)` weighted by `clamp(1/σ²_{t|s}, 0, 10)·σ²_{t|s}`.
+//!
+//! Baselines are settings of the same code: one-step DMD (`steps = 1`), DMD2 (one phase with
+//! SGTS over all steps, one fake fed by every truncation point), vanilla few-step DMD (one
+//! phase, `backprop = all`), the naive fake target `ε − x_s`, disjoint re-noise intervals.
+
+use candle_core::{Device, Tensor};
+
+use super::denoiser::{guided, Cond, Denoiser, Mlp};
+use super::optim::AdamW;
+use super::recipe::{Backprop, FakeObjective, FakeSamples, ScheduleConfig, TrainConfig};
+use super::schedule::{shift, transition, Schedule};
+use super::Rng;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Draws a batch of conditions.
+pub type CondSampler<'a> = &'a dyn Fn(&mut Rng, usize) -> CResult<Cond>;
+
+/// One Euler step `x + (to − from)·v(x, from)`.
+pub fn euler(d: &dyn Denoiser, x: &Tensor, from: f64, to: f64, cond: &Cond) -> CResult<Tensor> {
+    let n = x.dim(0)?;
+    let sig = Tensor::full(from as f32, n, x.device())?;
+    let v = d.velocity(x, &sig, cond)?;
+    x + (v * (to - from))?
+}
+
+/// Euler from `sigmas[from]` to `sigmas[to]`, step `i` by `by_step[i]`.
+pub fn rollout(by_step: &[&dyn Denoiser], sigmas: &[f64], from: usize, to: usize, x: Tensor, cond: &Cond) -> CResult<Tensor> {
+    let mut x = x;
+    for i in from..to {
+        x = euler(by_step[i], &x, sigmas[i], sigmas[i + 1], cond)?;
+    }
+    Ok(x)
+}
+
+/// Standard-normal noise `[n, dims…]` from the run's generator.
+pub fn noise(rng: &mut Rng, n: usize, item: &[usize]) -> CResult<Tensor> {
+    let mut shape = vec![n];
+    shape.extend_from_slice(item);
+    let count: usize = shape.iter().product();
+    Tensor::from_vec(rng.normals_f32(count), shape, &Device::Cpu)
+}
+
+/// Per-sample column `[n, 1]`.
+fn col(v: &[f64]) -> CResult<Tensor> {
+    Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), (v.len(), 1), &Device::Cpu)
+}
+
+fn row(v: &[f64]) -> CResult<Tensor> {
+    Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), v.len(), &Device::Cpu)
+}
+
+/// `(x_t, ε, t, α_{t|s}, σ_{t|s})` of a re-noised batch.
+type Renoised = (Tensor, Tensor, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Everything one phase's updates need.
+pub struct Phase<'a> {
+    pub sched: &'a Schedule,
+    pub scfg: &'a ScheduleConfig,
+    pub tcfg: &'a TrainConfig,
+    pub phase: usize,
+    /// The real score (with guidance `guidance`).
+    pub teacher: &'a dyn Denoiser,
+    pub guidance: f64,
+    /// Frozen experts of the earlier phases, one per phase index `< phase`.
+    pub experts: &'a [&'a dyn Denoiser],
+    pub sample_cond: CondSampler<'a>,
+    /// Shape of one sample (toy: `[dim]`).
+    pub item: &'a [usize],
+}
+
+/// A generated batch at the phase boundary.
+pub struct Generated {
+    /// `x_s` (with gradient when asked).
+    pub xs: Tensor,
+    /// The generator's clean estimate `x − t_j·v` at the gradient step.
+    pub x0: Tensor,
+    pub cond: Cond,
+}
+
+/// Losses of one generator update and the fake updates before it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepLosses {
+    pub gen: f64,
+    pub fake: f64,
+    pub gen_grad_norm: f64,
+}
+
+impl Phase<'_> {
+    fn bounds(&self) -> (usize, usize, f64) {
+        let p = &self.sched.phases[self.phase];
+        (p.start, p.end, p.sigma_end)
+    }
+
+    /// Denoiser for each step before the phase (frozen experts).
+    fn by_step<'b>(&'b self, gen: &'b dyn Denoiser) -> Vec<&'b dyn Denoiser> {
+        (0..self.sched.steps())
+            .map(|i| {
+                let k = self.sched.phase_of_step(i);
+                if k < self.phase {
+                    self.experts[k]
+                } else {
+                    gen
+                }
+            })
+            .collect()
+    }
+
+    /// Generate a batch at the boundary. `gen` is the trainable expert (gradients flow through
+    /// its variables when `grad`); `frozen` the same weights without gradient tracking.
+    pub fn generate(&self, rng: &mut Rng, n: usize, gen: &Mlp, frozen: &Mlp, grad: bool, for_fake: bool) -> CResult<Generated> {
+        let (a, b, s) = self.bounds();
+        let z = noise(rng, n, self.item)?;
+        let cond = (self.sample_cond)(rng, n)?;
+        let steps = self.by_step(frozen);
+        let sig = &self.sched.sigmas;
+        let x = rollout(&steps, sig, 0, a, z, &cond)?;
+        let g: &dyn Denoiser = if grad { gen } else { frozen };
+        if self.scfg.backprop == Backprop::All {
+            let mut x = x;
+            let mut x0 = x.clone();
+            for (i, t) in sig.iter().enumerate().take(b).skip(a) {
+                let v = g.velocity(&x, &Tensor::full(*t as f32, n, &Device::Cpu)?, &cond)?;
+                x0 = (&x - (&v * *t)?)?;
+                x = (&x + (v * (sig[i + 1] - t))?)?;
+            }
+            return Ok(Generated { xs: x, x0, cond });
+        }
+        let full = for_fake && self.scfg.fake_samples == FakeSamples::Full;
+        let j = if self.scfg.sgts && !full { a + rng.below(b - a) } else { b - 1 };
+        let x = rollout(&steps, sig, a, j, x, &cond)?;
+        let tj = sig[j];
+        let v = g.velocity(&x, &Tensor::full(tj as f32, n, &Device::Cpu)?, &cond)?;
+        let xs = (&x + (&v * (s - tj))?)?;
+        let x0 = (&x - (&v * tj)?)?;
+        Ok(Generated { xs, x0, cond })
+    }
+
+    /// Re-noise levels for `n` samples: uniform on the phase's interval before the shift.
+    pub fn renoise_levels(&self, rng: &mut Rng, n: usize) -> Vec<f64> {
+        let (lo, hi) = self.sched.renoise_interval(self.phase, self.scfg.renoise);
+        (0..n).map(|_| shift(lo + (hi - lo) * rng.uniform_open0(), self.sched.shift)).collect()
+    }
+
+    /// `x_t = α_{t|s}·x_s + σ_{t|s}·ε`; returns (x_t, ε, t, α, σ) per sample.
+    fn renoise(&self, rng: &mut Rng, xs: &Tensor) -> CResult<Renoised> {
+        let (_, _, s) = self.bounds();
+        let n = xs.dim(0)?;
+        let t = self.renoise_levels(rng, n);
+        let (al, sg): (Vec<f64>, Vec<f64>) = t.iter().map(|t| transition(s, *t)).unzip();
+        let eps = noise(rng, n, self.item)?;
+        let xt = (xs.broadcast_mul(&col(&al)?)? + eps.broadcast_mul(&col(&sg)?)?)?;
+        Ok((xt, eps, t, al, sg))
+    }
+
+    /// One fake-score update (Eq. 13, or the naive target).
+    pub fn fake_update(&self, rng: &mut Rng, frozen_gen: &Mlp, fake: &Mlp, opt: &mut AdamW) -> CResult<f64> {
+        let (_, _, s) = self.bounds();
+        let n = self.tcfg.batch;
+        let gb = self.generate(rng, n, frozen_gen, frozen_gen, false, true)?;
+        let xs = gb.xs.detach();
+        let (xt, eps, t, _al, sg) = self.renoise(rng, &xs)?;
+        let (target, w) = match self.tcfg.fake_objective {
+            FakeObjective::Subinterval => {
+                let c: Vec<f64> = t
+                    .iter()
+                    .zip(&sg)
+                    .map(|(t, sg)| ((1.0 - s).powi(2) * t + (1.0 - t) * s * s) / ((1.0 - s).powi(2) * sg.max(1e-12)))
+                    .collect();
+                let w: Vec<f64> = sg.iter().map(|sg| (1.0 / (sg * sg)).min(self.tcfg.fake_clamp_max) * sg * sg).collect();
+                ((eps.broadcast_mul(&col(&c)?)? - (&xs / (1.0 - s))?)?, w)
+            }
+            FakeObjective::Naive => ((&eps - &xs)?, vec![1.0; n]),
+        };
+        let pred = fake.velocity(&xt, &row(&t)?, &gb.cond)?;
+        let per = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let loss = (per * row(&w)?)?.mean_all()?;
+        let grads = loss.backward()?;
+        opt.step(&grads, self.tcfg.grad_clip)?;
+        Ok(loss.to_scalar::<f32>()? as f64)
+    }
+
+    /// One generator update (Eq. 10 with the DMD2 normaliser).
+    pub fn gen_update(&self, rng: &mut Rng, gen: &Mlp, frozen_gen: &Mlp, frozen_fake: &Mlp, opt: &mut AdamW) -> CResult<(f64, f64)> {
+        let n = self.tcfg.batch;
+        let gb = self.generate(rng, n, gen, frozen_gen, true, false)?;
+        let xs_sg = gb.xs.detach();
+        let (xt, _eps, t, _al, _sg) = self.renoise(rng, &xs_sg)?;
+        let tr = row(&t)?;
+        let tc = col(&t)?;
+        let vt = guided(self.teacher, &xt, &tr, &gb.cond, self.guidance)?.detach();
+        let vf = frozen_fake.velocity(&xt, &tr, &gb.cond)?.detach();
+        let x0t = (&xt - vt.broadcast_mul(&tc)?)?;
+        let x0f = (&xt - vf.broadcast_mul(&tc)?)?;
+        // DMD2's per-sample normaliser mean|x̂₀ − x̂₀_teacher| over every non-batch dimension.
+        let norm = (gb.x0.detach() - &x0t)?.abs()?.flatten_from(1)?.mean_keepdim(1)?;
+        let norm = norm.clamp(self.tcfg.norm_min as f32, f32::MAX)?;
+        let mut shape = vec![n];
+        shape.extend(std::iter::repeat_n(1, gb.xs.rank() - 1));
+        let g = (x0f - x0t)?.broadcast_div(&norm.reshape(shape)?)?;
+        let target = (xs_sg - g)?.detach();
+        let loss = ((&gb.xs - target)?.sqr()?.flatten_from(1)?.sum(1)?.mean_all()? * 0.5)?;
+        let grads = loss.backward()?;
+        let gn = opt.step(&grads, self.tcfg.grad_clip)?;
+        Ok((loss.to_scalar::<f32>()? as f64, gn))
+    }
+
+    /// `ttur` fake updates then one generator update.
+    pub fn iteration(&self, rng: &mut Rng, gen: &Mlp, fake: &Mlp, gen_opt: &mut AdamW, fake_opt: &mut AdamW) -> CResult<StepLosses> {
+        let fg = gen.frozen();
+        let ff = fake.frozen();
+        let mut fl = 0.0;
+        for _ in 0..self.tcfg.ttur {
+            fl += self.fake_update(rng, &fg, fake, fake_opt)?;
+        }
+        let (gl, gn) = self.gen_update(rng, gen, &fg, &ff, gen_opt)?;
+        Ok(StepLosses { gen: gl, fake: fl / self.tcfg.ttur as f64, gen_grad_norm: gn })
+    }
+}
+
+/// One flow-matching step for the teacher: `‖v(x_σ, σ, c) − (ε − x₀)‖²`, σ ~ U(0, 1).
+pub fn flow_matching_loss(model: &Mlp, x0: &Tensor, cond: &Cond, rng: &mut Rng) -> CResult<Tensor> {
+    let n = x0.dim(0)?;
+    let item: Vec<usize> = x0.dims()[1..].to_vec();
+    let sig: Vec<f64> = (0..n).map(|_| rng.uniform()).collect();
+    let eps = noise(rng, n, &item)?;
+    let sc = col(&sig)?;
+    let xt = (x0.broadcast_mul(&(1.0 - &sc)?)? + eps.broadcast_mul(&sc)?)?;
+    let v = model.velocity(&xt, &row(&sig)?, cond)?;
+    (v - (eps - x0)?)?.sqr()?.mean_all()
+}
+
+/// Sample with a list of experts routed per step (`by_step[i]` runs step i), Euler.
+pub fn sample(by_step: &[&dyn Denoiser], sigmas: &[f64], z: Tensor, cond: &Cond) -> CResult<Tensor> {
+    rollout(by_step, sigmas, 0, sigmas.len() - 1, z, cond)
+}

@@ -1,0 +1,324 @@
+//! Recipes: one TOML file holds everything a run needs. Every field has a default; unknown
+//! fields are errors (a typo must not silently fall back to a default). `docs/recipes.md`
+//! documents each field; the doc comments below are the source of that page.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::denoiser::MlpConfig;
+use super::mixture::MixtureConfig;
+use super::schedule::{Renoise, Schedule};
+use crate::error::{Error, IoContext, Result};
+
+/// A whole recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Recipe {
+    /// Free-form name, copied into logs and the manifest.
+    pub name: String,
+    /// `toy` (the embedded mixture + MLP), or a transformer family: `wan2.2-t2v-a14b`,
+    /// `wan2.2-i2v-a14b`, `wan2.2-ti2v-5b`, `qwen-image` (these need the transformer denoisers).
+    pub model: String,
+    /// Seed of the run's generator (initialisation, noise, classes, timesteps).
+    pub seed: u64,
+    pub mixture: MixtureConfig,
+    pub mlp: MlpConfig,
+    pub teacher: TeacherConfig,
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+    /// Settings only transformer recipes use.
+    pub transformer: Option<TransformerConfig>,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Recipe {
+            name: "toy".into(),
+            model: "toy".into(),
+            seed: 0,
+            mixture: MixtureConfig::default(),
+            mlp: MlpConfig::default(),
+            teacher: TeacherConfig::default(),
+            schedule: ScheduleConfig::default(),
+            train: TrainConfig::default(),
+            transformer: None,
+        }
+    }
+}
+
+/// What the real score is (recipe section `[teacher]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// `mlp`: the flow-matching MLP teacher is the real score; `exact`: the analytic mixture
+    /// velocity is (the generator and fake still start from the MLP teacher's weights).
+    pub kind: TeacherKind,
+    /// Teacher MLP weights (safetensors written by an earlier run or `quickstart`); relative to
+    /// the recipe file. When absent the run pretrains the teacher itself (`pretrain`) and
+    /// saves it as `RUN_DIR/teacher.safetensors`.
+    pub checkpoint: Option<PathBuf>,
+    /// Classifier-free guidance scale of the teacher during distillation (1 = none). The fake
+    /// score always uses the plain condition.
+    pub guidance: f64,
+    pub pretrain: PretrainConfig,
+}
+
+impl Default for TeacherConfig {
+    fn default() -> Self {
+        TeacherConfig { kind: TeacherKind::Mlp, checkpoint: None, guidance: 1.0, pretrain: PretrainConfig::default() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherKind {
+    Mlp,
+    Exact,
+}
+
+/// Flow-matching pretraining of the MLP teacher on mixture samples (`[teacher.pretrain]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Samples per step.
+    pub batch: usize,
+    /// Peak learning rate (AdamW β = (0.9, 0.999)); decays linearly to 0 over the second half.
+    pub lr: f64,
+    /// Probability that a sample's class is replaced by the null class (so CFG works).
+    pub cond_dropout: f64,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig { steps: 1500, batch: 256, lr: 2e-3, cond_dropout: 0.1 }
+    }
+}
+
+/// Steps, phases and re-noise intervals (`[schedule]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Sampling steps N of the student.
+    pub steps: usize,
+    /// Timestep shift s (σ' = sσ/(1+(s−1)σ)); Wan2.2 uses 5, Qwen-Image 3.
+    pub shift: f64,
+    /// Step indices where phases end (each phase trains one expert); the last must be `steps`.
+    /// Empty: one phase per step. `[steps]`: a single phase (DMD2 / one-step / vanilla DMD).
+    pub phases: Vec<usize>,
+    /// Stochastic-gradient truncated sampling inside a phase with several steps: one random
+    /// step of the phase carries the gradient, earlier ones run without it.
+    pub sgts: bool,
+    /// `last`: gradient through one step (SGTS or the phase's single step); `all`: vanilla
+    /// few-step DMD, backpropagating through every step of the phase.
+    pub backprop: Backprop,
+    /// `nested`: t ~ U(s, 1] before the shift (reverse nested intervals, the paper);
+    /// `disjoint`: t ~ U(s, t_start] (the App. C.2 ablation).
+    pub renoise: Renoise,
+    /// Which samples train the fake score: `sgts` (the same truncated rollouts that the
+    /// generator update uses, as DMD2's code does) or `full` (always the phase's last step).
+    pub fake_samples: FakeSamples,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            steps: 4,
+            shift: 1.0,
+            phases: Vec::new(),
+            sgts: false,
+            backprop: Backprop::Last,
+            renoise: Renoise::Nested,
+            fake_samples: FakeSamples::Sgts,
+        }
+    }
+}
+
+impl ScheduleConfig {
+    pub fn build(&self) -> Result<Schedule> {
+        Schedule::new(self.steps, self.shift, &self.phases)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backprop {
+    Last,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FakeSamples {
+    Sgts,
+    Full,
+}
+
+/// The fake score's regression target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FakeObjective {
+    /// Eq. 11/13: the subinterval target, weighted by clamp(1/σ²_{t|s}, 0, clamp_max)·σ²_{t|s}.
+    Subinterval,
+    /// The biased ablation ‖ψ − (ε − x_s)‖² (unweighted).
+    Naive,
+}
+
+/// Optimisation (`[train]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Generator updates per phase.
+    pub updates_per_phase: u64,
+    /// Per-phase override of `updates_per_phase` (one entry per phase).
+    pub updates: Vec<u64>,
+    /// Samples per update (generator and fake).
+    pub batch: usize,
+    /// Generator learning rate.
+    pub gen_lr: f64,
+    /// Fake-score learning rate.
+    pub fake_lr: f64,
+    /// AdamW β₁ and β₂ (the paper: 0 and 0.999).
+    pub betas: [f64; 2],
+    /// AdamW ε.
+    pub eps: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: none).
+    pub grad_clip: f64,
+    /// Fake-score updates per generator update (TTUR).
+    pub ttur: u32,
+    pub fake_objective: FakeObjective,
+    /// Upper clamp of 1/σ²_{t|s} in Eq. 13.
+    pub fake_clamp_max: f64,
+    /// Lower clamp of the DMD2 normaliser mean|x̂₀ − x̂₀_teacher|.
+    pub norm_min: f64,
+    /// Re-initialise the fake score from the teacher at each phase start (the paper); false
+    /// keeps training the previous phase's fake.
+    pub fake_reinit: bool,
+    /// Write a checkpoint every this many generator updates (0: only at phase ends).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep_checkpoints: usize,
+    /// Log a JSONL line every this many generator updates.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            updates_per_phase: 500,
+            updates: Vec::new(),
+            batch: 256,
+            gen_lr: 2e-4,
+            fake_lr: 4e-4,
+            betas: [0.0, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            ttur: 5,
+            fake_objective: FakeObjective::Subinterval,
+            fake_clamp_max: 10.0,
+            norm_min: 1e-4,
+            fake_reinit: true,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
+            log_every: 10,
+        }
+    }
+}
+
+/// Transformer-only settings (`[transformer]`), recorded for the Wan2.2 / Qwen-Image recipes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransformerConfig {
+    /// Teacher checkpoint folder (a Wan2.2 repo folder or a diffusers transformer folder).
+    pub checkpoint: String,
+    /// safetensors file of precomputed prompt embeddings plus the negative embedding.
+    pub embeddings: String,
+    /// σ boundary between a two-expert teacher's high- and low-noise models (Wan2.2 A14B:
+    /// 0.875 T2V, 0.9 I2V); none for dense teachers.
+    pub expert_boundary: Option<f64>,
+    /// Re-noise range of phase 1, clamped to the high-noise expert (App. B), as [lo, hi].
+    pub phase1_t_range: Option<[f64; 2]>,
+    /// Generator LoRA rank (0: full weights).
+    pub lora_rank: usize,
+    /// Generator LoRA alpha.
+    pub lora_alpha: f64,
+    /// Training resolutions (frames, height, width) and their probabilities.
+    pub resolutions: Vec<[usize; 3]>,
+    pub resolution_weights: Vec<f64>,
+}
+
+impl Default for TransformerConfig {
+    fn default() -> Self {
+        TransformerConfig {
+            checkpoint: String::new(),
+            embeddings: String::new(),
+            expert_boundary: None,
+            phase1_t_range: None,
+            lora_rank: 64,
+            lora_alpha: 8.0,
+            resolutions: Vec::new(),
+            resolution_weights: Vec::new(),
+        }
+    }
+}
+
+impl Recipe {
+    pub fn parse(text: &str, path: &Path) -> Result<Recipe> {
+        let r: Recipe = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].lines().count().max(1));
+            Error::malformed(path, format!("recipe line {line}: {}", e.message()))
+        })?;
+        r.validate().map_err(|e| e.with_path(path))?;
+        Ok(r)
+    }
+
+    pub fn load(path: &Path) -> Result<(Recipe, String)> {
+        let text = std::fs::read_to_string(path).with_file(path)?;
+        let mut r = Recipe::parse(&text, path)?;
+        if let Some(c) = &r.teacher.checkpoint {
+            if c.is_relative() {
+                r.teacher.checkpoint = Some(path.parent().unwrap_or(Path::new(".")).join(c));
+            }
+        }
+        Ok((r, text))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("recipes serialise")
+    }
+
+    pub fn is_toy(&self) -> bool {
+        self.model == "toy"
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let s = self.schedule.build()?;
+        if !self.train.updates.is_empty() && self.train.updates.len() != s.phases.len() {
+            return Err(Error::usage(format!(
+                "recipe: train.updates has {} entries for {} phases",
+                self.train.updates.len(),
+                s.phases.len()
+            )));
+        }
+        if self.train.batch == 0 || self.train.ttur == 0 {
+            return Err(Error::usage("recipe: train.batch and train.ttur must be at least 1"));
+        }
+        if self.schedule.backprop == Backprop::All && self.schedule.sgts {
+            return Err(Error::usage("recipe: schedule.backprop = \"all\" and schedule.sgts exclude each other"));
+        }
+        match self.model.as_str() {
+            "toy" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan2.2-ti2v-5b" | "qwen-image" => Ok(()),
+            m => Err(Error::usage(format!("recipe: unknown model '{}'", crate::error::clean(m)))),
+        }
+    }
+
+    /// Generator updates of phase `p`.
+    pub fn updates(&self, p: usize) -> u64 {
+        self.train.updates.get(p).copied().unwrap_or(self.train.updates_per_phase)
+    }
+}

@@ -1,0 +1,151 @@
+//! Flow-matching schedule: σ grid, shift, step lists, phases and re-noise intervals.
+//!
+//! Convention of the teachers (Wan, Qwen-Image, SD3): `x_σ = (1−σ)·x₀ + σ·ε`, σ = 1 is noise,
+//! the model predicts `v ≈ ε − x₀`, `timestep = 1000·σ`, Euler steps `x_{σ'} = x_σ + (σ'−σ)·v`.
+//! Shift: `σ' = sσ / (1 + (s−1)σ)` applied to `linspace(1, 0, N+1)`.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// `σ' = sσ/(1+(s−1)σ)`: the timestep shift of Wan / SD3 (Qwen's exponential shift with s = e^μ).
+pub fn shift(sigma: f64, s: f64) -> f64 {
+    s * sigma / (1.0 + (s - 1.0) * sigma)
+}
+
+/// Inverse of [`shift`]: the unshifted σ whose shift is `sigma`.
+pub fn unshift(sigma: f64, s: f64) -> f64 {
+    sigma / (s - (s - 1.0) * sigma)
+}
+
+/// `N+1` σ values `1 = t₀ > t₁ > … > t_N = 0`: `linspace(1, 0, N+1)` warped by the shift.
+pub fn sigmas(steps: usize, s: f64) -> Vec<f64> {
+    (0..=steps).map(|i| shift(1.0 - i as f64 / steps as f64, s)).collect()
+}
+
+/// Rectified-flow transition coefficients from level `s` to `t > s`:
+/// `α_{t|s} = (1−t)/(1−s)` and `σ_{t|s} = sqrt(t² − α²_{t|s} s²)`.
+pub fn transition(s: f64, t: f64) -> (f64, f64) {
+    let a = (1.0 - t) / (1.0 - s);
+    let var = t * t - a * a * s * s;
+    (a, var.max(0.0).sqrt())
+}
+
+/// How re-noise levels are drawn for a phase whose output level is `s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Renoise {
+    /// `t ~ T(s, 1]`: each phase's interval contains the previous one (the paper's choice).
+    #[default]
+    Nested,
+    /// `t ~ T(s, t_start]` (TDM-style ablation, App. C.2).
+    Disjoint,
+}
+
+/// One phase: the steps `[start, end)` of the step list that expert `index` owns.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Phase {
+    pub index: usize,
+    pub start: usize,
+    pub end: usize,
+    /// σ at which the phase starts (`t_start`).
+    pub sigma_start: f64,
+    /// The phase boundary `s = t_end`, where the phase's output lives.
+    pub sigma_end: f64,
+}
+
+/// The step list of a few-step generator and its split into phases.
+#[derive(Debug, Clone, Serialize)]
+pub struct Schedule {
+    pub shift: f64,
+    /// `t₀ = 1 > … > t_N = 0`.
+    pub sigmas: Vec<f64>,
+    pub phases: Vec<Phase>,
+}
+
+impl Schedule {
+    /// `boundaries` are the step indices where phases end, increasing, the last equal to `steps`
+    /// (4-step 4-phase: `[1,2,3,4]`; 4-step 2-phase: `[2,4]`; DMD2: `[4]`).
+    pub fn new(steps: usize, shift_s: f64, boundaries: &[usize]) -> Result<Schedule> {
+        if steps == 0 {
+            return Err(Error::usage("recipe: schedule.steps must be at least 1"));
+        }
+        if shift_s <= 0.0 || !shift_s.is_finite() {
+            return Err(Error::usage(format!("recipe: schedule.shift must be positive, not {shift_s}")));
+        }
+        let b: Vec<usize> = if boundaries.is_empty() { (1..=steps).collect() } else { boundaries.to_vec() };
+        if b.last() != Some(&steps) || b.windows(2).any(|w| w[0] >= w[1]) || b[0] == 0 {
+            return Err(Error::usage(format!("recipe: schedule.phases {b:?} must be increasing step indices ending at steps = {steps}")));
+        }
+        let sig = sigmas(steps, shift_s);
+        let mut phases = Vec::new();
+        let mut start = 0;
+        for (index, &end) in b.iter().enumerate() {
+            phases.push(Phase { index, start, end, sigma_start: sig[start], sigma_end: sig[end] });
+            start = end;
+        }
+        Ok(Schedule { shift: shift_s, sigmas: sig, phases })
+    }
+
+    pub fn steps(&self) -> usize {
+        self.sigmas.len() - 1
+    }
+
+    /// Which phase owns step `i`.
+    pub fn phase_of_step(&self, i: usize) -> usize {
+        self.phases.iter().position(|p| i >= p.start && i < p.end).unwrap_or(self.phases.len() - 1)
+    }
+
+    /// The unshifted interval `(lo, hi]` from which re-noise levels are drawn uniformly before the shift.
+    pub fn renoise_interval(&self, phase: usize, mode: Renoise) -> (f64, f64) {
+        let p = &self.phases[phase];
+        let lo = unshift(p.sigma_end, self.shift);
+        let hi = match mode {
+            Renoise::Nested => 1.0,
+            Renoise::Disjoint => unshift(p.sigma_start, self.shift),
+        };
+        (lo, hi)
+    }
+
+    /// The σ range `[lo, hi)` an expert is routed for: from the smallest σ it is evaluated at
+    /// (0 for the last expert) up to the previous expert's lower end (1 for the first, where
+    /// σ = 1 is included).
+    pub fn expert_range(&self, phase: usize) -> (f64, f64) {
+        let lo = |k: usize| if k + 1 == self.phases.len() { 0.0 } else { self.sigmas[self.phases[k].end - 1] };
+        let hi = if phase == 0 { 1.0 } else { lo(phase - 1) };
+        (lo(phase), hi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wan_lightning_steps() {
+        let s = sigmas(4, 5.0);
+        let ts: Vec<f64> = s.iter().map(|x| (x * 1000.0 * 10.0).round() / 10.0).collect();
+        assert_eq!(ts, vec![1000.0, 937.5, 833.3, 625.0, 0.0]);
+        let q = sigmas(4, 3.0);
+        let ts: Vec<f64> = q.iter().map(|x| (x * 1000.0).round()).collect();
+        assert_eq!(ts, vec![1000.0, 900.0, 750.0, 500.0, 0.0]);
+        for x in [0.1, 0.5, 0.9] {
+            assert!((unshift(shift(x, 5.0), 5.0) - x).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn phases_and_ranges() {
+        let s = Schedule::new(4, 5.0, &[2, 4]).unwrap();
+        assert_eq!(s.phases.len(), 2);
+        assert!((s.phases[0].sigma_end - 0.833333).abs() < 1e-5);
+        let (lo, hi) = s.expert_range(0);
+        assert!((lo - 0.9375).abs() < 1e-12 && hi == 1.0);
+        assert_eq!(s.expert_range(1), (0.0, 0.9375));
+        let (lo, hi) = s.renoise_interval(0, Renoise::Nested);
+        assert!((lo - 0.5).abs() < 1e-12 && hi == 1.0);
+        assert!(Schedule::new(4, 1.0, &[2, 3]).is_err());
+        let (a, sg) = transition(0.0, 0.3);
+        assert!((a - 0.7).abs() < 1e-12 && (sg - 0.3).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,205 @@
+//! The embedded trainer on the toy mixture: analytic checks, resume bit-exactness, outputs,
+//! recipes, and the paper's claims at a small budget (fixed seeds, margins real training meets).
+
+use std::path::{Path, PathBuf};
+
+use phasekit::train::mixture::{Mixture, MixtureConfig};
+use phasekit::train::recipe::Recipe;
+use phasekit::train::run::{self, LoadedRun, TrainOptions};
+use phasekit::train::schedule::transition;
+use phasekit::train::Rng;
+use phasekit::Kind;
+
+/// candle's kernels on one thread per test (see `single_threaded_kernels`).
+fn setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(phasekit::train::single_threaded_kernels);
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A recipe small enough for a test: narrow MLP, few updates, short teacher pretraining.
+fn tiny(phases: &[usize], updates: u64) -> Recipe {
+    let text = std::fs::read_to_string(repo().join("recipes/toy-phased-4step-4phase.toml")).unwrap();
+    let mut r = Recipe::parse(&text, Path::new("tiny")).unwrap();
+    r.mlp.width = 32;
+    r.mlp.depth = 2;
+    r.teacher.pretrain.steps = 60;
+    r.teacher.pretrain.batch = 128;
+    r.schedule.phases = phases.to_vec();
+    r.train.updates_per_phase = updates;
+    r.train.batch = 64;
+    r.train.ttur = 2;
+    r.train.checkpoint_every = 4;
+    r.train.keep_checkpoints = 2;
+    r.train.log_every = 1;
+    r
+}
+
+/// Samples of x_s from the exact posterior p(x_s | x_t) of the mixture (every component stays Gaussian).
+fn posterior_xs(mix: &Mixture, xt: &[f64], s: f64, t: f64, n: usize, rng: &mut Rng) -> Vec<Vec<f64>> {
+    let (a, sg) = transition(s, t);
+    let d = mix.dim;
+    let mut logw = Vec::new();
+    let mut comps = Vec::new();
+    for k in 0..mix.modes() {
+        let tau2 = (1.0 - s).powi(2) * mix.stds[k].powi(2) + s * s;
+        let m: Vec<f64> = mix.means[k].iter().map(|m| (1.0 - s) * m).collect();
+        let var_t = a * a * tau2 + sg * sg;
+        let r2: f64 = xt.iter().zip(&m).map(|(x, m)| (x - a * m).powi(2)).sum();
+        logw.push(mix.weights[k].ln() - 0.5 * d as f64 * var_t.ln() - 0.5 * r2 / var_t);
+        let prec = 1.0 / tau2 + a * a / (sg * sg);
+        let mean: Vec<f64> = m.iter().zip(xt).map(|(m, x)| (m / tau2 + a * x / (sg * sg)) / prec).collect();
+        comps.push((mean, (1.0 / prec).sqrt()));
+    }
+    let mx = logw.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logw.iter().map(|l| (l - mx).exp()).collect();
+    (0..n)
+        .map(|_| {
+            let k = rng.categorical(&w);
+            comps[k].0.iter().map(|m| m + comps[k].1 * rng.normal()).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn eq11_target_has_the_exact_velocity_as_conditional_mean_and_the_naive_one_does_not() {
+    setup();
+    let mix = Mixture::new(&MixtureConfig { classes: 1, ..Default::default() }).unwrap();
+    let mut rng = Rng::new(3);
+    let s = 0.5;
+    let m = 200_000;
+    let mut naive_off = 0.0f64;
+    for (t, xt) in [(0.55, [0.9, 0.2]), (0.7, [-0.5, 0.8]), (0.9, [0.1, -0.3])] {
+        let (a, sg) = transition(s, t);
+        let c = ((1.0 - s).powi(2) * t + (1.0 - t) * s * s) / ((1.0 - s).powi(2) * sg);
+        let mut v = [0.0; 2];
+        mix.velocity(&xt, t, 1, &mut v);
+        let xs = posterior_xs(&mix, &xt, s, t, m, &mut rng);
+        for j in 0..2 {
+            let (mut sum, mut sq, mut naive) = (0.0, 0.0, 0.0);
+            for x in &xs {
+                let eps = (xt[j] - a * x[j]) / sg;
+                let target = c * eps - x[j] / (1.0 - s);
+                sum += target;
+                sq += target * target;
+                naive += eps - x[j];
+            }
+            let mean = sum / m as f64;
+            let sd = (sq / m as f64 - mean * mean).sqrt();
+            let tol = 4.0 * sd / (m as f64).sqrt();
+            assert!((mean - v[j]).abs() < tol, "t={t} dim {j}: E[target|x_t] = {mean}, exact v = {}, tol {tol}", v[j]);
+            naive_off = naive_off.max((naive / m as f64 - v[j]).abs() / tol);
+        }
+    }
+    assert!(naive_off > 10.0, "the naive target ε − x_s should be biased by many standard errors, got {naive_off}");
+}
+
+#[test]
+fn resume_after_a_stop_is_bit_identical() {
+    setup();
+    let d = tempfile::tempdir().unwrap();
+    let r = tiny(&[1, 2, 3, 4], 6);
+    let text = r.to_toml();
+    let full = d.path().join("full");
+    let o = TrainOptions { eval_samples: 0, ..Default::default() };
+    let s = run::train(&r, &text, &full, &o, &|_| {}).unwrap();
+    assert!(s.completed && s.global_step == 24);
+    for stop in [9u64, 12] {
+        let part = d.path().join(format!("part{stop}"));
+        let s = run::train(&r, &text, &part, &TrainOptions { stop_after: Some(stop), ..o.clone() }, &|_| {}).unwrap();
+        assert!(!s.completed && s.global_step == stop);
+        let s = run::train(&r, &text, &part, &TrainOptions { resume: true, ..o.clone() }, &|_| {}).unwrap();
+        assert!(s.completed);
+        assert_eq!(s.resumed_from, Some(if stop == 9 { 6 } else { 12 }), "checkpoints every 4 updates of a phase and at its end");
+        for k in 0..4 {
+            let f = format!("experts/expert-{k}.safetensors");
+            assert!(std::fs::read(full.join(&f)).unwrap() == std::fs::read(part.join(&f)).unwrap(), "{f} differs after resume at {stop}");
+        }
+        let log = std::fs::read_to_string(part.join("log.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 24, "log lines after resume");
+    }
+    // A different recipe cannot resume this run; a non-empty folder needs --resume.
+    let mut other = r.clone();
+    other.seed = 5;
+    let e = run::train(&other, &other.to_toml(), &full, &TrainOptions { resume: true, ..o.clone() }, &|_| {}).unwrap_err();
+    assert_eq!(e.kind(), Kind::Inconsistent);
+    let e = run::train(&r, &text, &full, &o, &|_| {}).unwrap_err();
+    assert_eq!(e.kind(), Kind::Usage);
+}
+
+#[test]
+fn run_folder_manifest_and_sampling() {
+    setup();
+    let d = tempfile::tempdir().unwrap();
+    let r = tiny(&[2, 4], 4);
+    let out = d.path().join("run");
+    run::train(&r, &r.to_toml(), &out, &TrainOptions { eval_samples: 200, ..Default::default() }, &|_| {}).unwrap();
+    for f in [
+        "recipe.toml",
+        "teacher.safetensors",
+        "log.jsonl",
+        "manifest.json",
+        "summary.json",
+        "plots/samples.png",
+        "plots/losses.png",
+        "experts/expert-0.safetensors",
+        "experts/expert-1.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let run = LoadedRun::open(&out).unwrap();
+    let m = &run.manifest;
+    assert_eq!(m.experts.len(), 2);
+    assert_eq!(m.experts[0].sigma_range, [0.75, 1.0]);
+    assert_eq!(m.experts[1].sigma_range, [0.0, 0.75]);
+    assert_eq!(m.experts[0].timesteps, vec![1000.0, 750.0]);
+    assert_eq!(m.teacher.sha256.len(), 64);
+    assert_eq!(run.route(1.0), 0);
+    assert_eq!(run.route(0.75), 0);
+    assert_eq!(run.route(0.5), 1);
+    // The sample command writes a [N, d] tensor that the reference safetensors reader opens.
+    let bin = env!("CARGO_BIN_EXE_phasekit");
+    let samples = d.path().join("s.safetensors");
+    let o =
+        std::process::Command::new(bin).args(["sample", "--run"]).arg(&out).args(["--n", "50", "--out"]).arg(&samples).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&samples).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("samples").unwrap();
+    assert_eq!(t.shape(), &[50, 2]);
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    // Tampering with an expert is caught.
+    let e = out.join("experts/expert-1.safetensors");
+    let mut b = std::fs::read(&e).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    std::fs::write(&e, b).unwrap();
+    assert_eq!(LoadedRun::open(&out).err().unwrap().kind(), Kind::Integrity);
+}
+
+#[test]
+fn every_recipe_parses_and_transformer_recipes_are_refused_honestly() {
+    setup();
+    let mut n = 0;
+    for e in std::fs::read_dir(repo().join("recipes")).unwrap() {
+        let p = e.unwrap().path();
+        let (r, text) = Recipe::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        n += 1;
+        if !r.is_toy() {
+            let d = tempfile::tempdir().unwrap();
+            let e = run::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap_err();
+            assert_eq!(e.kind(), Kind::Unsupported);
+            assert!(e.to_string().contains("transformer (not built yet)"), "{e}");
+            assert_eq!(r.schedule.steps, 4);
+            assert_eq!(r.train.betas, [0.0, 0.999]);
+            assert_eq!(r.train.ttur, 5);
+        }
+    }
+    assert!(n >= 9, "{n} recipes");
+    let e = Recipe::parse("[train]\nbatchsize = 3\n", Path::new("x.toml")).unwrap_err();
+    assert_eq!(e.kind(), Kind::Malformed);
+    assert!(Recipe::parse("[schedule]\nsteps = 4\nphases = [1, 3]\n", Path::new("x.toml")).is_err());
+}
