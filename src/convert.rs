@@ -466,6 +466,8 @@ pub struct Sink<'a> {
 
 const SINK_BUF: usize = 8 << 20;
 const HOLE_GRAIN: usize = 64 << 10;
+/// Blocks at least this large are written without going through the buffer.
+const DIRECT_WRITE: usize = 1 << 20;
 
 impl<'a> Sink<'a> {
     pub fn new(file: &'a mut File, path: &Path, hash: bool, progress: &'a Progress) -> Self {
@@ -473,14 +475,13 @@ impl<'a> Sink<'a> {
     }
 
     pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
-        if bytes.len() >= SINK_BUF && self.hasher.is_none() {
-            // Large blocks skip the buffer copy.
+        if bytes.len() >= DIRECT_WRITE {
+            // Large blocks skip the buffer copy (hashed in place).
             self.flush_buf()?;
-            let saved = std::mem::take(&mut self.buf);
-            self.buf = Vec::new();
-            let r = self.write_direct(bytes);
-            self.buf = saved;
-            return r;
+            if let Some(h) = &mut self.hasher {
+                h.update(bytes);
+            }
+            return self.write_direct(bytes);
         }
         while !bytes.is_empty() {
             let room = SINK_BUF - self.buf.len();
@@ -603,7 +604,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Stream one output tensor's bytes into the sink.
-fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: &mut Vec<u8>) -> Result<()> {
+fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: (&mut Vec<u8>, &mut Vec<u8>)) -> Result<()> {
     match &t.op {
         Op::Literal(b) => sink.write(b),
         Op::Copy { src } => {
@@ -616,15 +617,18 @@ fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: &mut Ve
             let e = &ck.tensors[*src];
             let bytes = ck.bytes(e);
             let n = e.numel() as usize;
-            let per_window = CHUNK_ELEMS * rayon::current_num_threads().max(1);
-            let mut lo = 0;
-            while lo < n {
+            // Windows of at least 8 MiB of output (whole chunks), two of them: the pool fills
+            // one while this thread writes the other, so the kernel's copy overlaps the casting.
+            let threads = rayon::current_num_threads().max(1);
+            let chunk_out = out_bytes(t.encoding, CHUNK_ELEMS).max(1);
+            let per_window = CHUNK_ELEMS * threads.max((WINDOW_BYTES / chunk_out).max(1));
+            let fill = |lo: usize, buf: &mut Vec<u8>| -> Result<usize> {
                 let hi = (lo + per_window).min(n);
                 let total = out_bytes(t.encoding, hi - lo);
-                window.clear();
-                window.resize(total, 0);
-                let chunk_out = out_bytes(t.encoding, CHUNK_ELEMS);
-                window
+                if buf.len() < total {
+                    buf.resize(total, 0);
+                }
+                buf[..total]
                     .par_chunks_mut(chunk_out)
                     .enumerate()
                     .try_for_each(|(c, out)| -> Result<()> {
@@ -638,7 +642,21 @@ fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: &mut Ve
                         })
                     })
                     .map_err(|err| err.context(format!("tensor '{}'", clean(&t.name))))?;
-                sink.write(window)?;
+                Ok(total)
+            };
+            let (cur, next) = window;
+            let mut lo = 0;
+            let mut len = if n > 0 { fill(0, cur)? } else { 0 };
+            while lo < n {
+                let hi = (lo + per_window).min(n);
+                if hi < n {
+                    let (w, f) = rayon::join(|| sink.write(&cur[..len]), || fill(hi, next));
+                    w?;
+                    len = f?;
+                    std::mem::swap(cur, next);
+                } else {
+                    sink.write(&cur[..len])?;
+                }
                 lo = hi;
             }
             ck.release(e);
@@ -646,6 +664,9 @@ fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: &mut Ve
         }
     }
 }
+
+/// Output bytes per transcoding window (two windows are kept per writer).
+const WINDOW_BYTES: usize = 8 << 20;
 
 /// One written file: its path and sha256 when requested.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -721,17 +742,29 @@ fn write_one_safetensors(ck: &Checkpoint, plan: &Plan, idx: &[usize], path: &Pat
             }
         })
         .collect::<Result<_>>()?;
-    let header = crate::safetensors::plan(planned, Some(&plan.metadata))?;
     let by_name: HashMap<&str, usize> = idx.iter().map(|&i| (plan.tensors[i].name.as_str(), i)).collect();
+    let mut header = if copied_bytes(ck, plan, idx) >= CONGRUENT_MIN_BYTES {
+        // Large copies: keep the source's data order so that one header padding puts every
+        // copied tensor at its source's offset within a page.
+        let mut planned = planned;
+        planned.sort_by_key(|p| source_position(ck, &plan.tensors[by_name[p.name.as_str()]]));
+        let mut h = crate::safetensors::plan_in_order(planned, Some(&plan.metadata))?;
+        if let Some(pad) = page_congruent_padding(ck, plan, &h, &by_name) {
+            h.pad_json(pad)?;
+        }
+        h
+    } else {
+        crate::safetensors::plan(planned, Some(&plan.metadata))?
+    };
     let mut out = atomic_file(path, opts)?;
     let tmp = out.temp_path().to_path_buf();
-    let mut window = Vec::new();
+    let (mut win_a, mut win_b) = (Vec::new(), Vec::new());
     let hash;
     {
         let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress);
         sink.write(&header.bytes)?;
         for t in &header.order {
-            write_tensor(ck, &plan.tensors[by_name[t.name.as_str()]], &mut sink, &mut window)?;
+            write_tensor(ck, &plan.tensors[by_name[t.name.as_str()]], &mut sink, (&mut win_a, &mut win_b))?;
         }
         hash = sink.finish()?;
     }
@@ -741,6 +774,49 @@ fn write_one_safetensors(ck: &Checkpoint, plan: &Plan, idx: &[usize], path: &Pat
         return Err(Error::internal(format!("wrote {actual} bytes, planned {len}")).with_path(path));
     }
     Ok((out, Written { path: path.to_path_buf(), bytes: len, sha256: hash }))
+}
+
+/// Copied bytes from which headers get padded for page-congruent copies.
+const CONGRUENT_MIN_BYTES: u64 = 64 << 20;
+
+/// Extra header padding (a multiple of 8, below 4096) that puts the most copied bytes at the
+/// same offset within a page as in their source file, or `None` when the output copies less
+/// than [`CONGRUENT_MIN_BYTES`] or is already best as it is. The kernel copies (and caches)
+/// whole pages when source and destination offsets agree modulo the page size; a misaligned
+/// `copy_file_range` measured 25–35 % slower on ext4. The padding is JSON whitespace: every
+/// safetensors reader accepts it (the official writer pads with spaces too, to 8 bytes).
+fn page_congruent_padding(ck: &Checkpoint, plan: &Plan, header: &crate::safetensors::HeaderPlan, by_name: &HashMap<&str, usize>) -> Option<usize> {
+    const PAGE: u64 = 4096;
+    let base = header.bytes.len() as u64;
+    let mut votes: HashMap<u64, u64> = HashMap::new();
+    for (t, (b, _)) in header.order.iter().zip(&header.offsets) {
+        let Some(e) = kernel_copy(ck, &plan.tensors[by_name[t.name.as_str()]]) else { continue };
+        let want = (e.offset + PAGE - (base + b) % PAGE) % PAGE;
+        if want % 8 == 0 {
+            *votes.entry(want).or_default() += e.len;
+        }
+    }
+    let (pad, _) = votes.into_iter().max_by_key(|&(p, bytes)| (bytes, std::cmp::Reverse(p)))?;
+    (pad != 0).then_some(pad as usize)
+}
+
+/// The source of a tensor that is copied by the kernel (`copy_file_range`, ≥ 1 MiB).
+fn kernel_copy<'c>(ck: &'c Checkpoint, t: &OutTensor) -> Option<&'c TensorEntry> {
+    let Op::Copy { src } = t.op else { return None };
+    let e = &ck.tensors[src];
+    (e.len >= 1 << 20).then_some(e)
+}
+
+fn copied_bytes(ck: &Checkpoint, plan: &Plan, idx: &[usize]) -> u64 {
+    idx.iter().filter_map(|&i| kernel_copy(ck, &plan.tensors[i])).map(|e| e.len).sum()
+}
+
+/// Where a tensor's data comes from (file, offset); literals last.
+fn source_position(ck: &Checkpoint, t: &OutTensor) -> (usize, u64) {
+    match t.op {
+        Op::Copy { src } | Op::Transcode { src, .. } => (ck.tensors[src].file, ck.tensors[src].offset),
+        Op::Literal(_) => (usize::MAX, 0),
+    }
 }
 
 /// The names of safetensors outputs for a target: `model.safetensors` →
@@ -841,7 +917,7 @@ fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progres
     let gp = crate::gguf::plan(&kv, &tplans, 32)?;
     let mut out = atomic_file(path, opts)?;
     let tmp = out.temp_path().to_path_buf();
-    let mut window = Vec::new();
+    let (mut win_a, mut win_b) = (Vec::new(), Vec::new());
     let hash;
     {
         let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress);
@@ -850,7 +926,7 @@ fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progres
         for (i, t) in plan.tensors.iter().enumerate() {
             let pad = gp.offsets[i] - at;
             sink.write(&vec![0u8; pad as usize])?;
-            write_tensor(ck, t, &mut sink, &mut window)?;
+            write_tensor(ck, t, &mut sink, (&mut win_a, &mut win_b))?;
             at = gp.offsets[i] + gp.sizes[i];
         }
         let end_pad = gp.total_len - gp.header.len() as u64 - at;

@@ -270,6 +270,23 @@ impl HeaderPlan {
     }
 }
 
+impl HeaderPlan {
+    /// Add `extra` bytes of spaces to the JSON (a multiple of 8, so data stays 8-aligned);
+    /// tensor offsets are relative to the data buffer and do not change.
+    pub fn pad_json(&mut self, extra: usize) -> Result<()> {
+        if extra % 8 != 0 {
+            return Err(Error::internal(format!("header padding {extra} is not a multiple of 8")));
+        }
+        let json_len = self.bytes.len() - 8 + extra;
+        if json_len as u64 > MAX_HEADER_SIZE {
+            return Err(Error::unsupported(format!("header would be {json_len} bytes, over the 100 MB limit; shard the output")));
+        }
+        self.bytes.resize(self.bytes.len() + extra, b' ');
+        self.bytes[..8].copy_from_slice(&(json_len as u64).to_le_bytes());
+        Ok(())
+    }
+}
+
 /// Compute the header the official writer would produce: tensors sorted by dtype alignment
 /// (widest first) then name, packed without gaps; `__metadata__` first; JSON padded with
 /// spaces to a multiple of 8 bytes.
@@ -278,6 +295,13 @@ pub fn plan(tensors: Vec<Planned>, metadata: Option<&[(String, String)]>) -> Res
     // Official order: dtype descending in enum order (= increasing alignment), then name.
     let rank = |d: &DType| (d.bits(), crate::dtype::KNOWN.iter().position(|k| k == d).map_or(0, |p| p + 1));
     order.sort_by(|a, b| rank(&b.dtype).cmp(&rank(&a.dtype)).then_with(|| a.name.cmp(&b.name)));
+    plan_in_order(order, metadata)
+}
+
+/// Like [`plan`], but the data is laid out in the given order (readers do not care about the
+/// order; the official writer's is only a convention). Used to keep a source's layout.
+pub fn plan_in_order(tensors: Vec<Planned>, metadata: Option<&[(String, String)]>) -> Result<HeaderPlan> {
+    let order = tensors;
     let mut names = HashSet::new();
     let mut offsets = Vec::with_capacity(order.len());
     let mut at = 0u64;

@@ -250,3 +250,53 @@ fn sparse_replica_converts_with_holes_kept() {
     let ck = Checkpoint::open(&out).unwrap();
     assert!(ck.tensors.iter().all(|t| t.encoding == Encoding::Dense(DType::F16)));
 }
+
+#[test]
+fn large_copies_keep_their_page_offset_and_small_files_match_the_official_writer() {
+    // A 1-block Wan A14B replica renamed to diffusers: the names (and so the header length and
+    // order) change, yet every large copied tensor must land at the same offset within a 4 KiB
+    // page as in its source, through JSON padding that Python's safetensors accepts.
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("wan.safetensors");
+    phasekit::replica::write(&src, &phasekit::replica::wan(5120, 13824, 1, 16, 16), DType::BF16, None).unwrap();
+    let out = d.path().join("diffusers.safetensors");
+    convert::convert(&src, &out, &Options { layout: Some(phasekit::layout::Layout::Diffusers), ..opts() }).unwrap();
+    let (a, b) = (Checkpoint::open(&src).unwrap(), Checkpoint::open(&out).unwrap());
+    let fam = phasekit::layout::Registry::builtin().require("wan22").unwrap();
+    let (mut congruent, mut total) = (0u64, 0u64);
+    for t in a.tensors.iter().filter(|t| t.len >= 1 << 20) {
+        let name = fam.rename(phasekit::layout::Layout::Original, phasekit::layout::Layout::Diffusers, &t.name).unwrap();
+        let o = b.get(&name).unwrap();
+        total += t.len;
+        if o.offset % 4096 == t.offset % 4096 {
+            congruent += t.len;
+        }
+    }
+    assert!(total > 500_000_000, "{total}");
+    assert_eq!(congruent, total, "copied bytes keep their page offset");
+    let hlen = u64::from_le_bytes(std::fs::read(&out).unwrap()[..8].try_into().unwrap());
+    assert_eq!(hlen % 8, 0);
+    if python_ok("import safetensors, numpy") {
+        let code = format!(
+            "from safetensors import safe_open\nf = safe_open({:?}, 'np')\nprint(len(list(f.keys())))",
+            out.to_str().unwrap()
+        );
+        let o = std::process::Command::new("python3").args(["-c", &code]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), b.tensors.len().to_string());
+    } else {
+        eprintln!("skipped: python3 with safetensors is not available");
+    }
+    // Below the threshold nothing is padded: the tiny fixture's header is the official one.
+    let tiny = d.path().join("tiny.safetensors");
+    convert::convert(&fixture("wan22_t2v_tiny/original/diffusion_pytorch_model.safetensors"), &tiny, &Options { layout: Some(phasekit::layout::Layout::Diffusers), ..opts() }).unwrap();
+    let want = std::fs::read(fixture("wan22_t2v_tiny/diffusers/diffusion_pytorch_model.safetensors")).unwrap();
+    let got = std::fs::read(&tiny).unwrap();
+    let hl = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());
+    assert_eq!(hl(&got) % 8, 0);
+    assert!(hl(&got) < hl(&want) + 8, "no extra padding on small outputs");
+}
+
+fn python_ok(code: &str) -> bool {
+    Command::new("python3").args(["-c", code]).output().is_ok_and(|o| o.status.success())
+}
