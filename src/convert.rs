@@ -743,7 +743,7 @@ fn write_one_safetensors(ck: &Checkpoint, plan: &Plan, idx: &[usize], path: &Pat
         })
         .collect::<Result<_>>()?;
     let by_name: HashMap<&str, usize> = idx.iter().map(|&i| (plan.tensors[i].name.as_str(), i)).collect();
-    let mut header = if copied_bytes(ck, plan, idx) >= CONGRUENT_MIN_BYTES {
+    let header = if copied_bytes(ck, plan, idx) >= CONGRUENT_MIN_BYTES {
         // Large copies: keep the source's data order so that one header padding puts every
         // copied tensor at its source's offset within a page.
         let mut planned = planned;
@@ -951,6 +951,22 @@ pub struct Report {
     pub seconds: f64,
     pub files: Vec<Written>,
     pub notes: Vec<String>,
+    /// One entry per model of a multi-model folder (Wan2.2 high/low-noise experts); empty
+    /// otherwise. The fields above hold a value only when every model agrees on it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelReport>,
+}
+
+/// What was converted for one model of a multi-model folder.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelReport {
+    pub role: String,
+    pub family: Option<String>,
+    pub variant: Option<String>,
+    pub from_layout: Option<Layout>,
+    pub to_layout: Option<Layout>,
+    pub tensors: usize,
+    pub bytes_in: u64,
 }
 
 /// Default weights file name inside a model folder.
@@ -1035,6 +1051,7 @@ fn report(input: &Path, output: &Path, ck: &Checkpoint, plan: &Plan, files: Vec<
         seconds: start.elapsed().as_secs_f64(),
         files,
         notes: plan.notes.clone(),
+        models: Vec::new(),
     }
 }
 
@@ -1056,9 +1073,8 @@ fn convert_multi(input: &Path, output: &Path, models: &[(String, PathBuf)], opts
     }
     let dir = AtomicDir::create(output)?;
     let mut files = Vec::new();
-    let mut last = None;
-    let mut bytes_in = 0;
-    let mut n_tensors = 0;
+    let mut per_model = Vec::new();
+    let mut notes = Vec::new();
     for (role, p) in models {
         let ck = Checkpoint::open(p)?;
         let plan = plan(&ck, opts)?;
@@ -1071,16 +1087,42 @@ fn convert_multi(input: &Path, output: &Path, models: &[(String, PathBuf)], opts
             files.push(w);
         }
         progress.finish();
-        bytes_in += ck.data_bytes();
-        n_tensors += plan.tensors.len();
-        last = Some((ck, plan));
+        notes.extend(plan.notes.iter().map(|n| format!("{role}: {n}")));
+        per_model.push(ModelReport {
+            role: role.clone(),
+            family: plan.detection.as_ref().map(|d| d.family.clone()),
+            variant: plan.detection.as_ref().map(|d| d.variant.clone()),
+            from_layout: plan.from_layout,
+            to_layout: plan.to_layout,
+            tensors: plan.tensors.len(),
+            bytes_in: ck.data_bytes(),
+        });
     }
     dir.commit()?;
-    let (ck, plan) = last.expect("at least one model");
-    let mut r = report(input, output, &ck, &plan, files, start);
-    r.bytes_in = bytes_in;
-    r.tensors = n_tensors;
-    Ok(r)
+    Ok(multi_report(input, output, per_model, files, notes, start))
+}
+
+/// The report of a multi-model conversion: totals, and a shared field only where all agree.
+fn multi_report(input: &Path, output: &Path, models: Vec<ModelReport>, files: Vec<Written>, notes: Vec<String>, start: std::time::Instant) -> Report {
+    fn common<T: Clone + PartialEq>(models: &[ModelReport], f: impl Fn(&ModelReport) -> Option<T>) -> Option<T> {
+        let first = f(models.first()?)?;
+        models.iter().all(|m| f(m).as_ref() == Some(&first)).then_some(first)
+    }
+    Report {
+        input: input.to_path_buf(),
+        output: output.to_path_buf(),
+        family: common(&models, |m| m.family.clone()),
+        variant: common(&models, |m| m.variant.clone()),
+        from_layout: common(&models, |m| m.from_layout),
+        to_layout: common(&models, |m| m.to_layout),
+        tensors: models.iter().map(|m| m.tensors).sum(),
+        bytes_in: models.iter().map(|m| m.bytes_in).sum(),
+        bytes_out: files.iter().map(|w| w.bytes).sum(),
+        seconds: start.elapsed().as_secs_f64(),
+        files,
+        notes,
+        models,
+    }
 }
 
 #[cfg(test)]

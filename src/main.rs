@@ -220,6 +220,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
+            // Scripts asked for JSON: a usage error is one JSON object too (help stays text).
+            if e.use_stderr() && std::env::args_os().any(|a| a == "--json") {
+                let message = e.kind().as_str().map(str::to_string).unwrap_or_else(|| "usage error".into());
+                let detail = e.to_string();
+                let first = detail.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("error: ").to_string();
+                println!("{}", error_json(&Error::usage(if first.is_empty() { message } else { first })));
+                return ExitCode::from(code);
+            }
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -232,14 +240,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json {
-                let v = serde_json::json!({ "ok": false, "error": { "kind": e.kind().as_str(), "exit_code": e.exit_code(), "path": e.path(), "message": e.message() } });
-                println!("{v}");
+                println!("{}", error_json(&e));
             } else {
                 eprintln!("phasekit: error: {e}");
             }
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// The `--json` error object: `{"ok": false, "error": {kind, exit_code, path, message}}`.
+fn error_json(e: &Error) -> serde_json::Value {
+    serde_json::json!({ "ok": false, "error": { "kind": e.kind().as_str(), "exit_code": e.exit_code(), "path": e.path(), "message": e.message() } })
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), Error> {
@@ -400,7 +412,13 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Verify { path } => {
             let r = phasekit::verify::verify(&path, quiet)?;
             if cli.json {
-                print_json(&r)?;
+                // One object: the report, and on failure the error object as every command has.
+                let mut v = serde_json::to_value(&r).map_err(|e| Error::internal(e.to_string()))?;
+                if let (Some(e), Some(obj)) = (r.error(), v.as_object_mut()) {
+                    let err = error_json(&e.with_path(&path));
+                    obj.insert("error".into(), err["error"].clone());
+                }
+                print_json(&v)?;
             } else {
                 for c in &r.checks {
                     println!("{} {:<9} {}", if c.ok { "ok  " } else { "FAIL" }, c.check, c.detail);

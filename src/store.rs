@@ -234,7 +234,7 @@ impl Checkpoint {
         let config = path.parent().map(|d| d.join("config.json")).filter(|c| c.is_file());
         let mut ck = if name_ends(path, ".index.json") {
             Self::open_sharded(path)?
-        } else if is_gguf(path)? {
+        } else if name_ends(path, ".gguf") || is_gguf(path)? {
             Self::open_gguf(path)?
         } else {
             Self::open_safetensors(path)?

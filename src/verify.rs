@@ -47,7 +47,8 @@ fn files_of(ck: &Checkpoint) -> Vec<PathBuf> {
 pub fn verify(path: &Path, quiet: bool) -> Result<VerifyReport> {
     let mut checks = Vec::new();
     let mut failure = None;
-    let models = match open_models(path) {
+    let is_sidecar = path.is_file() && path.extension().is_some_and(|e| e == "sha256");
+    let models = match if is_sidecar { Ok(Vec::new()) } else { open_models(path) } {
         Ok(m) => m,
         Err(e) if e.kind() == Kind::Io || e.kind() == Kind::Usage => return Err(e),
         Err(e) => {
@@ -82,7 +83,7 @@ pub fn verify(path: &Path, quiet: bool) -> Result<VerifyReport> {
             }
         }
     }
-    if path.is_file() && path.extension().is_some_and(|e| e == "sha256") {
+    if is_sidecar {
         sidecars.push(path.to_path_buf());
     }
     sidecars.sort();

@@ -468,6 +468,15 @@ fn usage_errors_exit_2() {
         assert_eq!(o.code, Some(2), "{args:?}: {}", o.both());
         assert!(!o.panicked(), "{args:?}: {}", o.both());
         assert!(!out.exists(), "{args:?} wrote an output");
+        // With --json, the usage error is one JSON object on stdout like every other error.
+        let mut with_json: Vec<&std::ffi::OsStr> = vec!["--json".as_ref()];
+        with_json.extend(args.iter().copied());
+        let o = run(&with_json);
+        assert_eq!(o.code, Some(2), "{with_json:?}: {}", o.both());
+        let v: Value = serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| panic!("{with_json:?}: not JSON ({e}): {}", o.both()));
+        assert_eq!(v["error"]["kind"], "usage", "{v}");
+        assert_eq!(v["error"]["exit_code"], 2);
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
     }
 }
 
@@ -644,6 +653,14 @@ fn wan_repo_folder_converts_both_experts() {
         4,
         "two weights files and two configs"
     );
+    let models = v["report"]["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2, "one report per expert");
+    assert_eq!(v["report"]["tensors"], models[0]["tensors"].as_u64().unwrap() + models[1]["tensors"].as_u64().unwrap());
+    for m in models {
+        assert_eq!(m["from_layout"], "original");
+        assert_eq!(m["to_layout"], "diffusers");
+        assert_eq!(m["family"], v["report"]["family"], "both experts are the same family");
+    }
     let want = std::fs::read(fixture("wan22_t2v_tiny/diffusers").join(WEIGHTS)).unwrap();
     for role in ["transformer", "transformer_2"] {
         assert!(

@@ -135,16 +135,7 @@ def q8_0_block(d=1.0):
 
 # Bugs that touch every case of one command: a problem of a `command` run (with `--json` when
 # `json`) whose description starts with `problem` is reported as this bug instead of failing.
-KNOWN_BUGS = [
-    {
-        "id": "verify-json-no-error-object",
-        "command": "verify",
-        "json": True,
-        "problem": "--json: error.kind is None",
-        "note": "main.rs run(), Command::Verify with --json: a failed verify prints the VerifyReport {path, ok, checks} and calls "
-        "std::process::exit, so stdout has no error object (error.kind, exit_code, message) unlike every other command's --json error",
-    },
-]
+KNOWN_BUGS = []  # bugs on record that touch every run of one command (none today)
 
 
 class Corpus:
@@ -448,9 +439,6 @@ def build(c):
         "magic GGUX in a .gguf file",
         "malformed",
         "magic",
-        known_bug="store.rs Checkpoint::open picks the reader by magic only (is_gguf), so a .gguf file with a bad magic is parsed as "
-        "safetensors: exit 9 'safetensors header length 14366885703 exceeds the 100 MB limit' instead of exit 5 naming the GGUF magic "
-        "(open_dir, which goes by extension, does reach gguf::parse and its magic check)",
     )
 
     c.write("gg_magic_only.gguf", b"GGUF")
@@ -561,8 +549,6 @@ def build(c):
         "verify given the sidecar itself (verify.rs accepts a .sha256 path)",
         "ok",
         commands=("verify",),
-        known_bug="verify.rs verify() calls open_models(path) on the .sha256 file before its `extension == sha256` branch, so the sidecar "
-        "is parsed as safetensors: exit 9 'safetensors header length 4050206538099548773 exceeds the 100 MB limit'",
     )
 
     bad = hashlib.sha256(VALID + b"x").hexdigest()
