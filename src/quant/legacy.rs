@@ -269,11 +269,31 @@ pub(crate) fn quant_q5_1(src: &[f32], dst: &mut [u8]) {
 
 pub(crate) fn quant_q8_0(src: &[f32], dst: &mut [u8]) {
     for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(34)) {
-        let d = np_amax(x) / 127.0;
-        let id = inv(d);
+        // max |x| as the largest magnitude bit pattern: for finite values the order of the
+        // bits is the order of the values, so this is `np_amax` without a branch per element.
+        let bits = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+        let (d, id) = (f32::from_bits(bits) / 127.0, inv(f32::from_bits(bits) / 127.0));
+        if bits >= 0x7f80_0000 || !id.is_finite() {
+            // inf or NaN in the block, or a scale so small that 1/d overflows: numpy's
+            // rules, element by element.
+            let d = np_amax(x) / 127.0;
+            let id = inv(d);
+            wr16(b, 0, d);
+            for (q, &v) in b[2..34].iter_mut().zip(x) {
+                *q = np_u8(np_roundf(v * id));
+            }
+            continue;
+        }
         wr16(b, 0, d);
+        // Every |v·id| is at most 127 (plus rounding), far inside both the 2^23 range of
+        // `np_roundf`'s truncation trick and i32: the same arithmetic without branches, which
+        // the compiler turns into vector code.
         for (q, &v) in b[2..34].iter_mut().zip(x) {
-            *q = np_u8(np_roundf(v * id));
+            let n = v * id;
+            let a = n.abs();
+            let fl = a as i32;
+            let r = fl + (2.0 * (a - fl as f32)) as i32;
+            *q = if n < 0.0 { r.wrapping_neg() } else { r } as u8;
         }
     }
 }
