@@ -1,6 +1,6 @@
 //! A linear layer with an optional LoRA adapter: `y = x·Wᵀ + b (+ (α/r)·x·downᵀ·upᵀ)`.
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 use super::lora::LoraAdapter;
 use super::weights::Weights;
@@ -32,18 +32,22 @@ impl Linear {
         self.weight.dims().first().copied().unwrap_or(0)
     }
 
-    /// `x [..., in]` → `[..., out]`.
+    /// `x [..., in]` → `[..., out]`, computed in the wider of the two dtypes: f32 activations
+    /// with bf16/f16 weights multiply by an f32 copy of the weight (weights stay 16-bit in
+    /// memory; the activations keep f32 accuracy).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&last, lead)) = dims.split_last() else { candle_core::bail!("linear layer input is a scalar") };
         let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, last))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let dt = wider(x.dtype(), self.weight.dtype());
+        let x2 = x.to_dtype(dt)?.reshape((rows, last))?;
+        let mut y = x2.matmul(&self.weight.to_dtype(dt)?.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = y.broadcast_add(&b.to_dtype(dt)?)?;
         }
         if let Some(l) = &self.lora {
-            y = (y + l.delta(&x2)?)?;
+            let ld = l.down.dtype();
+            y = (y + l.delta(&x2.to_dtype(ld)?)?.to_dtype(dt)?)?;
         }
         let mut out = lead.to_vec();
         out.push(self.out_dim());
@@ -71,6 +75,24 @@ impl Linear {
             vars.push(v);
         }
         Ok(vars)
+    }
+}
+
+fn rank(d: DType) -> u8 {
+    match d {
+        DType::F64 => 3,
+        DType::F32 => 2,
+        DType::BF16 | DType::F16 => 1,
+        _ => 0,
+    }
+}
+
+/// The wider float dtype of two.
+fn wider(a: DType, b: DType) -> DType {
+    if rank(a) >= rank(b) {
+        a
+    } else {
+        b
     }
 }
 
@@ -144,7 +166,7 @@ pub fn attach(linears: Vec<(String, &mut Linear)>, cfg: &LoraConfig) -> Result<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     #[test]
     fn globs() {

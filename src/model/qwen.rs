@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::checkpoint::Staged;
 use super::linear::Linear;
-use super::ops::{apply_rope, gelu_tanh, layer_norm, modulate, rms_norm, sdpa, silu, timestep_embedding};
+use super::ops::{apply_rope, gelu_tanh, layer_norm, modulate, rms_norm, sdpa, silu, timestep_embedding, widen};
 use super::rope::{self, RopeTables};
 use super::weights::Weights;
 use super::{Param, Parameters};
@@ -98,6 +98,12 @@ pub struct QwenBlock {
     pub txt_mlp_out: Linear,
 }
 
+/// `x + y·gate` in the residual stream's precision (f32 for f32/bf16/f16 compute).
+fn gated_add(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    x.broadcast_add(&y.to_dtype(dt)?.broadcast_mul(&gate.to_dtype(dt)?)?)
+}
+
 /// Per-call data: RoPE tables and the additive key mask `[B, 1, 1, L + S]`.
 #[derive(Debug, Clone)]
 pub struct QwenAux {
@@ -145,14 +151,14 @@ impl QwenBlock {
         let img_n = modulate(&layer_norm(img, None, None, EPS)?, &part(&im, 0)?, &part(&im, 1)?)?;
         let txt_n = modulate(&layer_norm(txt, None, None, EPS)?, &part(&tm, 0)?, &part(&tm, 1)?)?;
         let (img_a, txt_a) = self.attention(&img_n, &txt_n, aux, c)?;
-        let img = (img + img_a.broadcast_mul(&part(&im, 2)?)?)?;
-        let txt = (txt + txt_a.broadcast_mul(&part(&tm, 2)?)?)?;
+        let img = gated_add(img, &img_a, &part(&im, 2)?)?;
+        let txt = gated_add(txt, &txt_a, &part(&tm, 2)?)?;
         let img_n = modulate(&layer_norm(&img, None, None, EPS)?, &part(&im, 3)?, &part(&im, 4)?)?;
         let img_f = self.img_mlp_out.forward(&gelu_tanh(&self.img_mlp_in.forward(&img_n)?)?)?;
-        let img = (&img + img_f.broadcast_mul(&part(&im, 5)?)?)?;
+        let img = gated_add(&img, &img_f, &part(&im, 5)?)?;
         let txt_n = modulate(&layer_norm(&txt, None, None, EPS)?, &part(&tm, 3)?, &part(&tm, 4)?)?;
         let txt_f = self.txt_mlp_out.forward(&gelu_tanh(&self.txt_mlp_in.forward(&txt_n)?)?)?;
-        let txt = (&txt + txt_f.broadcast_mul(&part(&tm, 5)?)?)?;
+        let txt = gated_add(&txt, &txt_f, &part(&tm, 5)?)?;
         Ok((img, txt))
     }
 
@@ -268,9 +274,10 @@ impl QwenImageTransformer {
         if f * h * w != s {
             candle_core::bail!("img_shapes {img_shape:?} give {} tokens but hidden_states has {s}", f * h * w);
         }
-        let img = self.img_in.forward(&x.to_dtype(self.dtype)?)?;
-        let txt = self.txt_in.forward(&rms_norm(&enc.to_dtype(self.dtype)?, Some(&self.txt_norm), EPS)?)?;
-        let te = timestep_embedding(timestep, 256, true, 0.0, 1000.0)?.to_dtype(self.dtype)?;
+        // The residual streams stay in f32 (f64 for an f64 model) whatever the compute dtype.
+        let img = widen(&self.img_in.forward(x)?)?;
+        let txt = widen(&self.txt_in.forward(&rms_norm(&widen(enc)?, Some(&self.txt_norm), EPS)?)?)?;
+        let te = timestep_embedding(timestep, 256, true, 0.0, 1000.0)?.to_dtype(super::ops::wide(self.dtype))?;
         let temb = self.time_2.forward(&silu(&self.time_1.forward(&te)?)?)?;
         let (img_rope, txt_rope) = rope::qwen(self.cfg.axes, f, h, w, l, x.device())?;
         let mask = match mask {

@@ -160,7 +160,7 @@ impl WanBlock {
             Some((w, b)) => layer_norm(&x, Some(w), Some(b), c.eps)?,
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&h, Some(enc), c.heads, c.eps, None)?)?;
+        let x = (&x + self.attn2.forward(&h, Some(enc), c.heads, c.eps, None)?.to_dtype(dt)?)?;
         let h = modulate(&layer_norm(&x, None, None, c.eps)?, &c_shift, &c_scale)?;
         let f = self.ffn_out.forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
         widen(&x)?.broadcast_add(&widen(&f)?.broadcast_mul(&c_gate)?)?.to_dtype(dt)
@@ -261,16 +261,17 @@ impl WanTransformer {
         }
         let (fp, hp, wp) = (f / pt, h / ph, w / pw);
         let patches = x
-            .to_dtype(self.dtype)?
+            .to_dtype(wide(self.dtype))?
             .reshape(vec![b, ch, fp, pt, hp, ph, wp, pw])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .contiguous()?
             .reshape((b, fp * hp * wp, ch * pt * ph * pw))?;
-        let hs = self.patch_embedding.forward(&patches)?;
+        // The residual stream stays in f32 (f64 for an f64 model) whatever the compute dtype.
+        let hs = widen(&self.patch_embedding.forward(&patches)?)?;
         let temb_in = timestep_embedding(timestep, c.freq_dim, true, 0.0, 1.0)?.to_dtype(wide(self.dtype))?;
-        let temb = self.time_2.forward(&silu(&self.time_1.forward(&temb_in)?)?)?.to_dtype(self.dtype)?;
+        let temb = self.time_2.forward(&silu(&self.time_1.forward(&temb_in)?)?)?;
         let tproj = self.time_proj.forward(&silu(&temb)?)?.reshape((b, 6, c.dim()))?;
-        let e = self.text_2.forward(&gelu_tanh(&self.text_1.forward(&enc.to_dtype(self.dtype)?)?)?)?;
+        let e = self.text_2.forward(&gelu_tanh(&self.text_1.forward(&widen(enc)?)?)?)?;
         let rope = rope::wan(c.head_dim, fp, hp, wp, x.device())?;
         Ok((vec![hs], vec![e, tproj, temb], WanAux { rope, batch: b, grid: [fp, hp, wp] }))
     }
