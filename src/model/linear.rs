@@ -41,7 +41,9 @@ impl Linear {
         let rows: usize = lead.iter().product();
         let dt = wider(x.dtype(), self.weight.dtype());
         let x2 = x.to_dtype(dt)?.reshape((rows, last))?;
-        let mut y = x2.matmul(&self.weight.to_dtype(dt)?.t()?)?;
+        // y = (W·xᵀ)ᵀ: W stays the contiguous left operand, so its gradient comes out of one
+        // matmul as a contiguous [out, in] tensor (x·Wᵀ would produce it through a transpose).
+        let mut y = self.weight.to_dtype(dt)?.matmul(&x2.t()?)?.t()?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(dt)?)?;
         }
