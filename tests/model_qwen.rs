@@ -107,7 +107,8 @@ fn cli_forward_reproduces_output() {
         .arg(dir.path().join("bad.safetensors"))
         .output()
         .unwrap();
-    assert!(!st.status.success());
+    assert_eq!(st.status.code(), Some(6), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(String::from_utf8_lossy(&st.stderr).contains("img_shapes"));
 }
 
 #[test]

@@ -199,7 +199,7 @@ fn i2v_36_channels_and_odd_frames_shapes() {
     let (state, _, _) = m.prepare(&x, &t, &e).unwrap();
     let got: Vec<f32> = state[0].flatten_all().unwrap().to_vec1().unwrap();
     // token (f=3, h=1, w=0): patch rows 2..4, cols 0..2
-    let tok = (3 * 2 + 1) * 1;
+    let tok = 3 * 2 + 1; // (f · H' + h) · W' + w with H' = 2, W' = 1
     for o in 0..32 {
         let mut acc = pb[o] as f64;
         for c in 0..36 {

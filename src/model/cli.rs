@@ -112,11 +112,13 @@ pub fn forward(a: &ForwardArgs) -> Result<(Tensor, ForwardReport)> {
     let w = Weights::open(&a.model, a.dtype.dtype(), &dev)?;
     let inputs = load_inputs(&a.inputs)?;
     let p = &a.inputs;
+    // Inputs that do not fit the model (shapes, img_shapes) are the inputs' fault, not a bug.
+    let bad = |e: candle_core::Error| Error::at(Kind::Inconsistent, p, format!("forward pass failed: {}", clean(&e.to_string())));
     let out = match w.family.as_str() {
         "wan22" => {
             let m = WanTransformer::load(&w)?;
             m.forward(need(&inputs, "hidden_states", p)?, need(&inputs, "timestep", p)?, need(&inputs, "encoder_hidden_states", p)?)
-                .map_err(candle_err)?
+                .map_err(bad)?
         }
         "qwen_image" => {
             let shape = img_shapes(a)?;
@@ -128,7 +130,7 @@ pub fn forward(a: &ForwardArgs) -> Result<(Tensor, ForwardReport)> {
                 need(&inputs, "timestep", p)?,
                 shape,
             )
-            .map_err(candle_err)?
+            .map_err(bad)?
         }
         f => return Err(Error::at(Kind::Unsupported, w.path(), format!("no forward pass for model family {f}"))),
     };
