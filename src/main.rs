@@ -119,12 +119,16 @@ enum Command {
     Pack(phasekit::moe::cli::PackArgs),
     /// Restore a packed checkpoint bit for bit, checked against its hashes.
     Unpack(phasekit::moe::cli::UnpackArgs),
+    /// Run one forward pass of a Wan2.2 or Qwen-Image transformer on saved inputs (docs/models.md).
+    Forward(phasekit::model::cli::ForwardArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Phased DMD and its baselines on the toy mixture over several seeds (writes docs/results.md tables).
     TrainToy(phasekit::train::cli::BenchTrainToyArgs),
+    /// One full-width teacher block forward+backward on the CPU: GFLOP/s vs candle's matmul.
+    Block(phasekit::model::bench::BlockArgs),
     /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
     Moe(phasekit::moe::cli::BenchMoeArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
@@ -408,6 +412,8 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Train(a) => phasekit::train::cli::train(&a, cli.json, quiet),
         Command::Sample(a) => phasekit::train::cli::sample(&a, cli.json),
         Command::Quickstart(a) => phasekit::train::cli::quickstart(&a, cli.json, quiet),
+        Command::Forward(a) => phasekit::model::cli::run(&a, cli.json),
+        Command::Bench(BenchCommand::Block(a)) => phasekit::model::bench::run(&a, cli.json),
         Command::Bench(BenchCommand::TrainToy(a)) => phasekit::train::cli::bench_train_toy(&a, cli.json, quiet),
         Command::Verify { path } => {
             let r = phasekit::verify::verify(&path, quiet)?;

@@ -1,0 +1,351 @@
+//! `WanTransformer`: diffusers `WanTransformer3DModel` (Wan2.2 T2V/I2V-A14B experts, TI2V-5B).
+//!
+//! Patchify (Conv3d with kernel = stride, done as one matmul over `C·pt·ph·pw` patch vectors) →
+//! condition embedding (sinusoidal `freq_dim` with cos first → Linear-SiLU-Linear → SiLU →
+//! Linear to 6·dim; text Linear-GELU(tanh)-Linear) → blocks (modulated self-attention with
+//! RMSNorm over the whole inner dim on q/k and 3-D RoPE, affine-normed cross-attention,
+//! modulated GELU-tanh FFN) → modulated output norm, projection, unpatchify.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::checkpoint::Staged;
+use super::linear::Linear;
+use super::ops::{gelu_tanh, layer_norm, modulate, rms_norm, sdpa, silu, timestep_embedding, wide, widen};
+use super::rope::{self, RopeTables};
+use super::weights::{candle_err, Weights};
+use super::{Param, Parameters};
+use crate::error::{Error, Kind};
+use crate::train::denoiser::{Cond, Denoiser};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WanConfig {
+    pub patch: [usize; 3],
+    pub heads: usize,
+    pub head_dim: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub text_dim: usize,
+    pub freq_dim: usize,
+    pub ffn_dim: usize,
+    pub num_layers: usize,
+    pub cross_attn_norm: bool,
+    pub eps: f64,
+}
+
+impl WanConfig {
+    pub fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// From a diffusers-dialect config.
+    pub fn from_weights(w: &Weights) -> crate::Result<WanConfig> {
+        if w.cfg("added_kv_proj_dim").is_some() || w.cfg("image_dim").is_some() {
+            return Err(Error::at(Kind::Unsupported, w.path(), "Wan2.1 image conditioning (image_dim/added_kv_proj_dim) is not supported"));
+        }
+        let patch = match w.cfg("patch_size").and_then(|v| v.as_array()) {
+            Some(a) if a.len() == 3 && a.iter().all(|x| x.as_u64().is_some()) => {
+                [a[0].as_u64().unwrap_or(1) as usize, a[1].as_u64().unwrap_or(2) as usize, a[2].as_u64().unwrap_or(2) as usize]
+            }
+            _ => [1, 2, 2],
+        };
+        let in_channels = w.cfg_usize("in_channels")?;
+        Ok(WanConfig {
+            patch,
+            heads: w.cfg_usize("num_attention_heads")?,
+            head_dim: w.cfg_usize("attention_head_dim")?,
+            in_channels,
+            out_channels: w.cfg_usize("out_channels").unwrap_or(in_channels),
+            text_dim: w.cfg_usize("text_dim")?,
+            freq_dim: w.cfg_usize("freq_dim")?,
+            ffn_dim: w.cfg_usize("ffn_dim")?,
+            num_layers: w.cfg_usize("num_layers")?,
+            cross_attn_norm: w.cfg("cross_attn_norm").and_then(|v| v.as_bool()).unwrap_or(true),
+            eps: w.cfg("eps").and_then(|v| v.as_f64()).unwrap_or(1e-6),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WanAttention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub norm_q: Tensor,
+    pub norm_k: Tensor,
+}
+
+impl WanAttention {
+    fn load(w: &Weights, p: &str, dim: usize) -> crate::Result<Self> {
+        Ok(WanAttention {
+            to_q: Linear::load(w, &format!("{p}.to_q"), dim, dim)?,
+            to_k: Linear::load(w, &format!("{p}.to_k"), dim, dim)?,
+            to_v: Linear::load(w, &format!("{p}.to_v"), dim, dim)?,
+            to_out: Linear::load(w, &format!("{p}.to_out.0"), dim, dim)?,
+            norm_q: w.get(&format!("{p}.norm_q.weight"), &[dim])?,
+            norm_k: w.get(&format!("{p}.norm_k.weight"), &[dim])?,
+        })
+    }
+
+    /// `x [B, S, dim]` attends to `ctx [B, L, dim]` (itself when `None`).
+    fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, heads: usize, eps: f64, rope: Option<&RopeTables>) -> Result<Tensor> {
+        let kv = ctx.unwrap_or(x);
+        let (b, s, dim) = x.dims3()?;
+        let l = kv.dim(1)?;
+        let hd = dim / heads;
+        let q = rms_norm(&self.to_q.forward(x)?, Some(&self.norm_q), eps)?.reshape((b, s, heads, hd))?;
+        let k = rms_norm(&self.to_k.forward(kv)?, Some(&self.norm_k), eps)?.reshape((b, l, heads, hd))?;
+        let v = self.to_v.forward(kv)?.reshape((b, l, heads, hd))?;
+        let (q, k) = match rope {
+            Some(r) => (super::ops::apply_rope(&q, &r.cos, &r.sin)?, super::ops::apply_rope(&k, &r.cos, &r.sin)?),
+            None => (q, k),
+        };
+        let o = sdpa(&q.transpose(1, 2)?, &k.transpose(1, 2)?, &v.transpose(1, 2)?, None)?;
+        self.to_out.forward(&o.transpose(1, 2)?.reshape((b, s, dim))?)
+    }
+
+    pub fn params(&mut self, p: &str) -> Vec<(String, Param<'_>)> {
+        vec![
+            (format!("{p}.to_q"), Param::Linear(&mut self.to_q)),
+            (format!("{p}.to_k"), Param::Linear(&mut self.to_k)),
+            (format!("{p}.to_v"), Param::Linear(&mut self.to_v)),
+            (format!("{p}.to_out.0"), Param::Linear(&mut self.to_out)),
+            (format!("{p}.norm_q.weight"), Param::Tensor(&mut self.norm_q)),
+            (format!("{p}.norm_k.weight"), Param::Tensor(&mut self.norm_k)),
+        ]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WanBlock {
+    pub attn1: WanAttention,
+    pub attn2: WanAttention,
+    /// Affine cross-attention norm (`norm2`), when `cross_attn_norm`.
+    pub norm2: Option<(Tensor, Tensor)>,
+    pub ffn_in: Linear,
+    pub ffn_out: Linear,
+    /// `[1, 6, dim]`, f32.
+    pub scale_shift_table: Tensor,
+}
+
+impl WanBlock {
+    fn load(w: &Weights, p: &str, c: &WanConfig) -> crate::Result<Self> {
+        let dim = c.dim();
+        Ok(WanBlock {
+            attn1: WanAttention::load(w, &format!("{p}.attn1"), dim)?,
+            attn2: WanAttention::load(w, &format!("{p}.attn2"), dim)?,
+            norm2: if c.cross_attn_norm {
+                Some((w.get_f32(&format!("{p}.norm2.weight"), &[dim])?, w.get_f32(&format!("{p}.norm2.bias"), &[dim])?))
+            } else {
+                None
+            },
+            ffn_in: Linear::load(w, &format!("{p}.ffn.net.0.proj"), dim, c.ffn_dim)?,
+            ffn_out: Linear::load(w, &format!("{p}.ffn.net.2"), c.ffn_dim, dim)?,
+            scale_shift_table: w.get_f32(&format!("{p}.scale_shift_table"), &[1, 6, dim])?,
+        })
+    }
+
+    /// `x [B, S, dim]`, `enc [B, L, dim]`, `tproj [B, 6, dim]`.
+    pub fn forward(&self, x: &Tensor, enc: &Tensor, tproj: &Tensor, rope: &RopeTables, c: &WanConfig) -> Result<Tensor> {
+        let dt = x.dtype();
+        let m = self.scale_shift_table.broadcast_add(&tproj.to_dtype(self.scale_shift_table.dtype())?)?;
+        let g = |i: usize| m.narrow(1, i, 1);
+        let (shift, scale, gate, c_shift, c_scale, c_gate) = (g(0)?, g(1)?, g(2)?, g(3)?, g(4)?, g(5)?);
+        let h = modulate(&layer_norm(x, None, None, c.eps)?, &shift, &scale)?;
+        let a = self.attn1.forward(&h, None, c.heads, c.eps, Some(rope))?;
+        let x = widen(x)?.broadcast_add(&widen(&a)?.broadcast_mul(&gate)?)?.to_dtype(dt)?;
+        let h = match &self.norm2 {
+            Some((w, b)) => layer_norm(&x, Some(w), Some(b), c.eps)?,
+            None => x.clone(),
+        };
+        let x = (&x + self.attn2.forward(&h, Some(enc), c.heads, c.eps, None)?.to_dtype(dt)?)?;
+        let h = modulate(&layer_norm(&x, None, None, c.eps)?, &c_shift, &c_scale)?;
+        let f = self.ffn_out.forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
+        widen(&x)?.broadcast_add(&widen(&f)?.broadcast_mul(&c_gate)?)?.to_dtype(dt)
+    }
+
+    pub fn params(&mut self, p: &str) -> Vec<(String, Param<'_>)> {
+        let mut v = self.attn1.params(&format!("{p}.attn1"));
+        v.extend(self.attn2.params(&format!("{p}.attn2")));
+        if let Some((w, b)) = &mut self.norm2 {
+            v.push((format!("{p}.norm2.weight"), Param::Tensor(w)));
+            v.push((format!("{p}.norm2.bias"), Param::Tensor(b)));
+        }
+        v.push((format!("{p}.ffn.net.0.proj"), Param::Linear(&mut self.ffn_in)));
+        v.push((format!("{p}.ffn.net.2"), Param::Linear(&mut self.ffn_out)));
+        v.push((format!("{p}.scale_shift_table"), Param::Tensor(&mut self.scale_shift_table)));
+        v
+    }
+}
+
+/// Non-differentiable per-call data: RoPE tables and the token grid.
+#[derive(Debug, Clone)]
+pub struct WanAux {
+    pub rope: RopeTables,
+    pub batch: usize,
+    /// Post-patch frames, height, width.
+    pub grid: [usize; 3],
+}
+
+pub struct WanTransformer {
+    pub cfg: WanConfig,
+    /// Patch embedding as a matrix `[dim, C·pt·ph·pw]` (Conv3d weight flattened).
+    pub patch_embedding: Linear,
+    pub time_1: Linear,
+    pub time_2: Linear,
+    pub time_proj: Linear,
+    pub text_1: Linear,
+    pub text_2: Linear,
+    pub blocks: Vec<WanBlock>,
+    /// `[1, 2, dim]`, f32.
+    pub scale_shift_table: Tensor,
+    pub proj_out: Linear,
+    /// The unconditional text embedding for [`Denoiser::null_cond`] (`[1, L, text_dim]`); zeros
+    /// of one token when unset.
+    pub null_text: Option<Tensor>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl WanTransformer {
+    /// Load from any checkpoint phasekit reads (`dtype`: f32, bf16 or f16).
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
+        let w = Weights::open(path, dtype, device)?;
+        Self::load(&w)
+    }
+
+    pub fn load(w: &Weights) -> crate::Result<Self> {
+        if w.family != "wan22" {
+            return Err(Error::at(Kind::Unsupported, w.path(), format!("not a Wan2.2 checkpoint (family {})", w.family)));
+        }
+        let c = WanConfig::from_weights(w)?;
+        let dim = c.dim();
+        let [pt, ph, pw] = c.patch;
+        let pe = w.get("patch_embedding.weight", &[dim, c.in_channels, pt, ph, pw])?;
+        let pe = pe.reshape((dim, c.in_channels * pt * ph * pw)).map_err(candle_err)?;
+        let get_f32_linear = |name: &str, i: usize, o: usize| -> crate::Result<Linear> {
+            Ok(Linear::new(w.get_f32(&format!("{name}.weight"), &[o, i])?, Some(w.get_f32(&format!("{name}.bias"), &[o])?)))
+        };
+        let blocks = (0..c.num_layers).map(|i| WanBlock::load(w, &format!("blocks.{i}"), &c)).collect::<crate::Result<Vec<_>>>()?;
+        Ok(WanTransformer {
+            patch_embedding: Linear::new(pe, Some(w.get("patch_embedding.bias", &[dim])?)),
+            time_1: get_f32_linear("condition_embedder.time_embedder.linear_1", c.freq_dim, dim)?,
+            time_2: get_f32_linear("condition_embedder.time_embedder.linear_2", dim, dim)?,
+            time_proj: Linear::load(w, "condition_embedder.time_proj", dim, 6 * dim)?,
+            text_1: Linear::load(w, "condition_embedder.text_embedder.linear_1", c.text_dim, dim)?,
+            text_2: Linear::load(w, "condition_embedder.text_embedder.linear_2", dim, dim)?,
+            blocks,
+            scale_shift_table: w.get_f32("scale_shift_table", &[1, 2, dim])?,
+            proj_out: Linear::load(w, "proj_out", dim, c.out_channels * pt * ph * pw)?,
+            cfg: c,
+            null_text: None,
+            dtype: w.dtype,
+            device: w.device.clone(),
+        })
+    }
+
+    /// Patchify, embed condition and text: block state `[x]`, context `[enc, tproj, temb]`.
+    pub fn prepare(&self, x: &Tensor, timestep: &Tensor, enc: &Tensor) -> Result<(Vec<Tensor>, Vec<Tensor>, WanAux)> {
+        let c = &self.cfg;
+        let (b, ch, f, h, w) = x.dims5()?;
+        let [pt, ph, pw] = c.patch;
+        if ch != c.in_channels || f % pt != 0 || h % ph != 0 || w % pw != 0 {
+            candle_core::bail!(
+                "Wan input [B, C, F, H, W] = {:?} does not fit {} channels and patch {:?}",
+                x.dims(),
+                c.in_channels,
+                c.patch
+            );
+        }
+        let (fp, hp, wp) = (f / pt, h / ph, w / pw);
+        let patches = x
+            .to_dtype(wide(self.dtype))?
+            .reshape(vec![b, ch, fp, pt, hp, ph, wp, pw])?
+            .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
+            .contiguous()?
+            .reshape((b, fp * hp * wp, ch * pt * ph * pw))?;
+        // The residual stream stays in f32 (f64 for an f64 model) whatever the compute dtype.
+        let hs = widen(&self.patch_embedding.forward(&patches)?)?;
+        let temb_in = timestep_embedding(timestep, c.freq_dim, true, 0.0, 1.0)?.to_dtype(wide(self.dtype))?;
+        let temb = self.time_2.forward(&silu(&self.time_1.forward(&temb_in)?)?)?;
+        let tproj = self.time_proj.forward(&silu(&temb)?)?.reshape((b, 6, c.dim()))?;
+        let e = self.text_2.forward(&gelu_tanh(&self.text_1.forward(&widen(enc)?)?)?)?;
+        let rope = rope::wan(c.head_dim, fp, hp, wp, x.device())?;
+        Ok((vec![hs], vec![e, tproj, temb], WanAux { rope, batch: b, grid: [fp, hp, wp] }))
+    }
+
+    /// Full forward: `x [B, C, F, H, W]`, `timestep [B]` on 0..1000, `enc [B, L, text_dim]` →
+    /// `[B, out_channels, F, H, W]`.
+    pub fn forward(&self, x: &Tensor, timestep: &Tensor, enc: &Tensor) -> Result<Tensor> {
+        let (mut state, ctx, aux) = self.prepare(x, timestep, enc)?;
+        for i in 0..self.blocks.len() {
+            state = self.block(i, &state, &ctx, &aux)?;
+        }
+        self.finish(&state, &ctx, &aux)
+    }
+}
+
+impl Staged for WanTransformer {
+    type Aux = WanAux;
+    fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+    fn block(&self, i: usize, state: &[Tensor], ctx: &[Tensor], aux: &WanAux) -> Result<Vec<Tensor>> {
+        Ok(vec![self.blocks[i].forward(&state[0], &ctx[0], &ctx[1], &aux.rope, &self.cfg)?])
+    }
+    fn finish(&self, state: &[Tensor], ctx: &[Tensor], aux: &WanAux) -> Result<Tensor> {
+        let c = &self.cfg;
+        let temb = ctx[2].to_dtype(self.scale_shift_table.dtype())?.unsqueeze(1)?;
+        let m = self.scale_shift_table.broadcast_add(&temb)?;
+        let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
+        let h = modulate(&layer_norm(&state[0], None, None, c.eps)?, &shift, &scale)?;
+        let out = self.proj_out.forward(&h)?;
+        let [fp, hp, wp] = aux.grid;
+        let [pt, ph, pw] = c.patch;
+        let oc = c.out_channels;
+        out.reshape(vec![aux.batch, fp, hp, wp, pt, ph, pw, oc])?.permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?.contiguous()?.reshape((
+            aux.batch,
+            oc,
+            fp * pt,
+            hp * ph,
+            wp * pw,
+        ))
+    }
+}
+
+impl Parameters for WanTransformer {
+    fn params(&mut self) -> Vec<(String, Param<'_>)> {
+        let mut v = vec![
+            ("patch_embedding".to_string(), Param::Linear(&mut self.patch_embedding)),
+            ("condition_embedder.time_embedder.linear_1".to_string(), Param::Linear(&mut self.time_1)),
+            ("condition_embedder.time_embedder.linear_2".to_string(), Param::Linear(&mut self.time_2)),
+            ("condition_embedder.time_proj".to_string(), Param::Linear(&mut self.time_proj)),
+            ("condition_embedder.text_embedder.linear_1".to_string(), Param::Linear(&mut self.text_1)),
+            ("condition_embedder.text_embedder.linear_2".to_string(), Param::Linear(&mut self.text_2)),
+        ];
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            v.extend(b.params(&format!("blocks.{i}")));
+        }
+        v.push(("scale_shift_table".to_string(), Param::Tensor(&mut self.scale_shift_table)));
+        v.push(("proj_out".to_string(), Param::Linear(&mut self.proj_out)));
+        v
+    }
+}
+
+impl Denoiser for WanTransformer {
+    /// `x [B, C, F, H, W]`, σ ∈ [0, 1] → timestep 1000σ.
+    fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
+        let Cond::Embedding(e) = cond else { candle_core::bail!("the Wan transformer takes text-embedding conditions") };
+        let t = (sigma.to_dtype(DType::F32)? * 1000.0)?;
+        self.forward(x, &t, e)?.to_dtype(x.dtype())
+    }
+    fn null_cond(&self, n: usize) -> Result<Cond> {
+        let e = match &self.null_text {
+            Some(t) => t.repeat((n, 1, 1))?,
+            None => Tensor::zeros((n, 1, self.cfg.text_dim), DType::F32, &self.device)?,
+        };
+        Ok(Cond::Embedding(e))
+    }
+}
