@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod bench;
 pub mod cast;
 pub mod convert;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod gguf;

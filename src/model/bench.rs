@@ -39,11 +39,19 @@ pub struct BlockArgs {
     /// Timed runs (the best is kept), after one warm-up.
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weights and activations dtype (norms, softmax and RoPE compute in f32 either way).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: super::cli::ComputeDtype,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BlockReport {
     pub model: BenchModel,
+    pub device: String,
+    pub dtype: String,
     pub tokens: usize,
     pub text_tokens: usize,
     pub params: usize,
@@ -54,8 +62,18 @@ pub struct BlockReport {
     pub ratio: f64,
 }
 
+thread_local! {
+    /// Where the bench's tensors live and in which dtype (set once per run by [`bench`]).
+    static PLACE: std::cell::RefCell<(Device, DType)> = const { std::cell::RefCell::new((Device::Cpu, DType::F32)) };
+}
+
+fn place() -> (Device, DType) {
+    PLACE.with_borrow(|p| p.clone())
+}
+
 fn rnd(shape: &[usize], std: f64) -> candle_core::Result<Tensor> {
-    Tensor::randn(0f32, std as f32, shape, &Device::Cpu)
+    let (dev, dt) = place();
+    Tensor::randn(0f32, std as f32, shape, &dev)?.to_dtype(dt)
 }
 
 fn lin(i: usize, o: usize) -> candle_core::Result<Linear> {
@@ -63,7 +81,8 @@ fn lin(i: usize, o: usize) -> candle_core::Result<Linear> {
 }
 
 fn ones(n: usize) -> candle_core::Result<Tensor> {
-    Tensor::ones(n, DType::F32, &Device::Cpu)
+    let (dev, dt) = place();
+    Tensor::ones(n, dt, &dev)
 }
 
 fn wan_attn(d: usize) -> candle_core::Result<WanAttention> {
@@ -79,17 +98,21 @@ fn attn_flops(sq: usize, sk: usize, dim: usize) -> f64 {
 }
 
 fn best(repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    let dev = place().0;
     f()?;
+    dev.synchronize()?;
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
         f()?;
+        dev.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(best)
 }
 
-fn bench(a: &BlockArgs) -> candle_core::Result<BlockReport> {
+fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
+    PLACE.with_borrow_mut(|p| *p = (device.clone(), a.dtype.dtype()));
     let (t, l) = (a.tokens.max(1), a.text_tokens.max(1));
     let (params, fwd, secs, dim, ffn) = match a.model {
         BenchModel::Wan => {
@@ -120,7 +143,7 @@ fn bench(a: &BlockArgs) -> candle_core::Result<BlockReport> {
             let x = rnd(&[1, t, d], 1.0)?;
             let enc = rnd(&[1, l, d], 1.0)?;
             let tproj = rnd(&[1, 6, d], 0.1)?;
-            let rope = rope::wan(c.head_dim, 1, 1, t, &Device::Cpu)?;
+            let rope = rope::wan(c.head_dim, 1, 1, t, device)?;
             let secs = best(a.repeats, || {
                 let y = b.forward(&x, &enc, &tproj, &rope, &c)?;
                 let _g = y.sum_all()?.backward()?;
@@ -174,7 +197,7 @@ fn bench(a: &BlockArgs) -> candle_core::Result<BlockReport> {
             let img = rnd(&[1, t, d], 1.0)?;
             let txt = rnd(&[1, l, d], 1.0)?;
             let temb = rnd(&[1, d], 1.0)?;
-            let (img_rope, txt_rope) = rope::qwen(c.axes, 1, 1, t, l, &Device::Cpu)?;
+            let (img_rope, txt_rope) = rope::qwen(c.axes, 1, 1, t, l, device)?;
             let aux = QwenAux { img_rope, txt_rope, mask: None };
             let secs = best(a.repeats, || {
                 let (i, x) = b.forward(&img, &txt, &temb, &aux, &c)?;
@@ -195,6 +218,8 @@ fn bench(a: &BlockArgs) -> candle_core::Result<BlockReport> {
     let gflops = total / secs / 1e9;
     Ok(BlockReport {
         model: a.model,
+        device: crate::device::name(device),
+        dtype: format!("{:?}", a.dtype.dtype()).to_lowercase(),
         tokens: t,
         text_tokens: l,
         params,
@@ -208,7 +233,8 @@ fn bench(a: &BlockArgs) -> candle_core::Result<BlockReport> {
 
 /// The `bench block` command.
 pub fn run(a: &BlockArgs, json: bool) -> Result<()> {
-    let r = bench(a).map_err(candle_err)?;
+    let device = crate::device::parse(&a.device)?;
+    let r = bench(a, &device).map_err(candle_err)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| crate::error::Error::internal(e.to_string()))?);
     } else {

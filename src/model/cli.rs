@@ -51,6 +51,9 @@ pub struct ForwardArgs {
     /// Qwen-Image `img_shapes` as JSON, e.g. `[[1, 32, 32]]` (default: from forward.json).
     #[arg(long, value_name = "JSON")]
     pub img_shapes: Option<String>,
+    /// Device: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// What one forward pass did.
@@ -61,14 +64,15 @@ pub struct ForwardReport {
     pub variant: String,
     pub layout: String,
     pub dtype: String,
+    pub device: String,
     pub output_shape: Vec<usize>,
     pub seconds: f64,
     /// Relative L2 error against the inputs' `output`, when present.
     pub rel_l2: Option<f64>,
 }
 
-fn load_inputs(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::malformed(path, clean(&e.to_string())))
+fn load_inputs(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, dev).map_err(|e| Error::malformed(path, clean(&e.to_string())))
 }
 
 fn need<'a>(m: &'a HashMap<String, Tensor>, name: &str, path: &Path) -> Result<&'a Tensor> {
@@ -108,9 +112,9 @@ fn img_shapes(a: &ForwardArgs) -> Result<[usize; 3]> {
 /// Run the forward pass; returns the output (f32) and the report.
 pub fn forward(a: &ForwardArgs) -> Result<(Tensor, ForwardReport)> {
     let start = Instant::now();
-    let dev = Device::Cpu;
+    let dev = crate::device::parse(&a.device)?;
     let w = Weights::open(&a.model, a.dtype.dtype(), &dev)?;
-    let inputs = load_inputs(&a.inputs)?;
+    let inputs = load_inputs(&a.inputs, &dev)?;
     let p = &a.inputs;
     // Inputs that do not fit the model (shapes, img_shapes) are the inputs' fault, not a bug.
     let bad = |e: candle_core::Error| Error::at(Kind::Inconsistent, p, format!("forward pass failed: {}", clean(&e.to_string())));
@@ -145,6 +149,7 @@ pub fn forward(a: &ForwardArgs) -> Result<(Tensor, ForwardReport)> {
         variant: w.variant.clone(),
         layout: w.layout.to_string(),
         dtype: format!("{:?}", a.dtype.dtype()).to_lowercase(),
+        device: crate::device::name(&dev),
         output_shape: out.dims().to_vec(),
         seconds: start.elapsed().as_secs_f64(),
         rel_l2,
