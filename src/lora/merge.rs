@@ -123,7 +123,7 @@ pub fn merge(base: &Path, loras: &[PathBuf], out: &Path, opts: &MergeOptions) ->
             }
             let (o, i) = m.dims();
             let base_out = bt.shape.first().copied().unwrap_or(0) as usize;
-            let base_in = if base_out == 0 { 0 } else { bt.numel() as usize / base_out };
+            let base_in = (bt.numel() as usize).checked_div(base_out).unwrap_or(0);
             if bt.shape.len() < 2 || o != base_out || i != base_in {
                 return Err(Error::inconsistent(
                     lp,

@@ -8,15 +8,17 @@
 //! 2. `power_iters` times: `Q ← orth(A · orth(Aᵀ Q))` — each pass raises the singular values to
 //!    a higher power, so the basis captures the top `k` directions even when the spectrum decays
 //!    slowly;
-//! 3. `M = Aᵀ Q` (`n × l`, which is `Bᵀ` for `B = Qᵀ A`); one-sided Jacobi rotates the columns of
-//!    `M` until they are orthogonal: `M V = W`, `σ_c = ‖W_c‖`;
-//! 4. `A ≈ Q B = (Q V) Σ (W Σ⁻¹)ᵀ`: left vectors `Q V`, right vectors `W_c / σ_c`.
+//! 3. `M = Aᵀ Q` (`n × l`, which is `Bᵀ` for `B = Qᵀ A`), factored `M = P R` (`P` orthonormal,
+//!    `R` is `l × l`); one-sided Jacobi rotates the columns of `R` until they are orthogonal:
+//!    `R V = W`, `σ_c = ‖W_c‖`;
+//! 4. `A ≈ Q B = (Q V) Σ (P W Σ⁻¹)ᵀ`: left vectors `Q V`, right vectors `P W_c / σ_c`.
 //!
 //! When `A` has rank ≤ `l` (in particular an exact rank-`r` LoRA delta with `r ≤ k`), `Q` spans
 //! its range and the result is exact to f64 rounding (~1e-13 relative). Otherwise the error is
 //! within a small factor of the Eckart–Young optimum, and with 2 power iterations and
 //! oversampling 10 it is within 1e-6 of it for spectra that decay geometrically (tested).
-//! Cost: `(2 · power_iters + 2) · m · n · l` multiply-adds, spread over all cores.
+//! Cost: `(2 · power_iters + 2) · m · n · l` multiply-adds in f64 matrix products (candle's CPU
+//! matmul, all cores), plus `O((m + n) · l²)` for the orthonormalisations and the Jacobi sweeps.
 
 use rayon::prelude::*;
 
@@ -140,6 +142,31 @@ pub fn mul_at_x(a: &[f64], m: usize, n: usize, x: &[f64], l: usize) -> Vec<f64> 
     z
 }
 
+/// `A · X` and `Aᵀ · X` through candle's CPU matmul (the `gemm` crate: blocked, vectorised, on
+/// all cores) on one copy of `A`; the loops above are the fallback when candle cannot be used.
+struct Products {
+    a: candle_core::Tensor,
+    m: usize,
+    n: usize,
+}
+
+impl Products {
+    fn new(a: &[f64], m: usize, n: usize) -> Option<Products> {
+        let a = candle_core::Tensor::from_slice(a, (m, n), &candle_core::Device::Cpu).ok()?;
+        Some(Products { a, m, n })
+    }
+    fn run(lhs: &candle_core::Tensor, x: &[f64], rows: usize, l: usize) -> Option<Vec<f64>> {
+        let x = candle_core::Tensor::from_slice(x, (rows, l), &candle_core::Device::Cpu).ok()?;
+        lhs.matmul(&x).ok()?.flatten_all().ok()?.to_vec1::<f64>().ok()
+    }
+    fn ax(&self, x: &[f64], l: usize) -> Option<Vec<f64>> {
+        Self::run(&self.a, x, self.n, l)
+    }
+    fn atx(&self, x: &[f64], l: usize) -> Option<Vec<f64>> {
+        Self::run(&self.a.t().ok()?, x, self.m, l)
+    }
+}
+
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -245,20 +272,35 @@ pub fn truncated_svd(a: &[f64], m: usize, n: usize, k: usize, opts: &SvdOptions)
     if k == 0 || l == 0 {
         return Truncated { m, n, k: 0, u: Vec::new(), s: Vec::new(), vt: Vec::new() };
     }
+    let prod = Products::new(a, m, n);
+    let ax = |x: &[f64]| prod.as_ref().and_then(|p| p.ax(x, l)).unwrap_or_else(|| mul_a_x(a, m, n, x, l));
+    let atx = |x: &[f64]| prod.as_ref().and_then(|p| p.atx(x, l)).unwrap_or_else(|| mul_at_x(a, m, n, x, l));
     let omega: Vec<f64> = (0..n * l).map(|_| rng.normal()).collect();
-    let mut q = mul_a_x(a, m, n, &omega, l);
+    let mut q = ax(&omega);
     orthonormalize(&mut q, m, l, &mut rng);
     for _ in 0..opts.power_iters {
-        let mut z = mul_at_x(a, m, n, &q, l);
+        let mut z = atx(&q);
         orthonormalize(&mut z, n, l, &mut rng);
-        q = mul_a_x(a, m, n, &z, l);
+        q = ax(&z);
         orthonormalize(&mut q, m, l, &mut rng);
     }
     // M = Aᵀ Q = Bᵀ (n × l).
-    let mt = mul_at_x(a, m, n, &q, l);
-    let cols: Vec<Vec<f64>> = (0..l).map(|c| (0..n).map(|j| mt[j * l + c]).collect()).collect();
-    let (w, v) = jacobi(cols);
-    let sig: Vec<f64> = w.iter().map(|c| norm(c)).collect();
+    let mt = atx(&q);
+    // QR first (M = P R, P orthonormal n × l), so the Jacobi sweeps run on the l × l factor R.
+    let mut p = mt.clone();
+    orthonormalize(&mut p, n, l, &mut rng);
+    let mut r = vec![vec![0f64; l]; l];
+    for j in 0..n {
+        let (pj, mj) = (&p[j * l..(j + 1) * l], &mt[j * l..(j + 1) * l]);
+        for (col, &x) in r.iter_mut().zip(mj) {
+            for (o, &y) in col.iter_mut().zip(pj) {
+                *o += y * x;
+            }
+        }
+    }
+    // R V = W_R with orthogonal columns; M V = P W_R.
+    let (wr, v) = jacobi(r);
+    let sig: Vec<f64> = wr.iter().map(|c| norm(c)).collect();
     let mut order: Vec<usize> = (0..l).collect();
     order.sort_by(|&x, &y| sig[y].total_cmp(&sig[x]));
     order.truncate(k);
@@ -271,14 +313,15 @@ pub fn truncated_svd(a: &[f64], m: usize, n: usize, k: usize, opts: &SvdOptions)
             *o = dot(qi, &v[c]);
         }
     });
+    // Right vectors: P · W_R[:, c] / σ_c.
     let mut vt = vec![0f64; k * n];
-    for (r, &c) in order.iter().enumerate() {
+    vt.par_chunks_mut(n).zip(&order).for_each(|(row, &c)| {
         if sig[c] > 0.0 {
-            for (o, x) in vt[r * n..(r + 1) * n].iter_mut().zip(&w[c]) {
-                *o = x / sig[c];
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = dot(&p[j * l..(j + 1) * l], &wr[c]) / sig[c];
             }
         }
-    }
+    });
     Truncated { m, n, k, u, s, vt }
 }
 
@@ -393,6 +436,21 @@ mod tests {
         // Spectral norm of the residual is σ_{k+1}.
         let top = power_singular_values(&resid, m, n, 1)[0];
         assert!((top - sv[k]).abs() / sv[k] < 1e-6, "‖A − A_k‖₂ = {top}, σ_(k+1) = {}", sv[k]);
+    }
+
+    #[test]
+    fn candle_products_match_the_loops() {
+        let (m, n, l) = (37, 29, 5);
+        let a = random(m, n, 3);
+        let p = Products::new(&a, m, n).unwrap();
+        let x = random(n, l, 4);
+        let y = random(m, l, 5);
+        for (got, want) in [(p.ax(&x, l).unwrap(), mul_a_x(&a, m, n, &x, l)), (p.atx(&y, l).unwrap(), mul_at_x(&a, m, n, &y, l))] {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-12, "{g} vs {w}");
+            }
+        }
     }
 
     #[test]
