@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod hash;
 pub mod inspect;
 pub mod layout;
+pub mod lora;
 pub mod model;
 pub mod moe;
 pub mod progress;

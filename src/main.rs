@@ -121,6 +121,9 @@ enum Command {
     Unpack(phasekit::moe::cli::UnpackArgs),
     /// Run one forward pass of a Wan2.2 or Qwen-Image transformer on saved inputs (docs/models.md).
     Forward(phasekit::model::cli::ForwardArgs),
+    /// LoRA files: merge into a base, extract from two checkpoints, convert key styles, inspect (docs/lora.md).
+    #[command(subcommand)]
+    Lora(phasekit::lora::cli::LoraCommand),
 }
 
 #[derive(Subcommand)]
@@ -408,6 +411,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Export(a) => phasekit::moe::cli::export(a, cli.json, quiet),
         Command::Pack(a) => phasekit::moe::cli::pack(a, cli.json, quiet),
         Command::Unpack(a) => phasekit::moe::cli::unpack(a, cli.json, quiet),
+        Command::Lora(c) => phasekit::lora::cli::run(c, cli.json, quiet),
         Command::Bench(BenchCommand::Moe(a)) => phasekit::moe::cli::bench(a, cli.json),
         Command::Train(a) => phasekit::train::cli::train(&a, cli.json, quiet),
         Command::Sample(a) => phasekit::train::cli::sample(&a, cli.json),

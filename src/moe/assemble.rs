@@ -266,7 +266,7 @@ fn out_dtype(src: DType, want: Option<DType>, name: &str) -> DType {
 fn lora_names(ck: &Checkpoint) -> Result<BTreeMap<String, usize>> {
     let mut out = BTreeMap::new();
     for (i, t) in ck.tensors.iter().enumerate() {
-        let n = t.name.strip_prefix("model.diffusion_model.").or_else(|| t.name.strip_prefix("diffusion_model.")).unwrap_or(&t.name);
+        let n = crate::lora::keys::strip_comfy_prefix(&t.name);
         let (p, part) = lora_part(n)
             .ok_or_else(|| Error::malformed(&ck.path, format!("'{}' is not a LoRA tensor (.lora_down/.lora_up/.alpha)", clean(&t.name))))?;
         let key = format!("{p}{}", part.suffix());

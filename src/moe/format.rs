@@ -191,36 +191,5 @@ pub fn modelspec(routing: &Routing, model: &ModelInfo, title: &str, expert: Opti
     v
 }
 
-/// Whether a tensor name is one of the three LoRA tensors; gives (param, part).
-pub fn lora_part(name: &str) -> Option<(&str, LoraPart)> {
-    for (suffix, part) in [
-        (".lora_down.weight", LoraPart::Down),
-        (".lora_up.weight", LoraPart::Up),
-        (".lora_A.weight", LoraPart::Down),
-        (".lora_B.weight", LoraPart::Up),
-        (".alpha", LoraPart::Alpha),
-    ] {
-        if let Some(p) = name.strip_suffix(suffix) {
-            return Some((p, part));
-        }
-    }
-    None
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LoraPart {
-    Down,
-    Up,
-    Alpha,
-}
-
-impl LoraPart {
-    /// The stored (kohya / Lightning) suffix.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            LoraPart::Down => ".lora_down.weight",
-            LoraPart::Up => ".lora_up.weight",
-            LoraPart::Alpha => ".alpha",
-        }
-    }
-}
+/// LoRA key parsing lives in `crate::lora::keys` (shared with `phasekit lora`).
+pub use crate::lora::keys::{lora_part, LoraPart};
