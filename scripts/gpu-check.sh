@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks, run on a CUDA machine from the repository root with a CUDA build of phasekit:
+#     scripts/check-cuda.sh build --release --features cuda
+#     PHASEKIT=target-cuda/release/phasekit scripts/gpu-check.sh [OUT_DIR]
+# 1. model parity on the GPU: forward on the tiny Wan2.2 (both layouts) and Qwen-Image fixtures
+#    in f32 and bf16, relative L2 against diffusers' output;
+# 2. one full-width block forward+backward in bf16 (Wan2.2 5120/40 heads, Qwen-Image 3072/24
+#    heads) with `phasekit bench block` and with the PyTorch eager twin benches/block_torch.py
+#    on the same GPU, and the ratio.
+# Writes gpu-check.json into OUT_DIR (default .) and prints a summary.
+set -uo pipefail
+B="${PHASEKIT:-target-cuda/release/phasekit}"
+DEV="${DEVICE:-cuda}"   # DEVICE=cpu BENCH=0 tries the script without a GPU
+BENCH="${BENCH:-1}"
+OUT="${1:-.}"
+F=tests/fixtures
+log="$OUT/gpu-check.jsonl"
+: > "$log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
+for dt in f32 bf16; do
+    for m in wan22_t2v_tiny/diffusers wan22_t2v_tiny/original qwen_image_tiny/diffusers; do
+        fx="${m%%/*}"
+        "$B" --json forward --device "$DEV" --dtype "$dt" --model "$F/$m" --inputs "$F/$fx/forward.safetensors" --out "$OUT/fwd.safetensors" \
+            | python3 -c "import json,sys; r=json.load(sys.stdin)['report']; r['fixture']='$m'; r['check']='parity'; print(json.dumps(r))" >> "$log" \
+            || echo "{\"check\":\"parity\",\"fixture\":\"$m\",\"dtype\":\"$dt\",\"failed\":true}" >> "$log"
+    done
+done
+rm -f "$OUT/fwd.safetensors"
+for spec in "wan 4096 512" "qwen 4096 512" "wan 1024 256" "qwen 1024 256"; do
+    [ "$BENCH" = 1 ] || break
+    set -- $spec
+    "$B" --json bench block --device cuda --dtype bf16 --model "$1" --tokens "$2" --text-tokens "$3" --repeats 5 \
+        | python3 -c "import json,sys; r=json.load(sys.stdin); r['check']='bench-phasekit'; print(json.dumps(r))" >> "$log" \
+        || echo "{\"check\":\"bench-phasekit\",\"model\":\"$1\",\"failed\":true}" >> "$log"
+    python3 benches/block_torch.py --device cuda --dtype bf16 --model "$1" --tokens "$2" --text-tokens "$3" --repeats 5 \
+        | python3 -c "import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); r['check']='bench-torch'; print(json.dumps(r))" >> "$log" \
+        || echo "{\"check\":\"bench-torch\",\"model\":\"$1\",\"failed\":true}" >> "$log"
+done
+python3 - "$log" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+for r in rows:
+    if r["check"] == "parity":
+        print(f"parity {r.get('fixture')} {r.get('dtype')}: " + ("FAILED" if r.get("failed") else f"rel L2 {r['rel_l2']:.3e} on {r['device']}"))
+pk = {(r["model"], r["tokens"]): r for r in rows if r["check"] == "bench-phasekit" and not r.get("failed")}
+pt = {(r["model"], r["tokens"]): r for r in rows if r["check"] == "bench-torch" and not r.get("failed")}
+for k in sorted(set(pk) | set(pt)):
+    a, b = pk.get(k), pt.get(k)
+    line = f"block {k[0]} {k[1]} tokens bf16: phasekit " + (f"{a['seconds']*1e3:.1f} ms {a['gflops']:.0f} GFLOP/s" if a else "FAILED")
+    line += "; torch " + (f"{b['seconds']*1e3:.1f} ms {b['gflops']:.0f} GFLOP/s" if b else "FAILED")
+    if a and b:
+        line += f"; ratio phasekit/torch speed {b['seconds']/a['seconds']:.2f}x"
+    print(line)
+PY
