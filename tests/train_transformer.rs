@@ -332,3 +332,24 @@ fn embeddings_from_a_file() {
     assert_eq!(e.kind(), Kind::Inconsistent);
     assert!(e.to_string().contains("bad.safetensors"), "{e}");
 }
+
+#[test]
+fn several_resolutions_train_in_one_run() {
+    setup();
+    for name in ["qwen-image-tiny.toml", "wan2.2-tiny-2phase.toml"] {
+        let (mut r, text) = recipe(name);
+        let t = r.transformer.as_mut().unwrap();
+        t.resolutions = vec![[1, 4, 4], [1, 2, 4], [1, 4, 2]];
+        t.resolution_weights = vec![1.0, 1.0, 1.0];
+        r.train.updates_per_phase = 4;
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("run");
+        assert!(run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap().completed);
+        assert!(log_losses(&out).iter().all(|(g, f)| g.is_finite() && f.is_finite()), "{name}");
+        // A size that does not divide by the patch is refused up front.
+        r.transformer.as_mut().unwrap().resolutions = vec![[1, 3, 4]];
+        r.transformer.as_mut().unwrap().resolution_weights = vec![];
+        let e = run::train(&r, &text, &d.path().join("bad"), &TrainOptions::default(), &|_| {}).unwrap_err();
+        assert_eq!(e.kind(), Kind::Usage, "{e}");
+    }
+}

@@ -243,7 +243,7 @@ pub struct TransformerConfig {
     pub expert_boundary: Option<f64>,
     /// Re-noise range of phase 1, clamped to the high-noise expert (App. B), as [lo, hi].
     pub phase1_t_range: Option<[f64; 2]>,
-    /// Generator LoRA rank (0: full weights).
+    /// Generator LoRA rank (≥ 1; a full-weight transformer generator is not supported yet).
     pub lora_rank: usize,
     /// Generator LoRA alpha.
     pub lora_alpha: f64,
@@ -251,8 +251,8 @@ pub struct TransformerConfig {
     /// `checkpoint/high_noise_model` and `checkpoint/low_noise_model`; relative to the recipe
     /// file. Two equal paths load one model that serves as both experts (the tiny recipe).
     pub experts: Vec<String>,
-    /// Training resolutions (frames, height, width) and their probabilities. Only one
-    /// resolution per run is supported so far.
+    /// Training resolutions (frames, height, width) and their relative weights (empty: equal);
+    /// each iteration draws one.
     pub resolutions: Vec<[usize; 3]>,
     pub resolution_weights: Vec<f64>,
     /// `pixel`: `resolutions` are video/image sizes, divided by `vae_stride` (frames as

@@ -16,9 +16,11 @@
 //! expert), the teacher and the fake alike, one fake per teacher expert the phase's re-noise
 //! range reaches; each generator expert sits on the teacher expert that serves its first step.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -45,7 +47,9 @@ type CResult<T> = candle_core::Result<T>;
 /// A transformer teacher (or a view of one).
 pub enum Net {
     Wan(WanTransformer),
-    Qwen(QwenImageTransformer),
+    /// With the packed image shape `(F, H/2, W/2)` of the current batch, shared by every view
+    /// of one loaded model (so one call sets the resolution for the teacher, generators and fakes).
+    Qwen(QwenImageTransformer, Rc<Cell<[usize; 3]>>),
 }
 
 impl Net {
@@ -54,7 +58,7 @@ impl Net {
         let w = Weights::open(path, DType::F32, device)?;
         match w.family.as_str() {
             "wan22" => Ok(Net::Wan(WanTransformer::load(&w)?)),
-            "qwen_image" => Ok(Net::Qwen(QwenImageTransformer::load(&w)?)),
+            "qwen_image" => Ok(Net::Qwen(QwenImageTransformer::load(&w)?, Rc::new(Cell::new([1, 1, 1])))),
             f => Err(Error::at(Kind::Unsupported, path, format!("not a Wan2.2 or Qwen-Image transformer (family {f})"))),
         }
     }
@@ -62,7 +66,7 @@ impl Net {
     pub fn family(&self) -> &'static str {
         match self {
             Net::Wan(_) => "wan22",
-            Net::Qwen(_) => "qwen_image",
+            Net::Qwen(..) => "qwen_image",
         }
     }
 
@@ -70,14 +74,14 @@ impl Net {
     pub fn text_dim(&self) -> usize {
         match self {
             Net::Wan(m) => m.cfg.text_dim,
-            Net::Qwen(m) => m.cfg.joint_dim,
+            Net::Qwen(m, _) => m.cfg.joint_dim,
         }
     }
 
     pub fn in_channels(&self) -> usize {
         match self {
             Net::Wan(m) => m.cfg.in_channels,
-            Net::Qwen(m) => m.cfg.in_channels,
+            Net::Qwen(m, _) => m.cfg.in_channels,
         }
     }
 
@@ -101,21 +105,24 @@ impl Net {
                 dtype: m.dtype,
                 device: m.device.clone(),
             }),
-            Net::Qwen(m) => Net::Qwen(QwenImageTransformer {
-                cfg: m.cfg.clone(),
-                img_in: m.img_in.clone(),
-                txt_norm: m.txt_norm.clone(),
-                txt_in: m.txt_in.clone(),
-                time_1: m.time_1.clone(),
-                time_2: m.time_2.clone(),
-                blocks: m.blocks.clone(),
-                norm_out: m.norm_out.clone(),
-                proj_out: m.proj_out.clone(),
-                img_shape: m.img_shape,
-                null_text: m.null_text.clone(),
-                dtype: m.dtype,
-                device: m.device.clone(),
-            }),
+            Net::Qwen(m, shape) => Net::Qwen(
+                QwenImageTransformer {
+                    cfg: m.cfg.clone(),
+                    img_in: m.img_in.clone(),
+                    txt_norm: m.txt_norm.clone(),
+                    txt_in: m.txt_in.clone(),
+                    time_1: m.time_1.clone(),
+                    time_2: m.time_2.clone(),
+                    blocks: m.blocks.clone(),
+                    norm_out: m.norm_out.clone(),
+                    proj_out: m.proj_out.clone(),
+                    img_shape: m.img_shape,
+                    null_text: m.null_text.clone(),
+                    dtype: m.dtype,
+                    device: m.device.clone(),
+                },
+                shape.clone(),
+            ),
         }
     }
 
@@ -146,13 +153,14 @@ impl Net {
     pub fn set_null_text(&mut self, t: Option<Tensor>) {
         match self {
             Net::Wan(m) => m.null_text = t,
-            Net::Qwen(m) => m.null_text = t,
+            Net::Qwen(m, _) => m.null_text = t,
         }
     }
 
-    pub fn set_img_shape(&mut self, s: [usize; 3]) {
-        if let Net::Qwen(m) = self {
-            m.img_shape = s;
+    /// Set the packed image shape of this model and every view of it (Qwen; no-op for Wan).
+    pub fn set_img_shape(&self, s: [usize; 3]) {
+        if let Net::Qwen(_, shape) = self {
+            shape.set(s);
         }
     }
 
@@ -255,7 +263,7 @@ impl Parameters for Net {
     fn params(&mut self) -> Vec<(String, Param<'_>)> {
         match self {
             Net::Wan(m) => m.params(),
-            Net::Qwen(m) => m.params(),
+            Net::Qwen(m, _) => m.params(),
         }
     }
 }
@@ -264,13 +272,16 @@ impl Denoiser for Net {
     fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> CResult<Tensor> {
         match self {
             Net::Wan(m) => m.velocity(x, sigma, cond),
-            Net::Qwen(m) => m.velocity(x, sigma, cond),
+            Net::Qwen(m, shape) => {
+                let Cond::Embedding(e) = cond else { candle_core::bail!("the Qwen-Image transformer takes text-embedding conditions") };
+                m.forward(x, e, None, &sigma.to_dtype(DType::F32)?, shape.get())?.to_dtype(x.dtype())
+            }
         }
     }
     fn null_cond(&self, n: usize) -> CResult<Cond> {
         match self {
             Net::Wan(m) => m.null_cond(n),
-            Net::Qwen(m) => m.null_cond(n),
+            Net::Qwen(m, _) => m.null_cond(n),
         }
     }
 }
@@ -430,18 +441,21 @@ fn default_vae_stride(model: &str) -> [usize; 3] {
     }
 }
 
-/// The latent shape a recipe trains at.
-pub fn geometry(r: &Recipe, t: &TransformerConfig, net: &Net) -> Result<Geometry> {
-    let res = match t.resolutions.as_slice() {
-        [] => return Err(Error::usage("recipe: [transformer] resolutions is empty")),
-        [one] => *one,
-        more => {
-            return Err(Error::unsupported(format!(
-                "recipe: {} training resolutions; this trainer supports one per run so far (give one in resolutions)",
-                more.len()
-            )))
-        }
-    };
+/// The latent shapes a recipe trains at (one per entry of `resolutions`) and their weights.
+pub fn geometries(r: &Recipe, t: &TransformerConfig, net: &Net) -> Result<(Vec<Geometry>, Vec<f64>)> {
+    if t.resolutions.is_empty() {
+        return Err(Error::usage("recipe: [transformer] resolutions is empty"));
+    }
+    let w = if t.resolution_weights.is_empty() { vec![1.0; t.resolutions.len()] } else { t.resolution_weights.clone() };
+    if w.len() != t.resolutions.len() || w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
+        return Err(Error::usage("recipe: resolution_weights needs one non-negative weight per resolution, not all zero"));
+    }
+    let g = t.resolutions.iter().map(|res| geometry(r, t, net, *res)).collect::<Result<Vec<_>>>()?;
+    Ok((g, w))
+}
+
+/// The latent shape of one training resolution.
+pub fn geometry(r: &Recipe, t: &TransformerConfig, net: &Net, res: [usize; 3]) -> Result<Geometry> {
     let latent = match t.resolution_space {
         ResolutionSpace::Latent => res,
         ResolutionSpace::Pixel => {
@@ -464,7 +478,7 @@ pub fn geometry(r: &Recipe, t: &TransformerConfig, net: &Net) -> Result<Geometry
             }
             Ok(Geometry { item: vec![m.cfg.in_channels, f, h, w], latent, img_shape: [f, h / ph, w / pw] })
         }
-        Net::Qwen(m) => {
+        Net::Qwen(m, _) => {
             let p = m.cfg.patch;
             if f == 0 || h == 0 || w == 0 || h % p != 0 || w % p != 0 {
                 return Err(Error::usage(format!("recipe: latent size {latent:?} does not divide by the patch {p}")));
@@ -641,11 +655,11 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     if bases.len() == 2 && bases[0].family() != bases[1].family() {
         return Err(Error::inconsistent(&paths[1], "the two teacher experts are different model families"));
     }
-    let geo = geometry(r, &tc, &bases[0])?;
+    let (geos, geo_w) = geometries(r, &tc, &bases[0])?;
     let emb = Embeddings::load(&tc.embeddings, bases[0].text_dim(), r.seed, &device)?;
     for b in bases.iter_mut() {
         b.set_null_text(emb.negative.clone());
-        b.set_img_shape(geo.img_shape);
+        b.set_img_shape(geos[0].img_shape);
     }
     let recipe_sha = run::prepare_run_dir(out, opts, recipe_text)?;
     let emb_file = if tc.embeddings.starts_with("random:") {
@@ -761,7 +775,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         let fake_r = Routed { high: as_dyn(&fakes[0]), low: fakes.get(1).and_then(as_dyn), boundary: tc.expert_boundary };
         let fake_fr = Routed { high: as_dyn(&fake_frozen[0]), low: fake_frozen.get(1).and_then(as_dyn), boundary: tc.expert_boundary };
         let expert_refs: Vec<&dyn Denoiser> = experts.iter().map(|e| e as &dyn Denoiser).collect();
-        let phase = Phase {
+        let phase = |gi: usize| Phase {
             sched: &sched,
             scfg: &r.schedule,
             tcfg: &r.train,
@@ -770,7 +784,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             guidance: r.teacher.guidance,
             experts: &expert_refs,
             sample_cond: &sampler,
-            item: &geo.item,
+            item: &geos[gi].item,
             t_range,
             device: &device,
         };
@@ -798,7 +812,13 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             run::prune_checkpoints(out, r.train.keep_checkpoints)
         };
         for step in first..n {
-            let l = phase.iteration_views(&mut rng, &views, &mut gen_opt, &mut fake_opt).map_err(ce)?;
+            // One resolution per iteration (drawn only when there are several, so a single-
+            // resolution run's random stream does not depend on this).
+            let gi = if geos.len() > 1 { rng.categorical(&geo_w) } else { 0 };
+            for b in &bases {
+                b.set_img_shape(geos[gi].img_shape);
+            }
+            let l = phase(gi).iteration_views(&mut rng, &views, &mut gen_opt, &mut fake_opt).map_err(ce)?;
             global += 1;
             let done = step + 1;
             if !l.gen.is_finite() || !l.fake.is_finite() {
@@ -845,7 +865,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         run::write_tensors(&run::expert_path(out, p), &gen.lora_file_tensors()?, &md)?;
         experts.push(gen_frozen);
     }
-    write_outputs(r, &tc, out, &sched, &paths, &digests, &recipe_sha, &geo, &emb_file, &gen_base, bases[0].family())?;
+    write_outputs(r, &tc, out, &sched, &paths, &digests, &recipe_sha, &geos[0], &emb_file, &gen_base, bases[0].family())?;
     Ok(Summary {
         run_dir: out.into(),
         completed: true,
