@@ -634,6 +634,11 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     let paths = teacher_paths(&tc)?;
     let device = device();
     let sched = r.schedule.build()?;
+    if !r.train.fake_reinit {
+        return Err(Error::unsupported(
+            "recipe: train.fake_reinit = false is a toy ablation; transformer fakes restart from the teacher each phase",
+        ));
+    }
     if tc.lora_rank == 0 {
         return Err(Error::unsupported("recipe: lora_rank = 0 (full-weight generator) is not supported for transformers yet"));
     }
