@@ -353,3 +353,24 @@ fn several_resolutions_train_in_one_run() {
         assert_eq!(e.kind(), Kind::Usage, "{e}");
     }
 }
+
+#[test]
+fn a_bf16_base_trains_f32_adapters_and_resumes_bit_identically() {
+    setup();
+    let (mut r, text) = recipe("wan2.2-tiny-2phase.toml");
+    r.transformer.as_mut().unwrap().dtype = "bf16".into();
+    r.transformer.as_mut().unwrap().fake = phasekit::train::recipe::FakeKind::Full;
+    let d = tempfile::tempdir().unwrap();
+    let full = d.path().join("full");
+    run::train(&r, &text, &full, &TrainOptions::default(), &|_| {}).unwrap();
+    assert!(log_losses(&full).iter().all(|(g, f)| g.is_finite() && f.is_finite()));
+    let part = d.path().join("part");
+    run::train(&r, &text, &part, &TrainOptions { stop_after: Some(2), ..Default::default() }, &|_| {}).unwrap();
+    run::train(&r, &text, &part, &TrainOptions { resume: true, ..Default::default() }, &|_| {}).unwrap();
+    for k in 0..2 {
+        let f = format!("experts/expert-{k}.safetensors");
+        assert_eq!(tensors(&full.join(&f)), tensors(&part.join(&f)));
+    }
+    let smp = d.path().join("s.safetensors");
+    run_ok(&["sample", "--run", &s(&full), "--n", "2", "--out", &s(&smp)]);
+}

@@ -270,6 +270,9 @@ pub struct TransformerConfig {
     /// Linear layers that get LoRA adapters (glob patterns over diffusers module names);
     /// empty: every attention projection and FFN linear.
     pub lora_targets: Vec<String>,
+    /// Storage dtype of the shared base weights: `f32`, `bf16` or `f16`. Activations, adapters,
+    /// full-parameter fakes and optimiser states stay f32.
+    pub dtype: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +307,7 @@ impl Default for TransformerConfig {
             fake_lora_rank: 64,
             fake_lora_alpha: 64.0,
             lora_targets: Vec::new(),
+            dtype: "f32".into(),
         }
     }
 }

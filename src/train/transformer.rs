@@ -55,7 +55,12 @@ pub enum Net {
 impl Net {
     /// Load a checkpoint (any layout phasekit reads) in f32 on `device`.
     pub fn open(path: &Path, device: &Device) -> Result<Net> {
-        let w = Weights::open(path, DType::F32, device)?;
+        Net::open_as(path, DType::F32, device)
+    }
+
+    /// Load a checkpoint with its weights stored as `dtype` (f32, bf16 or f16).
+    pub fn open_as(path: &Path, dtype: DType, device: &Device) -> Result<Net> {
+        let w = Weights::open(path, dtype, device)?;
         match w.family.as_str() {
             "wan22" => Ok(Net::Wan(WanTransformer::load(&w)?)),
             "qwen_image" => Ok(Net::Qwen(QwenImageTransformer::load(&w)?, Rc::new(Cell::new([1, 1, 1])))),
@@ -164,11 +169,25 @@ impl Net {
         }
     }
 
-    /// Attach fresh adapters (zero `up`) per `cfg`; returns how many.
+    /// Attach fresh adapters (zero `up`) per `cfg`, kept in f32 whatever the base dtype (a
+    /// 16-bit base gives `down` its initial values rounded to 16 bits); returns how many.
     pub fn attach(&mut self, cfg: &LoraConfig) -> Result<usize> {
         let n = self.attach_lora(cfg).map_err(ce)?;
         if n == 0 {
             return Err(Error::usage(format!("recipe: lora_targets {:?} match no linear layer of the model", cfg.targets)));
+        }
+        for (_, p) in self.params() {
+            if let Param::Linear(l) = p {
+                if let Some(a) = l.lora.take() {
+                    l.lora = Some(if a.down.dtype() == DType::F32 {
+                        a
+                    } else {
+                        let (d, u) =
+                            (a.down.as_tensor().to_dtype(DType::F32).map_err(ce)?, a.up.as_tensor().to_dtype(DType::F32).map_err(ce)?);
+                        LoraAdapter::from_tensors(&d, &u, a.alpha).map_err(ce)?
+                    });
+                }
+            }
         }
         Ok(n)
     }
@@ -197,6 +216,8 @@ impl Net {
             match p {
                 Param::Linear(l) => {
                     let has_bias = l.bias.is_some();
+                    l.weight = l.weight.to_dtype(DType::F32).map_err(ce)?;
+                    l.bias = l.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose().map_err(ce)?;
                     let vs = l.make_trainable().map_err(ce)?;
                     t.names.push(format!("{name}.weight"));
                     if has_bias {
@@ -205,7 +226,7 @@ impl Net {
                     t.vars.extend(vs);
                 }
                 Param::Tensor(x) => {
-                    let v = Var::from_tensor(&x.detach()).map_err(ce)?;
+                    let v = Var::from_tensor(&x.detach().to_dtype(DType::F32).map_err(ce)?).map_err(ce)?;
                     *x = v.as_tensor().clone();
                     t.names.push(name);
                     t.vars.push(v);
@@ -310,6 +331,16 @@ impl Trainable {
     fn extend(&mut self, prefix: &str, o: Trainable) {
         self.names.extend(o.names.into_iter().map(|n| format!("{prefix}{n}")));
         self.vars.extend(o.vars);
+    }
+}
+
+/// `f32`, `bf16` or `f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        o => Err(Error::usage(format!("recipe: [transformer] dtype '{}' is not f32, bf16 or f16", crate::error::clean(o)))),
     }
 }
 
@@ -583,9 +614,16 @@ pub struct RunInfo {
     pub shift: f64,
     pub sigmas: Vec<f64>,
     pub teacher_guidance: f64,
+    /// Storage dtype of the base weights.
+    #[serde(default = "f32_name")]
+    pub dtype: String,
     pub experts: Vec<RunExpert>,
     /// Notes (e.g. why `manifest.json` has no base).
     pub notes: Vec<String>,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -633,6 +671,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     let tc = r.transformer.clone().ok_or_else(|| Error::usage(format!("recipe: model '{}' needs a [transformer] section", r.model)))?;
     let paths = teacher_paths(&tc)?;
     let device = device();
+    let dtype = parse_dtype(&tc.dtype)?;
     let sched = r.schedule.build()?;
     if !r.train.fake_reinit {
         return Err(Error::unsupported(
@@ -654,7 +693,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             let v = bases[0].base_view();
             bases.push(v);
         } else {
-            bases.push(Net::open(p, &device)?);
+            bases.push(Net::open_as(p, dtype, &device)?);
         }
     }
     if bases.len() == 2 && bases[0].family() != bases[1].family() {
@@ -972,6 +1011,7 @@ fn write_outputs(
         shift: sched.shift,
         sigmas: sched.sigmas.clone(),
         teacher_guidance: r.teacher.guidance,
+        dtype: tc.dtype.clone(),
         experts: info_experts,
         notes,
     };
@@ -1015,7 +1055,7 @@ impl TransformerRun {
                 let v = bases.first().map(Net::base_view).expect("first base");
                 bases.push(v);
             } else {
-                bases.push(Net::open(Path::new(t), device)?);
+                bases.push(Net::open_as(Path::new(t), parse_dtype(&info.dtype)?, device)?);
             }
         }
         let emb_path = dir.join(&info.embeddings);
