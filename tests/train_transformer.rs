@@ -133,9 +133,10 @@ fn resume_after_a_stop_is_bit_identical() {
     let d = tempfile::tempdir().unwrap();
     let full = d.path().join("full");
     run::train(&r, &text, &full, &TrainOptions::default(), &|_| {}).unwrap();
-    // Stop mid-phase 0 (at a checkpoint) and in phase 1 (after the last checkpoint: resume
-    // repeats the lost updates from the phase-0 checkpoint).
-    for stop in [2, 4] {
+    // Stop mid-phase 0 (at a checkpoint), at the end of phase 0 (checkpoint written, expert
+    // file not yet) and in phase 1 (after the last checkpoint: resume repeats the lost updates
+    // from the phase-0 checkpoint).
+    for stop in [2, 3, 4] {
         let part = d.path().join(format!("stop{stop}"));
         let s1 = run::train(&r, &text, &part, &TrainOptions { stop_after: Some(stop), ..Default::default() }, &|_| {}).unwrap();
         assert!(!s1.completed);
