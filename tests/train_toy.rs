@@ -181,24 +181,28 @@ fn run_folder_manifest_and_sampling() {
 }
 
 #[test]
-fn every_recipe_parses_and_transformer_recipes_are_refused_honestly() {
+fn every_recipe_parses_and_transformer_recipes_without_a_teacher_fail_naming_it() {
     setup();
     let mut n = 0;
     for e in std::fs::read_dir(repo().join("recipes")).unwrap() {
         let p = e.unwrap().path();
         let (r, text) = Recipe::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         n += 1;
-        if !r.is_toy() {
+        let tiny = r.name.contains("tiny");
+        if !r.is_toy() && !tiny {
+            // The full-size recipes name teachers that are not in the repository: a clear I/O
+            // error (exit 3) naming the missing path, before anything is written.
             let d = tempfile::tempdir().unwrap();
             let e = run::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap_err();
-            assert_eq!(e.kind(), Kind::Unsupported);
-            assert!(e.to_string().contains("transformer (not built yet)"), "{e}");
+            assert_eq!(e.kind(), Kind::Io, "{e}");
+            assert!(e.to_string().contains("teacher checkpoint not found"), "{e}");
+            assert!(!d.path().join("run").exists());
             assert_eq!(r.schedule.steps, 4);
             assert_eq!(r.train.betas, [0.0, 0.999]);
             assert_eq!(r.train.ttur, 5);
         }
     }
-    assert!(n >= 9, "{n} recipes");
+    assert!(n >= 11, "{n} recipes");
     let e = Recipe::parse("[train]\nbatchsize = 3\n", Path::new("x.toml")).unwrap_err();
     assert_eq!(e.kind(), Kind::Malformed);
     assert!(Recipe::parse("[schedule]\nsteps = 4\nphases = [1, 3]\n", Path::new("x.toml")).is_err());

@@ -12,11 +12,14 @@ pub struct Linear {
     /// `[out]`.
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
+    /// Compute without recording gradients: weight, bias and adapter are detached at each
+    /// forward (a frozen view that still sees in-place updates of the variables it shares).
+    pub frozen: bool,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear { weight, bias, lora: None }
+        Linear { weight, bias, lora: None, frozen: false }
     }
 
     /// `<name>.weight [out, in]` and `<name>.bias [out]` from a checkpoint.
@@ -43,13 +46,22 @@ impl Linear {
         let x2 = x.to_dtype(dt)?.reshape((rows, last))?;
         // y = (W·xᵀ)ᵀ: W stays the contiguous left operand, so its gradient comes out of one
         // matmul as a contiguous [out, in] tensor (x·Wᵀ would produce it through a transpose).
-        let mut y = self.weight.to_dtype(dt)?.matmul(&x2.t()?)?.t()?;
+        let fr = |t: &Tensor| if self.frozen { t.detach() } else { t.clone() };
+        let mut y = fr(&self.weight).to_dtype(dt)?.matmul(&x2.t()?)?.t()?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(dt)?)?;
+            y = y.broadcast_add(&fr(b).to_dtype(dt)?)?;
         }
         if let Some(l) = &self.lora {
             let ld = l.down.dtype();
-            y = (y + l.delta(&x2.to_dtype(ld)?)?.to_dtype(dt)?)?;
+            let xl = x2.to_dtype(ld)?;
+            let d = if self.frozen {
+                // The same operations as `LoraAdapter::delta`, on detached factors.
+                let h = xl.broadcast_matmul(&l.down.as_tensor().detach().t()?)?;
+                (h.broadcast_matmul(&l.up.as_tensor().detach().t()?)? * l.scale())?
+            } else {
+                l.delta(&xl)?
+            };
+            y = (y + d.to_dtype(dt)?)?;
         }
         let mut out = lead.to_vec();
         out.push(self.out_dim());

@@ -162,6 +162,9 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
 pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
     super::single_threaded_kernels();
     crate::atomic::check_target(&a.out, a.force)?;
+    if super::transformer::is_transformer_run(&a.run) {
+        return sample_transformer(a, json);
+    }
     let run = LoadedRun::open(&a.run)?;
     if let Some(c) = a.class {
         if c as usize >= run.mixture.classes {
@@ -184,6 +187,31 @@ pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
     } else {
         println!("wrote {} samples → {}", a.n, a.out.display());
         println!("{}", table(&[(run.manifest.method.clone(), m)]));
+    }
+    Ok(())
+}
+
+/// `phasekit sample --run` on a transformer run: latents, no metrics.
+fn sample_transformer(a: &SampleArgs, json: bool) -> Result<()> {
+    if a.class.is_some() {
+        return Err(Error::usage("--class is for the toy; a transformer run conditions sample i on prompt i mod N"));
+    }
+    if a.n == 0 || a.steps == Some(0) {
+        return Err(Error::usage("--n and --steps must be at least 1"));
+    }
+    let run = super::transformer::TransformerRun::open(&a.run, &super::transformer::device())?;
+    let x = run.sample(a.n, a.steps, a.seed)?;
+    let md = vec![
+        ("phasekit.format".to_string(), "phasekit-samples/1".to_string()),
+        ("phasekit.run".to_string(), a.run.display().to_string()),
+        ("phasekit.steps".to_string(), a.steps.unwrap_or(run.info.steps).to_string()),
+        ("phasekit.layout".to_string(), if run.info.family == "qwen_image" { "packed [N, S, C]" } else { "[N, C, F, H, W]" }.to_string()),
+    ];
+    run::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
+    if json {
+        print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "shape": x.dims() }));
+    } else {
+        println!("wrote {} latents {:?} → {}", a.n, x.dims(), a.out.display());
     }
     Ok(())
 }

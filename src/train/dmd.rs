@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 use super::denoiser::{guided, Cond, Denoiser, Mlp};
 use super::optim::AdamW;
 use super::recipe::{Backprop, FakeObjective, FakeSamples, ScheduleConfig, TrainConfig};
-use super::schedule::{shift, transition, Schedule};
+use super::schedule::{shift, transition, unshift, Schedule};
 use super::Rng;
 
 type CResult<T> = candle_core::Result<T>;
@@ -47,19 +47,31 @@ pub fn rollout(by_step: &[&dyn Denoiser], sigmas: &[f64], from: usize, to: usize
 
 /// Standard-normal noise `[n, dims…]` from the run's generator.
 pub fn noise(rng: &mut Rng, n: usize, item: &[usize]) -> CResult<Tensor> {
+    noise_on(rng, n, item, &Device::Cpu)
+}
+
+/// [`noise`] on `dev` (drawn on the host from the run's generator, so every device sees the same numbers).
+pub fn noise_on(rng: &mut Rng, n: usize, item: &[usize], dev: &Device) -> CResult<Tensor> {
     let mut shape = vec![n];
     shape.extend_from_slice(item);
     let count: usize = shape.iter().product();
-    Tensor::from_vec(rng.normals_f32(count), shape, &Device::Cpu)
+    Tensor::from_vec(rng.normals_f32(count), shape, dev)
 }
 
 /// Per-sample column `[n, 1]`.
-fn col(v: &[f64]) -> CResult<Tensor> {
-    Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), (v.len(), 1), &Device::Cpu)
+fn col(v: &[f64], dev: &Device) -> CResult<Tensor> {
+    Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), (v.len(), 1), dev)
 }
 
-fn row(v: &[f64]) -> CResult<Tensor> {
-    Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), v.len(), &Device::Cpu)
+fn row(v: &[f64], dev: &Device) -> CResult<Tensor> {
+    Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), v.len(), dev)
+}
+
+/// `[n, 1, …, 1]` of rank `rank` from per-sample values (broadcasts against a batch).
+fn bcol(v: &[f64], rank: usize, dev: &Device) -> CResult<Tensor> {
+    let mut shape = vec![v.len()];
+    shape.extend(std::iter::repeat_n(1, rank.saturating_sub(1)));
+    Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), shape, dev)
 }
 
 /// `(x_t, ε, t, α_{t|s}, σ_{t|s})` of a re-noised batch.
@@ -79,6 +91,19 @@ pub struct Phase<'a> {
     pub sample_cond: CondSampler<'a>,
     /// Shape of one sample (toy: `[dim]`).
     pub item: &'a [usize],
+    /// Re-noise levels of this phase are restricted to this σ range (after the shift), e.g. the
+    /// high-noise expert's range in phase 1 of a two-expert teacher (App. B).
+    pub t_range: Option<(f64, f64)>,
+    /// Where the batch tensors live.
+    pub device: &'a Device,
+}
+
+/// The generator and fake score of a phase, each trainable and as a frozen view.
+pub struct Views<'a> {
+    pub gen: &'a dyn Denoiser,
+    pub gen_frozen: &'a dyn Denoiser,
+    pub fake: &'a dyn Denoiser,
+    pub fake_frozen: &'a dyn Denoiser,
 }
 
 /// A generated batch at the phase boundary.
@@ -120,19 +145,27 @@ impl Phase<'_> {
 
     /// Generate a batch at the boundary. `gen` is the trainable expert (gradients flow through
     /// its variables when `grad`); `frozen` the same weights without gradient tracking.
-    pub fn generate(&self, rng: &mut Rng, n: usize, gen: &Mlp, frozen: &Mlp, grad: bool, for_fake: bool) -> CResult<Generated> {
+    pub fn generate(
+        &self,
+        rng: &mut Rng,
+        n: usize,
+        gen: &dyn Denoiser,
+        frozen: &dyn Denoiser,
+        grad: bool,
+        for_fake: bool,
+    ) -> CResult<Generated> {
         let (a, b, s) = self.bounds();
-        let z = noise(rng, n, self.item)?;
+        let z = noise_on(rng, n, self.item, self.device)?;
         let cond = (self.sample_cond)(rng, n)?;
         let steps = self.by_step(frozen);
         let sig = &self.sched.sigmas;
         let x = rollout(&steps, sig, 0, a, z, &cond)?;
-        let g: &dyn Denoiser = if grad { gen } else { frozen };
+        let g = if grad { gen } else { frozen };
         if self.scfg.backprop == Backprop::All {
             let mut x = x;
             let mut x0 = x.clone();
             for (i, t) in sig.iter().enumerate().take(b).skip(a) {
-                let v = g.velocity(&x, &Tensor::full(*t as f32, n, &Device::Cpu)?, &cond)?;
+                let v = g.velocity(&x, &Tensor::full(*t as f32, n, self.device)?, &cond)?;
                 x0 = (&x - (&v * *t)?)?;
                 x = (&x + (v * (sig[i + 1] - t))?)?;
             }
@@ -142,7 +175,7 @@ impl Phase<'_> {
         let j = if self.scfg.sgts && !full { a + rng.below(b - a) } else { b - 1 };
         let x = rollout(&steps, sig, a, j, x, &cond)?;
         let tj = sig[j];
-        let v = g.velocity(&x, &Tensor::full(tj as f32, n, &Device::Cpu)?, &cond)?;
+        let v = g.velocity(&x, &Tensor::full(tj as f32, n, self.device)?, &cond)?;
         let xs = (&x + (&v * (s - tj))?)?;
         let x0 = (&x - (&v * tj)?)?;
         Ok(Generated { xs, x0, cond })
@@ -150,7 +183,12 @@ impl Phase<'_> {
 
     /// Re-noise levels for `n` samples: uniform on the phase's interval before the shift.
     pub fn renoise_levels(&self, rng: &mut Rng, n: usize) -> Vec<f64> {
-        let (lo, hi) = self.sched.renoise_interval(self.phase, self.scfg.renoise);
+        let (mut lo, mut hi) = self.sched.renoise_interval(self.phase, self.scfg.renoise);
+        if let Some((a, b)) = self.t_range {
+            // The range is in shifted σ; intersect before the shift so t stays uniform there.
+            lo = lo.max(unshift(a, self.sched.shift));
+            hi = hi.min(unshift(b, self.sched.shift));
+        }
         (0..n).map(|_| shift(lo + (hi - lo) * rng.uniform_open0(), self.sched.shift)).collect()
     }
 
@@ -160,13 +198,14 @@ impl Phase<'_> {
         let n = xs.dim(0)?;
         let t = self.renoise_levels(rng, n);
         let (al, sg): (Vec<f64>, Vec<f64>) = t.iter().map(|t| transition(s, *t)).unzip();
-        let eps = noise(rng, n, self.item)?;
-        let xt = (xs.broadcast_mul(&col(&al)?)? + eps.broadcast_mul(&col(&sg)?)?)?;
+        let eps = noise_on(rng, n, self.item, self.device)?;
+        let r = xs.rank();
+        let xt = (xs.broadcast_mul(&bcol(&al, r, self.device)?)? + eps.broadcast_mul(&bcol(&sg, r, self.device)?)?)?;
         Ok((xt, eps, t, al, sg))
     }
 
     /// One fake-score update (Eq. 13, or the naive target).
-    pub fn fake_update(&self, rng: &mut Rng, frozen_gen: &Mlp, fake: &Mlp, opt: &mut AdamW) -> CResult<f64> {
+    pub fn fake_update(&self, rng: &mut Rng, frozen_gen: &dyn Denoiser, fake: &dyn Denoiser, opt: &mut AdamW) -> CResult<f64> {
         let (_, _, s) = self.bounds();
         let n = self.tcfg.batch;
         let gb = self.generate(rng, n, frozen_gen, frozen_gen, false, true)?;
@@ -180,26 +219,33 @@ impl Phase<'_> {
                     .map(|(t, sg)| ((1.0 - s).powi(2) * t + (1.0 - t) * s * s) / ((1.0 - s).powi(2) * sg.max(1e-12)))
                     .collect();
                 let w: Vec<f64> = sg.iter().map(|sg| (1.0 / (sg * sg)).min(self.tcfg.fake_clamp_max) * sg * sg).collect();
-                ((eps.broadcast_mul(&col(&c)?)? - (&xs / (1.0 - s))?)?, w)
+                ((eps.broadcast_mul(&bcol(&c, xs.rank(), self.device)?)? - (&xs / (1.0 - s))?)?, w)
             }
             FakeObjective::Naive => ((&eps - &xs)?, vec![1.0; n]),
         };
-        let pred = fake.velocity(&xt, &row(&t)?, &gb.cond)?;
+        let pred = fake.velocity(&xt, &row(&t, self.device)?, &gb.cond)?;
         let per = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
-        let loss = (per * row(&w)?)?.mean_all()?;
+        let loss = (per * row(&w, self.device)?)?.mean_all()?;
         let grads = loss.backward()?;
         opt.step(&grads, self.tcfg.grad_clip)?;
         Ok(loss.to_scalar::<f32>()? as f64)
     }
 
     /// One generator update (Eq. 10 with the DMD2 normaliser).
-    pub fn gen_update(&self, rng: &mut Rng, gen: &Mlp, frozen_gen: &Mlp, frozen_fake: &Mlp, opt: &mut AdamW) -> CResult<(f64, f64)> {
+    pub fn gen_update(
+        &self,
+        rng: &mut Rng,
+        gen: &dyn Denoiser,
+        frozen_gen: &dyn Denoiser,
+        frozen_fake: &dyn Denoiser,
+        opt: &mut AdamW,
+    ) -> CResult<(f64, f64)> {
         let n = self.tcfg.batch;
         let gb = self.generate(rng, n, gen, frozen_gen, true, false)?;
         let xs_sg = gb.xs.detach();
         let (xt, _eps, t, _al, _sg) = self.renoise(rng, &xs_sg)?;
-        let tr = row(&t)?;
-        let tc = col(&t)?;
+        let tr = row(&t, self.device)?;
+        let tc = bcol(&t, xt.rank(), self.device)?;
         let vt = guided(self.teacher, &xt, &tr, &gb.cond, self.guidance)?.detach();
         let vf = frozen_fake.velocity(&xt, &tr, &gb.cond)?.detach();
         let x0t = (&xt - vt.broadcast_mul(&tc)?)?;
@@ -221,11 +267,17 @@ impl Phase<'_> {
     pub fn iteration(&self, rng: &mut Rng, gen: &Mlp, fake: &Mlp, gen_opt: &mut AdamW, fake_opt: &mut AdamW) -> CResult<StepLosses> {
         let fg = gen.frozen();
         let ff = fake.frozen();
+        self.iteration_views(rng, &Views { gen, gen_frozen: &fg, fake, fake_frozen: &ff }, gen_opt, fake_opt)
+    }
+
+    /// [`Phase::iteration`] over any denoisers: trainable ones and frozen views of the same
+    /// weights (views that compute without recording gradients but see every update).
+    pub fn iteration_views(&self, rng: &mut Rng, m: &Views<'_>, gen_opt: &mut AdamW, fake_opt: &mut AdamW) -> CResult<StepLosses> {
         let mut fl = 0.0;
         for _ in 0..self.tcfg.ttur {
-            fl += self.fake_update(rng, &fg, fake, fake_opt)?;
+            fl += self.fake_update(rng, m.gen_frozen, m.fake, fake_opt)?;
         }
-        let (gl, gn) = self.gen_update(rng, gen, &fg, &ff, gen_opt)?;
+        let (gl, gn) = self.gen_update(rng, m.gen, m.gen_frozen, m.fake_frozen, gen_opt)?;
         Ok(StepLosses { gen: gl, fake: fl / self.tcfg.ttur as f64, gen_grad_norm: gn })
     }
 }
@@ -236,9 +288,9 @@ pub fn flow_matching_loss(model: &Mlp, x0: &Tensor, cond: &Cond, rng: &mut Rng) 
     let item: Vec<usize> = x0.dims()[1..].to_vec();
     let sig: Vec<f64> = (0..n).map(|_| rng.uniform()).collect();
     let eps = noise(rng, n, &item)?;
-    let sc = col(&sig)?;
+    let sc = col(&sig, &Device::Cpu)?;
     let xt = (x0.broadcast_mul(&(1.0 - &sc)?)? + eps.broadcast_mul(&sc)?)?;
-    let v = model.velocity(&xt, &row(&sig)?, cond)?;
+    let v = model.velocity(&xt, &row(&sig, &Device::Cpu)?, cond)?;
     (v - (eps - x0)?)?.sqr()?.mean_all()
 }
 

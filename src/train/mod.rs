@@ -20,6 +20,7 @@ pub mod plot;
 pub mod recipe;
 pub mod run;
 pub mod schedule;
+pub mod transformer;
 
 use crate::error::Error;
 

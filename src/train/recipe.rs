@@ -243,13 +243,50 @@ pub struct TransformerConfig {
     pub expert_boundary: Option<f64>,
     /// Re-noise range of phase 1, clamped to the high-noise expert (App. B), as [lo, hi].
     pub phase1_t_range: Option<[f64; 2]>,
-    /// Generator LoRA rank (0: full weights).
+    /// Generator LoRA rank (≥ 1; a full-weight transformer generator is not supported yet).
     pub lora_rank: usize,
     /// Generator LoRA alpha.
     pub lora_alpha: f64,
-    /// Training resolutions (frames, height, width) and their probabilities.
+    /// Teacher expert checkpoints `[high_noise, low_noise]` of a two-expert teacher, overriding
+    /// `checkpoint/high_noise_model` and `checkpoint/low_noise_model`; relative to the recipe
+    /// file. Two equal paths load one model that serves as both experts (the tiny recipe).
+    pub experts: Vec<String>,
+    /// Training resolutions (frames, height, width) and their relative weights (empty: equal);
+    /// each iteration draws one.
     pub resolutions: Vec<[usize; 3]>,
     pub resolution_weights: Vec<f64>,
+    /// `pixel`: `resolutions` are video/image sizes, divided by `vae_stride` (frames as
+    /// `(F − 1)/stride + 1`); `latent`: they are latent frames, height and width already.
+    pub resolution_space: ResolutionSpace,
+    /// VAE downsampling (frames, height, width); default by model: Wan2.2 A14B `[4, 8, 8]`,
+    /// TI2V-5B `[4, 16, 16]`, Qwen-Image `[1, 8, 8]`.
+    pub vae_stride: Option<[usize; 3]>,
+    /// Fake score: `lora` (teacher base + a fresh zero-`up` LoRA per phase, rank
+    /// `fake_lora_rank`) or `full` (every weight of a copy of the teacher expert trains, the
+    /// paper's setting; costs one full copy of the weights per fake).
+    pub fake: FakeKind,
+    pub fake_lora_rank: usize,
+    pub fake_lora_alpha: f64,
+    /// Linear layers that get LoRA adapters (glob patterns over diffusers module names);
+    /// empty: every attention projection and FFN linear.
+    pub lora_targets: Vec<String>,
+    /// Storage dtype of the shared base weights: `f32`, `bf16` or `f16`. Activations, adapters,
+    /// full-parameter fakes and optimiser states stay f32.
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResolutionSpace {
+    Pixel,
+    Latent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FakeKind {
+    Lora,
+    Full,
 }
 
 impl Default for TransformerConfig {
@@ -261,8 +298,16 @@ impl Default for TransformerConfig {
             phase1_t_range: None,
             lora_rank: 64,
             lora_alpha: 8.0,
+            experts: Vec::new(),
             resolutions: Vec::new(),
             resolution_weights: Vec::new(),
+            resolution_space: ResolutionSpace::Pixel,
+            vae_stride: None,
+            fake: FakeKind::Full,
+            fake_lora_rank: 64,
+            fake_lora_alpha: 64.0,
+            lora_targets: Vec::new(),
+            dtype: "f32".into(),
         }
     }
 }
@@ -280,10 +325,19 @@ impl Recipe {
     pub fn load(path: &Path) -> Result<(Recipe, String)> {
         let text = std::fs::read_to_string(path).with_file(path)?;
         let mut r = Recipe::parse(&text, path)?;
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         if let Some(c) = &r.teacher.checkpoint {
             if c.is_relative() {
-                r.teacher.checkpoint = Some(path.parent().unwrap_or(Path::new(".")).join(c));
+                r.teacher.checkpoint = Some(dir.join(c));
             }
+        }
+        if let Some(t) = &mut r.transformer {
+            let abs = |s: &str| if s.is_empty() || Path::new(s).is_absolute() { s.to_string() } else { dir.join(s).display().to_string() };
+            t.checkpoint = abs(&t.checkpoint);
+            if !t.embeddings.starts_with("random:") {
+                t.embeddings = abs(&t.embeddings);
+            }
+            t.experts = t.experts.iter().map(|e| abs(e)).collect();
         }
         Ok((r, text))
     }

@@ -74,7 +74,7 @@ pub fn read_tensors(path: &Path) -> Result<(NamedTensors, Vec<(String, String)>)
     Ok((out, h.metadata.unwrap_or_default()))
 }
 
-fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::internal(e.to_string()))?;
     atomic::write_file(path, format!("{text}\n").as_bytes())
 }
@@ -240,11 +240,11 @@ pub fn method_name(r: &Recipe, s: &Schedule) -> String {
     m
 }
 
-fn ckpt_dir(out: &Path) -> PathBuf {
+pub(crate) fn ckpt_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
-fn latest_checkpoint(out: &Path) -> Result<Option<(CheckpointInfo, PathBuf)>> {
+pub(crate) fn latest_checkpoint(out: &Path) -> Result<Option<(CheckpointInfo, PathBuf)>> {
     let dir = ckpt_dir(out);
     if !dir.is_dir() {
         return Ok(None);
@@ -264,7 +264,7 @@ fn latest_checkpoint(out: &Path) -> Result<Option<(CheckpointInfo, PathBuf)>> {
     Ok(best)
 }
 
-fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
+pub(crate) fn prune_checkpoints(out: &Path, keep: usize) -> Result<()> {
     let dir = ckpt_dir(out);
     let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_file(&dir)?
@@ -285,7 +285,7 @@ fn prefixed(prefix: &str, m: &Mlp) -> Vec<(String, Tensor)> {
     m.named_tensors().into_iter().map(|(n, t)| (format!("{prefix}{n}"), t)).collect()
 }
 
-fn opt_tensors(prefix: &str, names: &[String], o: &AdamW) -> Vec<(String, Tensor)> {
+pub(crate) fn opt_tensors(prefix: &str, names: &[String], o: &AdamW) -> Vec<(String, Tensor)> {
     let mut v = Vec::new();
     for (i, n) in names.iter().enumerate() {
         v.push((format!("{prefix}m.{n}"), o.m[i].as_tensor().detach()));
@@ -294,7 +294,7 @@ fn opt_tensors(prefix: &str, names: &[String], o: &AdamW) -> Vec<(String, Tensor
     v
 }
 
-fn restore_opt(prefix: &str, names: &[String], o: &mut AdamW, t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+pub(crate) fn restore_opt(prefix: &str, names: &[String], o: &mut AdamW, t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
     for (i, n) in names.iter().enumerate() {
         for (which, var) in [("m", &o.m[i]), ("v", &o.v[i])] {
             let key = format!("{prefix}{which}.{n}");
@@ -321,7 +321,7 @@ fn mlp_order(n: &str) -> (usize, usize) {
     (1 + i, if n.ends_with("weight") { 0 } else { 1 })
 }
 
-fn expert_path(out: &Path, k: usize) -> PathBuf {
+pub(crate) fn expert_path(out: &Path, k: usize) -> PathBuf {
     out.join("experts").join(format!("expert-{k}.safetensors"))
 }
 
@@ -330,15 +330,8 @@ pub fn class_sampler(mix: &Mixture) -> impl Fn(&mut Rng, usize) -> candle_core::
     move |rng: &mut Rng, n: usize| class_cond(mix.sample_classes(n, rng))
 }
 
-/// Train a recipe into `out`.
-pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on: &dyn Fn(&Event)) -> Result<Summary> {
-    let t0 = Instant::now();
-    if !r.is_toy() {
-        let what = if r.model.starts_with("qwen") { "the Qwen-Image transformer" } else { "the Wan2.2 transformer" };
-        return Err(Error::unsupported(format!("recipe model '{}' needs {what} (not built yet)", r.model)));
-    }
-    let sched = r.schedule.build()?;
-    let mix = Mixture::new(&r.mixture)?;
+/// Create (or, with `--resume`, reopen) a run folder and store the recipe; returns its sha256.
+pub(crate) fn prepare_run_dir(out: &Path, opts: &TrainOptions, recipe_text: &str) -> Result<String> {
     let recipe_sha = sha256_hex(recipe_text.as_bytes());
     // Run folder.
     if out.exists() && !opts.resume {
@@ -359,6 +352,38 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     } else {
         atomic::write_file(&recipe_copy, recipe_text.as_bytes())?;
     }
+    Ok(recipe_sha)
+}
+
+/// Keep `log.jsonl` consistent with the checkpoint a run resumes from (drop later lines) and
+/// open it for appending.
+pub(crate) fn open_log(out: &Path, resume: bool, keep_until: u64) -> Result<(std::fs::File, PathBuf)> {
+    let log_path = out.join("log.jsonl");
+    let mut log_text = String::new();
+    if resume && log_path.exists() {
+        for l in std::fs::read_to_string(&log_path).with_file(&log_path)?.lines() {
+            if let Ok(x) = serde_json::from_str::<LogLine>(l) {
+                if x.global_step <= keep_until {
+                    log_text.push_str(l);
+                    log_text.push('\n');
+                }
+            }
+        }
+    }
+    atomic::write_file(&log_path, log_text.as_bytes())?;
+    let log = std::fs::OpenOptions::new().append(true).open(&log_path).with_file(&log_path)?;
+    Ok((log, log_path))
+}
+
+/// Train a recipe into `out`.
+pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on: &dyn Fn(&Event)) -> Result<Summary> {
+    let t0 = Instant::now();
+    if !r.is_toy() {
+        return super::transformer::train(r, recipe_text, out, opts, on);
+    }
+    let sched = r.schedule.build()?;
+    let mix = Mixture::new(&r.mixture)?;
+    let recipe_sha = prepare_run_dir(out, opts, recipe_text)?;
     // Teacher.
     let teacher_file = match &r.teacher.checkpoint {
         Some(p) => p.clone(),
@@ -411,22 +436,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             restored = Some((info, t.into_iter().collect(), path));
         }
     }
-    // Keep the log consistent with the checkpoint: drop lines written after it.
-    let log_path = out.join("log.jsonl");
-    let keep_until = resumed_from.unwrap_or(0);
-    let mut log_text = String::new();
-    if opts.resume && log_path.exists() {
-        for l in std::fs::read_to_string(&log_path).with_file(&log_path)?.lines() {
-            if let Ok(x) = serde_json::from_str::<LogLine>(l) {
-                if x.global_step <= keep_until {
-                    log_text.push_str(l);
-                    log_text.push('\n');
-                }
-            }
-        }
-    }
-    atomic::write_file(&log_path, log_text.as_bytes())?;
-    let mut log = std::fs::OpenOptions::new().append(true).open(&log_path).with_file(&log_path)?;
+    let (mut log, log_path) = open_log(out, opts.resume, resumed_from.unwrap_or(0))?;
 
     let mut experts: Vec<Mlp> = Vec::new();
     for k in 0..start_phase {
@@ -469,6 +479,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             experts: &expert_refs,
             sample_cond: &sampler,
             item: &item,
+            t_range: None,
+            device: &Device::Cpu,
         };
         let n = r.updates(p);
         let save = |step: u64, global: u64, rng: &Rng, gen_opt: &AdamW, fake_opt: &AdamW| -> Result<()> {

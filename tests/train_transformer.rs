@@ -1,0 +1,377 @@
+//! Phased DMD on the transformer teachers, with the tiny Wan2.2 and Qwen-Image fixtures on the
+//! CPU: runs complete with finite losses, the base is never touched, the generator starts as the
+//! teacher, resume is bit-exact, routing and the phase-1 re-noise range, assemble/verify/sample.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::{run_ok, tests_dir};
+use phasekit::model::linear::LoraConfig;
+use phasekit::model::Param;
+use phasekit::model::Parameters;
+use phasekit::train::denoiser::{Cond, Denoiser};
+use phasekit::train::dmd::Phase;
+use phasekit::train::optim::{AdamW, ParamsAdamW};
+use phasekit::train::recipe::Recipe;
+use phasekit::train::run::{self, TrainOptions};
+use phasekit::train::transformer::{is_high_noise, Net, Routed, TransformerRun};
+use phasekit::train::Rng;
+use phasekit::Kind;
+
+fn setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(phasekit::train::single_threaded_kernels);
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn recipe(name: &str) -> (Recipe, String) {
+    Recipe::load(&repo().join("recipes").join(name)).unwrap()
+}
+
+fn wan_base_file() -> PathBuf {
+    tests_dir("fixtures/wan22_t2v_tiny/diffusers/diffusion_pytorch_model.safetensors")
+}
+
+fn sha(p: &Path) -> String {
+    phasekit::hash::sha256_hex(&std::fs::read(p).unwrap())
+}
+
+fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
+    let (t, _) = run::read_tensors(p).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = t.into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn log_losses(dir: &Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["gen_loss"].as_f64().unwrap(), v["fake_loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn wan_tiny_two_phase_runs_assembles_verifies_and_samples() {
+    setup();
+    let before = sha(&wan_base_file());
+    let (r, text) = recipe("wan2.2-tiny-2phase.toml");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run");
+    let t0 = std::time::Instant::now();
+    let sum = run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    eprintln!("tiny Wan 2-phase run: {:.2} s", t0.elapsed().as_secs_f64());
+    assert!(sum.completed);
+    assert_eq!(sum.global_step, 6);
+    let losses = log_losses(&out);
+    assert_eq!(losses.len(), 6);
+    assert!(losses.iter().all(|(g, f)| g.is_finite() && f.is_finite()), "{losses:?}");
+    // The base file is untouched; every expert is a LoRA whose up moved away from zero.
+    assert_eq!(sha(&wan_base_file()), before);
+    for k in 0..2 {
+        let t = tensors(&out.join(format!("experts/expert-{k}.safetensors")));
+        assert!(t.iter().all(|(n, _)| n.ends_with(".lora_down.weight") || n.ends_with(".lora_up.weight") || n.ends_with(".alpha")));
+        assert!(t.iter().any(|(n, _)| n == "blocks.0.attn1.to_q.lora_up.weight"));
+        let up: f32 = t.iter().filter(|(n, _)| n.ends_with(".lora_up.weight")).flat_map(|(_, v)| v.iter().map(|x| x.abs())).sum();
+        assert!(up > 0.0, "expert {k}: LoRA up is still zero");
+    }
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["format"], "phasekit.run/1");
+    assert_eq!(m["base"], "base.safetensors");
+    assert_eq!(m["experts"][0]["kind"], "lora");
+    // The assembler consumes the run; the result verifies.
+    let moe = d.path().join("moe.safetensors");
+    run_ok(&["assemble", "--run", &s(&out), "-o", &s(&moe)]);
+    run_ok(&["verify", &s(&moe)]);
+    // sample --run writes latents [N, C, F, H, W].
+    let smp = d.path().join("samples.safetensors");
+    run_ok(&["sample", "--run", &s(&out), "--n", "3", "--out", &s(&smp)]);
+    let (t, _) = run::read_tensors(&smp).unwrap();
+    assert_eq!(t[0].0, "samples");
+    assert_eq!(t[0].1.dims(), &[3, 4, 1, 4, 4]);
+    assert!(t[0].1.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn qwen_tiny_run_completes_and_samples_packed_latents() {
+    setup();
+    let base = tests_dir("fixtures/qwen_image_tiny/diffusers/diffusion_pytorch_model.safetensors");
+    let before = sha(&base);
+    let (r, text) = recipe("qwen-image-tiny.toml");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run");
+    let t0 = std::time::Instant::now();
+    let sum = run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    eprintln!("tiny Qwen run: {:.2} s", t0.elapsed().as_secs_f64());
+    assert!(sum.completed);
+    let losses = log_losses(&out);
+    assert_eq!(losses.len(), 4);
+    assert!(losses.iter().all(|(g, f)| g.is_finite() && f.is_finite()), "{losses:?}");
+    assert_eq!(sha(&base), before);
+    let smp = d.path().join("samples.safetensors");
+    run_ok(&["sample", "--run", &s(&out), "--n", "2", "--out", &s(&smp)]);
+    let (t, _) = run::read_tensors(&smp).unwrap();
+    assert_eq!(t[0].1.dims(), &[2, 4, 16]);
+}
+
+#[test]
+fn resume_after_a_stop_is_bit_identical() {
+    setup();
+    let (r, text) = recipe("wan2.2-tiny-2phase.toml");
+    let d = tempfile::tempdir().unwrap();
+    let full = d.path().join("full");
+    run::train(&r, &text, &full, &TrainOptions::default(), &|_| {}).unwrap();
+    // Stop mid-phase 0 (at a checkpoint), at the end of phase 0 (checkpoint written, expert
+    // file not yet) and in phase 1 (after the last checkpoint: resume repeats the lost updates
+    // from the phase-0 checkpoint).
+    for stop in [2, 3, 4] {
+        let part = d.path().join(format!("stop{stop}"));
+        let s1 = run::train(&r, &text, &part, &TrainOptions { stop_after: Some(stop), ..Default::default() }, &|_| {}).unwrap();
+        assert!(!s1.completed);
+        let s2 = run::train(&r, &text, &part, &TrainOptions { resume: true, ..Default::default() }, &|_| {}).unwrap();
+        assert!(s2.completed);
+        assert!(s2.resumed_from.is_some());
+        for k in 0..2 {
+            let f = format!("experts/expert-{k}.safetensors");
+            assert_eq!(tensors(&full.join(&f)), tensors(&part.join(&f)), "stop {stop}, expert {k}");
+        }
+        assert_eq!(log_losses(&full), log_losses(&part), "stop {stop}");
+    }
+}
+
+#[test]
+fn with_no_updates_and_no_guidance_the_generator_is_the_teacher() {
+    setup();
+    let (mut r, _) = recipe("wan2.2-tiny-2phase.toml");
+    r.train.updates_per_phase = 0;
+    r.teacher.guidance = 1.0;
+    let text = format!("# zero steps\n{}", std::fs::read_to_string(repo().join("recipes/wan2.2-tiny-2phase.toml")).unwrap());
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run");
+    run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    let dev = Device::Cpu;
+    let run = TransformerRun::open(&out, &dev).unwrap();
+    let teacher = Net::open(&wan_base_file(), &dev).unwrap();
+    let mut rng = Rng::new(3);
+    let x = Tensor::from_vec(rng.normals_f32(2 * 4 * 16), (2, 4, 1, 4, 4), &dev).unwrap();
+    let sig = Tensor::new(&[0.95f32, 0.5], &dev).unwrap();
+    let cond = run.emb.cond(&[0, 1]).unwrap();
+    let want = teacher.velocity(&x, &sig, &cond).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for e in &run.experts {
+        let got = e.velocity(&x, &sig, &cond).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, want);
+    }
+}
+
+#[test]
+fn views_share_the_base_and_training_never_updates_it() {
+    setup();
+    let dev = Device::Cpu;
+    let base = Net::open(&wan_base_file(), &dev).unwrap();
+    let mut gen = base.base_view();
+    gen.attach(&LoraConfig { rank: 2, alpha: 2.0, ..Default::default() }).unwrap();
+    let mut fake = base.base_view();
+    fake.attach(&LoraConfig { rank: 2, alpha: 2.0, seed: 9, ..Default::default() }).unwrap();
+    let snapshot = |n: &mut Net| -> Vec<(String, Vec<f32>, candle_core::TensorId)> {
+        let mut v = Vec::new();
+        for (name, p) in n.params() {
+            let t = match p {
+                Param::Linear(l) => l.weight.clone(),
+                Param::Tensor(t) => t.clone(),
+            };
+            v.push((name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), t.id()));
+        }
+        v
+    };
+    let mut base_v = base.base_view();
+    let b0 = snapshot(&mut base_v);
+    // One storage: the generator's and the fake's linear weights are the base's tensors.
+    let g0 = snapshot(&mut gen);
+    let f0 = snapshot(&mut fake);
+    for ((a, g), f) in b0.iter().zip(&g0).zip(&f0) {
+        assert_eq!(a.2, g.2, "{}", a.0);
+        assert_eq!(a.2, f.2, "{}", a.0);
+    }
+    let tr = gen.lora_vars();
+    assert!(!tr.vars.is_empty());
+    let mut opt = AdamW::new(tr.vars.clone(), ParamsAdamW { lr: 1e-2, beta1: 0.0, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }).unwrap();
+    let mut rng = Rng::new(1);
+    let x = Tensor::from_vec(rng.normals_f32(4 * 16), (1, 4, 1, 4, 4), &dev).unwrap();
+    let cond = Cond::Embedding(Tensor::from_vec(rng.normals_f32(3 * 24), (1, 3, 24), &dev).unwrap());
+    let sig = Tensor::new(&[0.7f32], &dev).unwrap();
+    let frozen = gen.frozen_view();
+    for _ in 0..3 {
+        let loss = gen.velocity(&x, &sig, &cond).unwrap().sqr().unwrap().mean_all().unwrap();
+        let g = loss.backward().unwrap();
+        // Gradients reach only the adapters; the frozen view records none.
+        let fl = frozen.velocity(&x, &sig, &cond).unwrap().sqr().unwrap().mean_all().unwrap();
+        assert!(fl.backward().unwrap().get(&tr.vars[1]).is_none());
+        opt.step(&g, 0.0).unwrap();
+    }
+    let up: f32 =
+        tr.vars.iter().skip(1).step_by(2).map(|v| v.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sum();
+    assert!(up > 0.0);
+    // The frozen view sees the update in place.
+    let a = gen.velocity(&x, &sig, &cond).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = frozen.velocity(&x, &sig, &cond).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a, b);
+    // The base (and the teacher, a view of it) are unchanged, value for value.
+    let b1 = snapshot(&mut base_v);
+    for (x, y) in b0.iter().zip(&b1) {
+        assert_eq!(x.1, y.1, "{}", x.0);
+    }
+    let teacher = base.base_view();
+    let t = teacher.velocity(&x, &sig, &cond).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(t, a);
+}
+
+/// A denoiser that returns a constant velocity (to see which expert answered).
+struct Constant(f32);
+
+impl Denoiser for Constant {
+    fn velocity(&self, x: &Tensor, _sigma: &Tensor, _cond: &Cond) -> candle_core::Result<Tensor> {
+        x.ones_like()? * self.0 as f64
+    }
+    fn null_cond(&self, n: usize) -> candle_core::Result<Cond> {
+        Ok(Cond::Embedding(Tensor::zeros((n, 1, 1), candle_core::DType::F32, &Device::Cpu)?))
+    }
+}
+
+#[test]
+fn two_expert_routing_sends_sigma_at_or_above_the_boundary_to_high_noise() {
+    assert!(is_high_noise(0.875, 0.875));
+    assert!(is_high_noise(1.0, 0.875));
+    assert!(!is_high_noise(0.8749, 0.875));
+    let (h, l) = (Constant(1.0), Constant(2.0));
+    let r = Routed { high: Some(&h), low: Some(&l), boundary: Some(0.875) };
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((5, 2), candle_core::DType::F32, &dev).unwrap();
+    let sig = Tensor::new(&[0.2f32, 0.875, 0.9, 0.5, 1.0], &dev).unwrap();
+    let cond = Cond::Embedding(Tensor::zeros((5, 1, 1), candle_core::DType::F32, &dev).unwrap());
+    let v = r.velocity(&x, &sig, &cond).unwrap().to_vec2::<f32>().unwrap();
+    let first: Vec<f32> = v.iter().map(|row| row[0]).collect();
+    assert_eq!(first, vec![2.0, 1.0, 1.0, 2.0, 1.0]);
+}
+
+#[test]
+fn phase_one_renoise_levels_stay_in_phase1_t_range() {
+    let (r, _) = recipe("wan2.2-tiny-2phase.toml");
+    let sched = r.schedule.build().unwrap();
+    let t = Constant(0.0);
+    let sampler = |_: &mut Rng, n: usize| Ok(Cond::Embedding(Tensor::zeros((n, 1, 1), candle_core::DType::F32, &Device::Cpu)?));
+    let mk = |phase: usize, t_range| Phase {
+        sched: &sched,
+        scfg: &r.schedule,
+        tcfg: &r.train,
+        phase,
+        teacher: &t,
+        guidance: 1.0,
+        experts: &[],
+        sample_cond: &sampler,
+        item: &[2],
+        t_range,
+        device: &Device::Cpu,
+    };
+    let mut rng = Rng::new(5);
+    let p1 = mk(0, Some((0.875, 1.0)));
+    let ts = p1.renoise_levels(&mut rng, 4000);
+    assert!(ts.iter().all(|t| (0.875 - 1e-12..=1.0).contains(t)), "{:?}", ts.iter().cloned().fold(f64::INFINITY, f64::min));
+    // It covers the range (not a clamp onto its end).
+    assert!(ts.iter().any(|t| *t < 0.9) && ts.iter().any(|t| *t > 0.99));
+    // Without the range, phase 1's nested interval starts at its boundary σ = 0.8333 < 0.875.
+    let free = mk(0, None).renoise_levels(&mut rng, 4000);
+    assert!(free.iter().any(|t| *t < 0.875));
+}
+
+#[test]
+fn a_missing_teacher_is_a_one_line_io_error_naming_it() {
+    setup();
+    let (mut r, text) = recipe("wan2.2-tiny-2phase.toml");
+    let missing = repo().join("tests/fixtures/no-such-teacher");
+    r.transformer.as_mut().unwrap().experts = vec![s(&missing), s(&missing)];
+    let d = tempfile::tempdir().unwrap();
+    let e = run::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap_err();
+    assert_eq!(e.kind(), Kind::Io);
+    assert_eq!(e.kind().exit_code(), 3);
+    assert!(e.to_string().contains("no-such-teacher"), "{e}");
+    assert_eq!(e.to_string().lines().count(), 1);
+}
+
+#[test]
+fn embeddings_from_a_file() {
+    setup();
+    let d = tempfile::tempdir().unwrap();
+    let emb = d.path().join("emb.safetensors");
+    let mut rng = Rng::new(2);
+    let dev = Device::Cpu;
+    let p = Tensor::from_vec(rng.normals_f32(3 * 5 * 24), (3, 5, 24), &dev).unwrap();
+    let n = Tensor::from_vec(rng.normals_f32(2 * 24), (1, 2, 24), &dev).unwrap();
+    run::write_tensors(&emb, &[("prompt_embeds".into(), p), ("negative_prompt_embeds".into(), n)], &[]).unwrap();
+    let (mut r, text) = recipe("wan2.2-tiny-2phase.toml");
+    r.transformer.as_mut().unwrap().embeddings = s(&emb);
+    r.train.updates_per_phase = 1;
+    let out = d.path().join("run");
+    run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    assert!(!out.join("embeddings.safetensors").exists());
+    // A file of the wrong width is refused, naming it.
+    let bad = d.path().join("bad.safetensors");
+    run::write_tensors(&bad, &[("prompt_embeds".into(), Tensor::zeros((1, 2, 7), candle_core::DType::F32, &dev).unwrap())], &[]).unwrap();
+    r.transformer.as_mut().unwrap().embeddings = s(&bad);
+    let e = run::train(&r, &text, &d.path().join("run2"), &TrainOptions::default(), &|_| {}).unwrap_err();
+    assert_eq!(e.kind(), Kind::Inconsistent);
+    assert!(e.to_string().contains("bad.safetensors"), "{e}");
+}
+
+#[test]
+fn several_resolutions_train_in_one_run() {
+    setup();
+    for name in ["qwen-image-tiny.toml", "wan2.2-tiny-2phase.toml"] {
+        let (mut r, text) = recipe(name);
+        let t = r.transformer.as_mut().unwrap();
+        t.resolutions = vec![[1, 4, 4], [1, 2, 4], [1, 4, 2]];
+        t.resolution_weights = vec![1.0, 1.0, 1.0];
+        r.train.updates_per_phase = 4;
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("run");
+        assert!(run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap().completed);
+        assert!(log_losses(&out).iter().all(|(g, f)| g.is_finite() && f.is_finite()), "{name}");
+        // A size that does not divide by the patch is refused up front.
+        r.transformer.as_mut().unwrap().resolutions = vec![[1, 3, 4]];
+        r.transformer.as_mut().unwrap().resolution_weights = vec![];
+        let e = run::train(&r, &text, &d.path().join("bad"), &TrainOptions::default(), &|_| {}).unwrap_err();
+        assert_eq!(e.kind(), Kind::Usage, "{e}");
+    }
+}
+
+#[test]
+fn a_bf16_base_trains_f32_adapters_and_resumes_bit_identically() {
+    setup();
+    let (mut r, text) = recipe("wan2.2-tiny-2phase.toml");
+    r.transformer.as_mut().unwrap().dtype = "bf16".into();
+    r.transformer.as_mut().unwrap().fake = phasekit::train::recipe::FakeKind::Full;
+    let d = tempfile::tempdir().unwrap();
+    let full = d.path().join("full");
+    run::train(&r, &text, &full, &TrainOptions::default(), &|_| {}).unwrap();
+    assert!(log_losses(&full).iter().all(|(g, f)| g.is_finite() && f.is_finite()));
+    let part = d.path().join("part");
+    run::train(&r, &text, &part, &TrainOptions { stop_after: Some(2), ..Default::default() }, &|_| {}).unwrap();
+    run::train(&r, &text, &part, &TrainOptions { resume: true, ..Default::default() }, &|_| {}).unwrap();
+    for k in 0..2 {
+        let f = format!("experts/expert-{k}.safetensors");
+        assert_eq!(tensors(&full.join(&f)), tensors(&part.join(&f)));
+    }
+    let smp = d.path().join("s.safetensors");
+    run_ok(&["sample", "--run", &s(&full), "--n", "2", "--out", &s(&smp)]);
+}
