@@ -33,6 +33,10 @@ pub struct TrainArgs {
     /// Stop after this many generator updates in total, as if killed (for resume tests).
     #[arg(long, hide = true)]
     pub stop_after: Option<u64>,
+    /// Device of transformer runs: cpu, cuda or cuda:N (cuda needs `--features cuda`; the toy
+    /// runs on the CPU). Resume is bit-identical on the CPU only.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// `phasekit sample`.
@@ -144,6 +148,13 @@ fn print_json(v: &impl Serialize) {
 pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
     super::single_threaded_kernels();
     let (r, text) = Recipe::load(&a.recipe)?;
+    let dev = crate::device::parse(&a.device)?;
+    if !matches!(dev, candle_core::Device::Cpu) {
+        if r.model == "toy" {
+            return Err(Error::unsupported("the toy trainer runs on the CPU (its mixture and MLP are too small for a GPU); use --device cpu"));
+        }
+        super::transformer::set_device(dev);
+    }
     let opts = TrainOptions { resume: a.resume, stop_after: a.stop_after, eval_samples: a.eval_samples };
     let s = train_with_bar(&r, &text, &a.out, &opts, quiet || json, "train")?;
     if json {

@@ -1029,7 +1029,15 @@ fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
 
 /// The device transformer runs compute on: the CPU unless a build with an accelerator picks another.
 pub fn device() -> Device {
-    Device::Cpu
+    DEVICE.get().cloned().unwrap_or(Device::Cpu)
+}
+
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Choose the device of transformer runs (`train --device`, `sample --device`), once per
+/// process, before the run starts.
+pub fn set_device(d: Device) {
+    let _ = DEVICE.set(d);
 }
 
 /// Whether `dir` is a transformer run (has `transformer.json`).
