@@ -26,6 +26,16 @@ for dt in f32 bf16; do
     done
 done
 rm -f "$OUT/fwd.safetensors"
+# 2. a tiny Wan2.2 Phased DMD run (2 phases, LoRA generator, routed fakes) on the GPU, then
+#    assembled and verified like any run.
+for rec in wan2.2-tiny-2phase qwen-image-tiny; do
+    rm -rf "/tmp/run-$rec" "/tmp/moe-$rec.safetensors"
+    "$B" --json train --device "$DEV" --recipe "recipes/$rec.toml" --out "/tmp/run-$rec" \
+        | python3 -c "import json,sys; r=json.load(sys.stdin); r['check']='train'; r['recipe']='$rec'; print(json.dumps(r))" >> "$log" \
+        || echo "{\"check\":\"train\",\"recipe\":\"$rec\",\"failed\":true}" >> "$log"
+done
+"$B" assemble --run /tmp/run-wan2.2-tiny-2phase -o /tmp/moe-wan.safetensors --quiet && "$B" verify /tmp/moe-wan.safetensors --quiet \
+    && echo '{"check":"assemble+verify","ok":true}' >> "$log" || echo '{"check":"assemble+verify","failed":true}' >> "$log"
 for spec in "wan 4096 512" "qwen 4096 512" "wan 1024 256" "qwen 1024 256"; do
     [ "$BENCH" = 1 ] || break
     set -- $spec
@@ -42,6 +52,8 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 for r in rows:
     if r["check"] == "parity":
         print(f"parity {r.get('fixture')} {r.get('dtype')}: " + ("FAILED" if r.get("failed") else f"rel L2 {r['rel_l2']:.3e} on {r['device']}"))
+    if r["check"] in ("train", "assemble+verify"):
+        print(r["check"], r.get("recipe", ""), "FAILED" if r.get("failed") else json.dumps(r.get("summary", r))[:300])
 pk = {(r["model"], r["tokens"]): r for r in rows if r["check"] == "bench-phasekit" and not r.get("failed")}
 pt = {(r["model"], r["tokens"]): r for r in rows if r["check"] == "bench-torch" and not r.get("failed")}
 for k in sorted(set(pk) | set(pt)):
