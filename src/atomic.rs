@@ -16,9 +16,7 @@ use crate::error::{Error, IoContext, Result};
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn temp_sibling(target: &Path) -> Result<PathBuf> {
-    let name = target
-        .file_name()
-        .ok_or_else(|| Error::usage(format!("output path '{}' has no file name", target.display())))?;
+    let name = target.file_name().ok_or_else(|| Error::usage(format!("output path '{}' has no file name", target.display())))?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = format!(".{}.phasekit-tmp-{}-{n}", name.to_string_lossy(), std::process::id());
     Ok(target.with_file_name(tmp))

@@ -296,7 +296,10 @@ pub fn render(lines: &[Line]) -> String {
             Some(false) => "MISS",
             None => "----",
         };
-        s.push_str(&format!("{pass} {:<58} {:>9.2} {:<5} vs {} {}{ratio}  (target {}) {}\n", l.name, l.value, l.unit, l.baseline, base, l.target, l.note));
+        s.push_str(&format!(
+            "{pass} {:<58} {:>9.2} {:<5} vs {} {}{ratio}  (target {}) {}\n",
+            l.name, l.value, l.unit, l.baseline, base, l.target, l.note
+        ));
     }
     s
 }

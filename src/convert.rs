@@ -205,7 +205,13 @@ pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
     };
 
     let gguf_quant = if opts.format == OutFormat::Gguf {
-        Some(opts.quant.unwrap_or_else(|| if ck.tensors.iter().any(|t| t.encoding == Encoding::Dense(DType::BF16)) { GgmlType::BF16 } else { GgmlType::F16 }))
+        Some(opts.quant.unwrap_or_else(|| {
+            if ck.tensors.iter().any(|t| t.encoding == Encoding::Dense(DType::BF16)) {
+                GgmlType::BF16
+            } else {
+                GgmlType::F16
+            }
+        }))
     } else {
         None
     };
@@ -222,7 +228,9 @@ pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
             (Some(f), Some(a), Some(b)) if a != b || !prefix.is_empty() => {
                 if stripped == SCALED_FP8_MARKER {
                     stripped.to_string()
-                } else if let Some((base, suffix)) = SCALE_SUFFIXES.iter().chain(&INPUT_SCALE_SUFFIXES).find_map(|s| stripped.strip_suffix(s).map(|b| (b, s))) {
+                } else if let Some((base, suffix)) =
+                    SCALE_SUFFIXES.iter().chain(&INPUT_SCALE_SUFFIXES).find_map(|s| stripped.strip_suffix(s).map(|b| (b, s)))
+                {
                     // A scale companion follows its weight's name.
                     let w = f.rename(a, b, &format!("{base}.weight")).map_err(|e| e.with_path(&ck.path))?;
                     format!("{}{suffix}", w.strip_suffix(".weight").unwrap_or(&w))
@@ -286,9 +294,15 @@ pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
                 (None, Encoding::Dense(d)) if in_scale.is_some() && (target_dtype.is_some() || gguf_quant.is_some()) => Some(d),
                 _ => in_dense,
             };
-            let want = want.ok_or_else(|| Error::unsupported(format!("tensor '{}': cannot store {} as safetensors", clean(&t.name), t.encoding.name())))?;
+            let want = want.ok_or_else(|| {
+                Error::unsupported(format!("tensor '{}': cannot store {} as safetensors", clean(&t.name), t.encoding.name()))
+            })?;
             if !float_in && Some(want) != in_dense {
-                return Err(Error::at(Kind::Unsupported, &ck.path, format!("tensor '{}' of {} cannot be cast", clean(&t.name), t.encoding.name())));
+                return Err(Error::at(
+                    Kind::Unsupported,
+                    &ck.path,
+                    format!("tensor '{}' of {} cannot be cast", clean(&t.name), t.encoding.name()),
+                ));
             }
             if want.is_fp8() && in_dense != Some(want) || (want.is_fp8() && fp8_out.is_some() && in_dense == Some(want) && scale != 1.0) {
                 fp8_targets.push(tensors.len());
@@ -324,10 +338,16 @@ pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
                     Fp8Scale::Comfy => format!("{base}.scale_weight"),
                     _ => format!("{base}.weight_scale"),
                 };
-                extra.push(OutTensor { name: sname, encoding: Encoding::Dense(DType::F32), shape: vec![], op: Op::Literal(s.to_le_bytes().to_vec()) });
+                extra.push(OutTensor {
+                    name: sname,
+                    encoding: Encoding::Dense(DType::F32),
+                    shape: vec![],
+                    op: Op::Literal(s.to_le_bytes().to_vec()),
+                });
             }
             if opts.fp8_scale == Fp8Scale::Comfy {
-                let marker = if opts.comfy_prefix { format!("model.diffusion_model.{SCALED_FP8_MARKER}") } else { SCALED_FP8_MARKER.to_string() };
+                let marker =
+                    if opts.comfy_prefix { format!("model.diffusion_model.{SCALED_FP8_MARKER}") } else { SCALED_FP8_MARKER.to_string() };
                 extra.push(OutTensor { name: marker, encoding: Encoding::Dense(fd), shape: vec![0], op: Op::Literal(vec![]) });
             }
             tensors.extend(extra);
@@ -471,7 +491,15 @@ const DIRECT_WRITE: usize = 1 << 20;
 
 impl<'a> Sink<'a> {
     pub fn new(file: &'a mut File, path: &Path, hash: bool, progress: &'a Progress) -> Self {
-        Sink { file, path: path.to_path_buf(), buf: Vec::with_capacity(SINK_BUF), hasher: hash.then(Sha256::new), progress, pos: 0, sparse_tail: false }
+        Sink {
+            file,
+            path: path.to_path_buf(),
+            buf: Vec::with_capacity(SINK_BUF),
+            hasher: hash.then(Sha256::new),
+            progress,
+            pos: 0,
+            sparse_tail: false,
+        }
     }
 
     pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
@@ -731,7 +759,14 @@ fn atomic_file(path: &Path, opts: &Options) -> Result<AtomicFile> {
 }
 
 /// Write one safetensors file holding `tensors` (indices into the plan) to `path`.
-fn write_one_safetensors(ck: &Checkpoint, plan: &Plan, idx: &[usize], path: &Path, opts: &Options, progress: &Progress) -> Result<(AtomicFile, Written)> {
+fn write_one_safetensors(
+    ck: &Checkpoint,
+    plan: &Plan,
+    idx: &[usize],
+    path: &Path,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<(AtomicFile, Written)> {
     let planned: Vec<crate::safetensors::Planned> = idx
         .iter()
         .map(|&i| {
@@ -785,7 +820,12 @@ const CONGRUENT_MIN_BYTES: u64 = 64 << 20;
 /// whole pages when source and destination offsets agree modulo the page size; a misaligned
 /// `copy_file_range` measured 25–35 % slower on ext4. The padding is JSON whitespace: every
 /// safetensors reader accepts it (the official writer pads with spaces too, to 8 bytes).
-fn page_congruent_padding(ck: &Checkpoint, plan: &Plan, header: &crate::safetensors::HeaderPlan, by_name: &HashMap<&str, usize>) -> Option<usize> {
+fn page_congruent_padding(
+    ck: &Checkpoint,
+    plan: &Plan,
+    header: &crate::safetensors::HeaderPlan,
+    by_name: &HashMap<&str, usize>,
+) -> Option<usize> {
     const PAGE: u64 = 4096;
     let base = header.bytes.len() as u64;
     let mut votes: HashMap<u64, u64> = HashMap::new();
@@ -828,7 +868,13 @@ pub fn shard_name(base: &Path, i: usize, n: usize) -> PathBuf {
 
 /// Write the plan as safetensors at `weights` (a file path inside the final output location,
 /// which may be a temporary folder). Returns files to commit and what was written.
-fn write_safetensors(ck: &Checkpoint, plan: &Plan, weights: &Path, opts: &Options, progress: &Progress) -> Result<(Vec<AtomicFile>, Vec<Written>)> {
+fn write_safetensors(
+    ck: &Checkpoint,
+    plan: &Plan,
+    weights: &Path,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<(Vec<AtomicFile>, Vec<Written>)> {
     let sizes: Vec<u64> = plan.tensors.iter().map(|t| t.size()).collect::<Result<_>>()?;
     let shards = match opts.shard_size {
         Some(max) => split_shards(&sizes, max),
@@ -1000,10 +1046,12 @@ pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
             let dir = AtomicDir::create(output)?;
             let ws = write_model_dir(&ck, &plan, dir.path(), opts, &progress)?;
             dir.commit()?;
-            ws.into_iter().map(|mut w| {
-                w.path = output.join(w.path.file_name().expect("name"));
-                w
-            }).collect()
+            ws.into_iter()
+                .map(|mut w| {
+                    w.path = output.join(w.path.file_name().expect("name"));
+                    w
+                })
+                .collect()
         }
     };
     progress.finish();
@@ -1103,7 +1151,14 @@ fn convert_multi(input: &Path, output: &Path, models: &[(String, PathBuf)], opts
 }
 
 /// The report of a multi-model conversion: totals, and a shared field only where all agree.
-fn multi_report(input: &Path, output: &Path, models: Vec<ModelReport>, files: Vec<Written>, notes: Vec<String>, start: std::time::Instant) -> Report {
+fn multi_report(
+    input: &Path,
+    output: &Path,
+    models: Vec<ModelReport>,
+    files: Vec<Written>,
+    notes: Vec<String>,
+    start: std::time::Instant,
+) -> Report {
     fn common<T: Clone + PartialEq>(models: &[ModelReport], f: impl Fn(&ModelReport) -> Option<T>) -> Option<T> {
         let first = f(models.first()?)?;
         models.iter().all(|m| f(m).as_ref() == Some(&first)).then_some(first)

@@ -31,7 +31,9 @@ fn cuda(ordinal: usize) -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(ordinal: usize) -> Result<Device> {
-    Err(Error::unsupported(format!("cuda:{ordinal}: this phasekit was built without CUDA; rebuild with `cargo build --release --features cuda`")))
+    Err(Error::unsupported(format!(
+        "cuda:{ordinal}: this phasekit was built without CUDA; rebuild with `cargo build --release --features cuda`"
+    )))
 }
 
 /// A short name of a device for reports.

@@ -49,9 +49,7 @@ enum Command {
     /// PATH may be a .safetensors file, a sharded folder or its *.safetensors.index.json, a diffusers
     /// model folder, a Wan2.2 repo folder (high_noise_model/ + low_noise_model/) or a .gguf file.
     /// Only headers are read.
-    Inspect {
-        path: PathBuf,
-    },
+    Inspect { path: PathBuf },
     /// Convert between layouts, dtypes and formats, streaming with bounded memory.
     ///
     /// OUT ending in .safetensors or .gguf is a file; anything else is a model folder
@@ -99,9 +97,7 @@ enum Command {
     /// Validate structure (every safetensors rule, index vs shards, GGUF offsets) and .sha256 sidecars.
     ///
     /// Exit 0 only when everything holds.
-    Verify {
-        path: PathBuf,
-    },
+    Verify { path: PathBuf },
     /// Benchmarks that print ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -288,7 +284,21 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::Convert { input, out, layout: l, dtype, format, quant: q, shard_size, fp8_scale, comfy_prefix, drop_metadata, sha256, force, no_sync } => {
+        Command::Convert {
+            input,
+            out,
+            layout: l,
+            dtype,
+            format,
+            quant: q,
+            shard_size,
+            fp8_scale,
+            comfy_prefix,
+            drop_metadata,
+            sha256,
+            force,
+            no_sync,
+        } => {
             let format = match format {
                 Some(FormatArg::Gguf) => OutFormat::Gguf,
                 Some(FormatArg::Safetensors) => OutFormat::Safetensors,
@@ -314,7 +324,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 (None, OutFormat::Gguf, DTypeChoice::To(DType::F32)) => Some(GgmlType::F32),
                 (None, OutFormat::Gguf, DTypeChoice::To(DType::F16)) => Some(GgmlType::F16),
                 (None, OutFormat::Gguf, DTypeChoice::To(DType::BF16)) => Some(GgmlType::BF16),
-                (None, OutFormat::Gguf, DTypeChoice::To(d)) => return Err(Error::usage(format!("GGUF output cannot hold {d}; use --quant"))),
+                (None, OutFormat::Gguf, DTypeChoice::To(d)) => {
+                    return Err(Error::usage(format!("GGUF output cannot hold {d}; use --quant")))
+                }
                 _ => None,
             };
             let opts = convert::Options {

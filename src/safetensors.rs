@@ -76,9 +76,8 @@ pub fn parse_prefix(path: &Path, bytes: &[u8], file_len: u64, check_end: bool) -
         return Err(Error::internal("parse_prefix: header bytes not provided").with_path(path));
     }
     let json = &bytes[8..data_start as usize];
-    let text = std::str::from_utf8(json).map_err(|e| {
-        Error::malformed(path, format!("header is not UTF-8 (invalid byte at header offset {})", e.valid_up_to()))
-    })?;
+    let text = std::str::from_utf8(json)
+        .map_err(|e| Error::malformed(path, format!("header is not UTF-8 (invalid byte at header offset {})", e.valid_up_to())))?;
     let raw = parse_json(text).map_err(|m| Error::malformed(path, format!("header is not valid safetensors JSON: {m}")))?;
     let mut tensors = Vec::with_capacity(raw.tensors.len());
     for t in raw.tensors {
@@ -87,7 +86,10 @@ pub fn parse_prefix(path: &Path, bytes: &[u8], file_len: u64, check_end: bool) -
             None => {
                 let numel = dtype::numel(&t.shape).unwrap_or(0);
                 DType::opaque(&t.dtype, numel, t.offsets[1].saturating_sub(t.offsets[0])).ok_or_else(|| {
-                    Error::malformed(path, format!("tensor '{}': unknown dtype '{}' of undeterminable bit width", clean(&t.name), clean(&t.dtype)))
+                    Error::malformed(
+                        path,
+                        format!("tensor '{}': unknown dtype '{}' of undeterminable bit width", clean(&t.name), clean(&t.dtype)),
+                    )
                 })?
             }
         };
@@ -107,8 +109,8 @@ pub fn parse_prefix(path: &Path, bytes: &[u8], file_len: u64, check_end: bool) -
             };
             return Err(Error::malformed(path, format!("tensor '{name}': {what}")));
         }
-        let numel = dtype::numel(&t.shape)
-            .ok_or_else(|| Error::malformed(path, format!("tensor '{name}': shape {:?} overflows", t.shape)))?;
+        let numel =
+            dtype::numel(&t.shape).ok_or_else(|| Error::malformed(path, format!("tensor '{name}': shape {:?} overflows", t.shape)))?;
         let bits = numel
             .checked_mul(t.dtype.bits() as u64)
             .ok_or_else(|| Error::malformed(path, format!("tensor '{name}': shape {:?} × {} bits overflows", t.shape, t.dtype.bits())))?;
@@ -137,7 +139,10 @@ pub fn parse_prefix(path: &Path, bytes: &[u8], file_len: u64, check_end: bool) -
             return Err(Error::truncated(path, format!("tensor data ends at byte {want} but the file has only {file_len} bytes")));
         }
         if want < file_len {
-            return Err(Error::malformed(path, format!("{} trailing bytes after the last tensor (data ends at {want}, file is {file_len})", file_len - want)));
+            return Err(Error::malformed(
+                path,
+                format!("{} trailing bytes after the last tensor (data ends at {want}, file is {file_len})", file_len - want),
+            ));
         }
     }
     Ok(Header { header_len: n, data_start, tensors, metadata: raw.metadata })
@@ -184,9 +189,7 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                 let m: MetadataMap = map.next_value()?;
                 metadata = Some(m.0);
             } else {
-                let info: TensorJson = map
-                    .next_value()
-                    .map_err(|e| de::Error::custom(format!("tensor '{}': {e}", clean(&key))))?;
+                let info: TensorJson = map.next_value().map_err(|e| de::Error::custom(format!("tensor '{}': {e}", clean(&key))))?;
                 tensors.push(RawTensor { name: key, dtype: info.dtype, shape: info.shape, offsets: info.data_offsets });
             }
         }
@@ -244,9 +247,9 @@ pub struct Planned {
 
 impl Planned {
     pub fn size(&self) -> Result<u64> {
-        dtype::numel(&self.shape)
-            .and_then(|n| self.dtype.byte_size(n))
-            .ok_or_else(|| Error::unsupported(format!("tensor '{}': shape {:?} of {} has no whole byte size", self.name, self.shape, self.dtype)))
+        dtype::numel(&self.shape).and_then(|n| self.dtype.byte_size(n)).ok_or_else(|| {
+            Error::unsupported(format!("tensor '{}': shape {:?} of {} has no whole byte size", self.name, self.shape, self.dtype))
+        })
     }
 }
 

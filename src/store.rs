@@ -258,7 +258,10 @@ impl Checkpoint {
                 return Err(Error::inconsistent(dir, format!("{n} *.safetensors.index.json files; name the one to use")));
             }
             (0, n, _) if n > 1 => {
-                return Err(Error::inconsistent(dir, format!("{n} .safetensors files but no *.safetensors.index.json; name the file to use")));
+                return Err(Error::inconsistent(
+                    dir,
+                    format!("{n} .safetensors files but no *.safetensors.index.json; name the file to use"),
+                ));
             }
             _ => {
                 let subs = sub_models(dir);
@@ -268,7 +271,10 @@ impl Checkpoint {
                     Error::at(
                         Kind::Usage,
                         dir,
-                        format!("holds several models ({}); name one of them", subs.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(", ")),
+                        format!(
+                            "holds several models ({}); name one of them",
+                            subs.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
                     )
                 });
             }
@@ -366,12 +372,14 @@ impl Checkpoint {
         let mut shard_of: HashMap<&str, usize> = HashMap::new();
         let mut shard_names: BTreeMap<String, ()> = BTreeMap::new();
         for (name, v) in wm {
-            let s = v
-                .as_str()
-                .ok_or_else(|| Error::malformed(index_path, format!("weight_map entry '{}' is not a file name", clean(name))))?;
+            let s =
+                v.as_str().ok_or_else(|| Error::malformed(index_path, format!("weight_map entry '{}' is not a file name", clean(name))))?;
             let p = Path::new(s);
             if s.is_empty() || p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-                return Err(Error::malformed(index_path, format!("weight_map entry '{}' points outside the folder: '{}'", clean(name), clean(s))));
+                return Err(Error::malformed(
+                    index_path,
+                    format!("weight_map entry '{}' points outside the folder: '{}'", clean(name), clean(s)),
+                ));
             }
             shard_names.insert(s.to_string(), ());
         }
@@ -409,7 +417,10 @@ impl Checkpoint {
                         ))
                     }
                     None => {
-                        return Err(Error::inconsistent(index_path, format!("tensor '{}' of shard '{}' is not in the index", clean(&r.name), clean(s))))
+                        return Err(Error::inconsistent(
+                            index_path,
+                            format!("tensor '{}' of shard '{}' is not in the index", clean(&r.name), clean(s)),
+                        ))
                     }
                 }
                 tensors.push(TensorEntry {
@@ -427,14 +438,21 @@ impl Checkpoint {
             if !seen.contains_key(name) {
                 return Err(Error::inconsistent(
                     index_path,
-                    format!("index lists tensor '{}' in '{}' but that shard does not contain it", clean(name), clean(v.as_str().unwrap_or("?"))),
+                    format!(
+                        "index lists tensor '{}' in '{}' but that shard does not contain it",
+                        clean(name),
+                        clean(v.as_str().unwrap_or("?"))
+                    ),
                 ));
             }
         }
         let sum: u64 = tensors.iter().map(|t| t.len).sum();
         if let Some(ts) = total_size {
             if ts != sum {
-                return Err(Error::inconsistent(index_path, format!("metadata.total_size is {ts} but the shards hold {sum} bytes of tensors")));
+                return Err(Error::inconsistent(
+                    index_path,
+                    format!("metadata.total_size is {ts} but the shards hold {sum} bytes of tensors"),
+                ));
             }
         }
         Ok(Checkpoint {

@@ -60,12 +60,14 @@ pub fn verify(path: &Path, quiet: bool) -> Result<VerifyReport> {
     for (role, ck) in &models {
         let label = if role.is_empty() { String::new() } else { format!("{role}: ") };
         let detail = match ck.format {
-            crate::store::Format::ShardedSafetensors => format!(
-                "{label}{} shards, {} tensors; weight_map and total_size match the shards",
-                ck.files.len(),
+            crate::store::Format::ShardedSafetensors => {
+                format!("{label}{} shards, {} tensors; weight_map and total_size match the shards", ck.files.len(), ck.tensors.len())
+            }
+            crate::store::Format::Gguf => format!(
+                "{label}GGUF v{}, {} tensors; offsets, alignment and types valid",
+                ck.gguf.as_ref().map_or(0, |g| g.version),
                 ck.tensors.len()
             ),
-            crate::store::Format::Gguf => format!("{label}GGUF v{}, {} tensors; offsets, alignment and types valid", ck.gguf.as_ref().map_or(0, |g| g.version), ck.tensors.len()),
             crate::store::Format::Safetensors => format!("{label}{} tensors; header, offsets and sizes valid", ck.tensors.len()),
         };
         checks.push(Check { check: "structure".into(), ok: true, detail });

@@ -37,10 +37,7 @@ fn sorted(v: &Value) -> Value {
 }
 
 fn has_sha256sum() -> bool {
-    Command::new("sha256sum")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new("sha256sum").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 #[test]
@@ -58,19 +55,12 @@ fn inspect_reports_family_variant_and_layout() {
 
         let text = run_ok(&[Path::new("inspect"), &dir]).stdout;
         let line = |key: &str| {
-            text.lines()
-                .find(|l| l.starts_with(key))
-                .unwrap_or_else(|| panic!("{rel}: no '{key}' line in:\n{text}"))
-                .to_string()
+            text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{rel}: no '{key}' line in:\n{text}")).to_string()
         };
         assert!(line("family:").contains(family), "{rel}: {}", line("family:"));
         assert!(line("layout:").contains(layout), "{rel}: {}", line("layout:"));
         assert!(line("format:").contains("safetensors"), "{rel}");
-        assert!(
-            line("parameters:").contains(&params.to_string()),
-            "{rel}: {} vs {params}",
-            line("parameters:")
-        );
+        assert!(line("parameters:").contains(&params.to_string()), "{rel}: {} vs {params}", line("parameters:"));
         assert!(line("tensors:").contains(&ours.len().to_string()), "{rel}");
 
         let v = json_of(&run_ok(&[Path::new("--json"), Path::new("inspect"), &dir]));
@@ -111,27 +101,14 @@ fn convert_wan_original_to_diffusers_and_back_is_byte_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let diff = tmp.path().join("diffusers");
     let orig = tmp.path().join("original");
-    let o = run_ok(&[
-        Path::new("convert"),
-        &fixture("wan22_t2v_tiny/original"),
-        &diff,
-        Path::new("--layout"),
-        Path::new("diffusers"),
-    ]);
+    let o = run_ok(&[Path::new("convert"), &fixture("wan22_t2v_tiny/original"), &diff, Path::new("--layout"), Path::new("diffusers")]);
     assert!(o.stdout.contains("converted"), "{}", o.stdout);
-    common::assert_same_tensors(
-        &read_model(&diff),
-        &read_model(&fixture("wan22_t2v_tiny/diffusers")),
-        "original → diffusers",
-    );
+    common::assert_same_tensors(&read_model(&diff), &read_model(&fixture("wan22_t2v_tiny/diffusers")), "original → diffusers");
     // Same tensors, same order, same header rules and metadata as diffusers' own writer: the
     // whole file is identical.
     let ours = std::fs::read(diff.join(WEIGHTS)).unwrap();
     let theirs = std::fs::read(fixture("wan22_t2v_tiny/diffusers").join(WEIGHTS)).unwrap();
-    assert!(
-        ours == theirs,
-        "original → diffusers: the file differs from the one diffusers wrote"
-    );
+    assert!(ours == theirs, "original → diffusers: the file differs from the one diffusers wrote");
     // The config is translated to the diffusers dialect. `rope_max_seq_len` is not in the
     // original config (Wan uses a fixed 1024 table; the fixture was saved with 64), and
     // `_diffusers_version` names the writer.
@@ -145,22 +122,9 @@ fn convert_wan_original_to_diffusers_and_back_is_byte_exact() {
     }
 
     run_ok(&[Path::new("convert"), &diff, &orig, Path::new("--layout"), Path::new("original")]);
-    common::assert_same_tensors(
-        &read_model(&orig),
-        &read_model(&fixture("wan22_t2v_tiny/original")),
-        "diffusers → original",
-    );
+    common::assert_same_tensors(&read_model(&orig), &read_model(&fixture("wan22_t2v_tiny/original")), "diffusers → original");
     let cfg: Value = serde_json::from_slice(&std::fs::read(orig.join("config.json")).unwrap()).unwrap();
-    for k in [
-        "dim",
-        "ffn_dim",
-        "freq_dim",
-        "in_dim",
-        "out_dim",
-        "num_heads",
-        "num_layers",
-        "text_dim",
-    ] {
+    for k in ["dim", "ffn_dim", "freq_dim", "in_dim", "out_dim", "num_heads", "num_layers", "text_dim"] {
         let want: Value = serde_json::from_slice(&std::fs::read(fixture("wan22_t2v_tiny/original/config.json")).unwrap()).unwrap();
         assert_eq!(cfg[k], want[k], "round-tripped original config.json key {k}");
     }
@@ -175,19 +139,9 @@ fn convert_qwen_to_comfy_file_and_back() {
     let comfy = tmp.path().join("qwen_comfy.safetensors");
     let back = tmp.path().join("back");
     let src = fixture("qwen_image_tiny/diffusers");
-    run_ok(&[
-        Path::new("convert"),
-        &src,
-        &comfy,
-        Path::new("--layout"),
-        Path::new("comfy"),
-        Path::new("--comfy-prefix"),
-    ]);
+    run_ok(&[Path::new("convert"), &src, &comfy, Path::new("--layout"), Path::new("comfy"), Path::new("--comfy-prefix")]);
     let c = read_safetensors(&comfy);
-    assert!(
-        c.tensors.keys().all(|k| k.starts_with("model.diffusion_model.")),
-        "--comfy-prefix: every name carries the prefix"
-    );
+    assert!(c.tensors.keys().all(|k| k.starts_with("model.diffusion_model.")), "--comfy-prefix: every name carries the prefix");
     let v = json_of(&run_ok(&[Path::new("--json"), Path::new("inspect"), &comfy]));
     assert_eq!(v["detection"]["prefix"], "model.diffusion_model.");
     run_ok(&[Path::new("convert"), &comfy, &back, Path::new("--layout"), Path::new("diffusers")]);
@@ -205,19 +159,12 @@ fn sharded_output_follows_huggingface_and_converts_back() {
     // Names: diffusion_pytorch_model-0000i-of-0000N.safetensors, the index, the config; nothing else.
     let index_text = std::fs::read_to_string(sharded.join(INDEX)).expect("index written");
     let index: Value = serde_json::from_str(&index_text).unwrap();
-    let mut shard_names: Vec<String> = index["weight_map"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let mut shard_names: Vec<String> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap().to_string()).collect();
     shard_names.sort();
     shard_names.dedup();
     let n = shard_names.len();
     assert!(n >= 3, "a 148 KB model in 40 KB shards gives at least 3 shards, got {n}");
-    let want: Vec<String> = (1..=n)
-        .map(|i| format!("diffusion_pytorch_model-{i:05}-of-{n:05}.safetensors"))
-        .collect();
+    let want: Vec<String> = (1..=n).map(|i| format!("diffusion_pytorch_model-{i:05}-of-{n:05}.safetensors")).collect();
     assert_eq!(shard_names, want);
     let mut files = common::list_files(&sharded);
     files.sort();
@@ -237,18 +184,11 @@ fn sharded_output_follows_huggingface_and_converts_back() {
     assert_eq!(index["weight_map"].as_object().unwrap().len(), tensors.len());
     if common::python_ok("import json") {
         let py = Command::new("python3")
-            .args([
-                "-c",
-                "import json,sys; sys.stdout.write(json.dumps(json.load(open(sys.argv[1])), indent=2, sort_keys=True) + '\\n')",
-            ])
+            .args(["-c", "import json,sys; sys.stdout.write(json.dumps(json.load(open(sys.argv[1])), indent=2, sort_keys=True) + '\\n')"])
             .arg(sharded.join(INDEX))
             .output()
             .unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&py.stdout),
-            index_text,
-            "Python's json.dumps formats the index differently"
-        );
+        assert_eq!(String::from_utf8_lossy(&py.stdout), index_text, "Python's json.dumps formats the index differently");
     }
 
     // Every shard: each tensor where the index says, at most `max` bytes unless it holds one
@@ -256,18 +196,11 @@ fn sharded_output_follows_huggingface_and_converts_back() {
     for s in &want {
         let f = read_safetensors(&sharded.join(s));
         let bytes: usize = f.tensors.values().map(|t| t.data.len()).sum();
-        assert!(
-            bytes as u64 <= max || f.tensors.len() == 1,
-            "{s}: {bytes} bytes of tensors over the 40 KB limit"
-        );
+        assert!(bytes as u64 <= max || f.tensors.len() == 1, "{s}: {bytes} bytes of tensors over the 40 KB limit");
         for k in f.tensors.keys() {
             assert_eq!(index["weight_map"][k], s.as_str(), "weight_map of {k}");
         }
-        assert_eq!(
-            f.metadata.as_ref().and_then(|m| m.get("format")).map(String::as_str),
-            Some("pt"),
-            "{s}: __metadata__"
-        );
+        assert_eq!(f.metadata.as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"), "{s}: __metadata__");
         assert_eq!(f.header_len % 8, 0, "{s}: header padded to 8 bytes");
     }
     common::assert_same_tensors(&tensors, &read_model(&src), "sharded");
@@ -286,18 +219,8 @@ fn sharded_output_follows_huggingface_and_converts_back() {
         "sharded → single file is not the original file byte for byte"
     );
     let orig = tmp.path().join("orig");
-    run_ok(&[
-        Path::new("convert"),
-        &sharded.join(INDEX),
-        &orig,
-        Path::new("--layout"),
-        Path::new("original"),
-    ]);
-    common::assert_same_tensors(
-        &read_model(&orig),
-        &read_model(&fixture("wan22_t2v_tiny/original")),
-        "sharded diffusers → original",
-    );
+    run_ok(&[Path::new("convert"), &sharded.join(INDEX), &orig, Path::new("--layout"), Path::new("original")]);
+    common::assert_same_tensors(&read_model(&orig), &read_model(&fixture("wan22_t2v_tiny/original")), "sharded diffusers → original");
 }
 
 /// Flip one byte near the end of a file (in the tensor data, so the structure stays valid).
@@ -314,50 +237,19 @@ fn sha256_sidecars_check_with_sha256sum_and_verify_catches_a_flipped_byte() {
     let file = tmp.path().join("model.safetensors");
     let folder = tmp.path().join("sharded");
     let src = fixture("wan22_t2v_tiny/original");
-    let o = json_of(&run_ok(&[
-        Path::new("--json"),
-        Path::new("convert"),
-        &src,
-        &file,
-        Path::new("--sha256"),
-    ]));
-    let digest = o["report"]["files"][0]["sha256"]
-        .as_str()
-        .expect("report has the sha256")
-        .to_string();
+    let o = json_of(&run_ok(&[Path::new("--json"), Path::new("convert"), &src, &file, Path::new("--sha256")]));
+    let digest = o["report"]["files"][0]["sha256"].as_str().expect("report has the sha256").to_string();
     let sidecar = tmp.path().join("model.safetensors.sha256");
     assert_eq!(std::fs::read_to_string(&sidecar).unwrap(), format!("{digest}  model.safetensors\n"));
-    run_ok(&[
-        Path::new("convert"),
-        &src,
-        &folder,
-        Path::new("--sha256"),
-        Path::new("--shard-size"),
-        Path::new("50KB"),
-    ]);
-    let sidecars: Vec<PathBuf> = common::list_files(&folder)
-        .into_iter()
-        .filter(|f| f.ends_with(".sha256"))
-        .map(|f| folder.join(f))
-        .collect();
-    let shards = common::list_files(&folder)
-        .into_iter()
-        .filter(|f| f.ends_with(".safetensors"))
-        .count();
-    assert_eq!(
-        sidecars.len(),
-        shards + 1,
-        "one sidecar per shard and one for the index: {sidecars:?}"
-    );
+    run_ok(&[Path::new("convert"), &src, &folder, Path::new("--sha256"), Path::new("--shard-size"), Path::new("50KB")]);
+    let sidecars: Vec<PathBuf> =
+        common::list_files(&folder).into_iter().filter(|f| f.ends_with(".sha256")).map(|f| folder.join(f)).collect();
+    let shards = common::list_files(&folder).into_iter().filter(|f| f.ends_with(".safetensors")).count();
+    assert_eq!(sidecars.len(), shards + 1, "one sidecar per shard and one for the index: {sidecars:?}");
 
     if has_sha256sum() {
         for sc in std::iter::once(&sidecar).chain(&sidecars) {
-            let o = Command::new("sha256sum")
-                .arg("-c")
-                .arg(sc.file_name().unwrap())
-                .current_dir(sc.parent().unwrap())
-                .output()
-                .unwrap();
+            let o = Command::new("sha256sum").arg("-c").arg(sc.file_name().unwrap()).current_dir(sc.parent().unwrap()).output().unwrap();
             assert!(
                 o.status.success(),
                 "sha256sum -c {}: {}{}",
@@ -377,11 +269,7 @@ fn sha256_sidecars_check_with_sha256sum_and_verify_catches_a_flipped_byte() {
     assert_eq!(o.code, Some(8), "verify after flipping a byte: {}", o.both());
     let lines: Vec<&str> = o.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{}", o.stderr);
-    assert!(
-        lines[0].starts_with("phasekit: error: ") && lines[0].contains("model.safetensors"),
-        "{}",
-        lines[0]
-    );
+    assert!(lines[0].starts_with("phasekit: error: ") && lines[0].contains("model.safetensors"), "{}", lines[0]);
     assert!(o.stdout.contains("FAIL"), "the check list shows the failure: {}", o.stdout);
     // inspect reads headers only: the flipped data byte does not matter to it.
     run_ok(&[Path::new("inspect"), &file]);
@@ -407,28 +295,17 @@ fn refuses_to_overwrite_without_force() {
         let o = run(&[Path::new("convert"), &src, &out]);
         assert_eq!(o.code, Some(2), "{}: {}", out.display(), o.both());
         assert_eq!(o.stderr.lines().count(), 1, "{}", o.stderr);
-        assert!(
-            o.stderr.starts_with("phasekit: error: ") && o.stderr.contains("--force"),
-            "{}",
-            o.stderr
-        );
+        assert!(o.stderr.starts_with("phasekit: error: ") && o.stderr.contains("--force"), "{}", o.stderr);
         let v = json_of(&run(&[Path::new("--json"), Path::new("convert"), &src, &out]));
         assert_eq!(v["error"]["kind"], "usage");
-        let kept = if out.is_file() {
-            std::fs::read(&out).unwrap()
-        } else {
-            std::fs::read(out.join("keep.txt")).unwrap()
-        };
+        let kept = if out.is_file() { std::fs::read(&out).unwrap() } else { std::fs::read(out.join("keep.txt")).unwrap() };
         assert_eq!(kept, b"precious", "{}: the existing output was touched", out.display());
 
         run_ok(&[Path::new("convert"), &src, &out, Path::new("--force")]);
         common::assert_same_tensors(&read_model(&out), &read_model(&src), "--force");
         assert!(!out.join("keep.txt").exists(), "--force replaces the folder");
     }
-    let left: Vec<String> = common::list_files(tmp.path())
-        .into_iter()
-        .filter(|f| f.contains("phasekit-tmp"))
-        .collect();
+    let left: Vec<String> = common::list_files(tmp.path()).into_iter().filter(|f| f.contains("phasekit-tmp")).collect();
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
 
@@ -438,27 +315,9 @@ fn usage_errors_exit_2() {
     let src = fixture("wan22_t2v_tiny/diffusers");
     let out = tmp.path().join("o.safetensors");
     let cases: Vec<Vec<&std::ffi::OsStr>> = vec![
-        vec![
-            "convert".as_ref(),
-            src.as_os_str(),
-            out.as_os_str(),
-            "--quant".as_ref(),
-            "Q8_0".as_ref(),
-        ],
-        vec![
-            "convert".as_ref(),
-            src.as_os_str(),
-            out.as_os_str(),
-            "--shard-size".as_ref(),
-            "5XB".as_ref(),
-        ],
-        vec![
-            "convert".as_ref(),
-            src.as_os_str(),
-            out.as_os_str(),
-            "--layout".as_ref(),
-            "sideways".as_ref(),
-        ],
+        vec!["convert".as_ref(), src.as_os_str(), out.as_os_str(), "--quant".as_ref(), "Q8_0".as_ref()],
+        vec!["convert".as_ref(), src.as_os_str(), out.as_os_str(), "--shard-size".as_ref(), "5XB".as_ref()],
+        vec!["convert".as_ref(), src.as_os_str(), out.as_os_str(), "--layout".as_ref(), "sideways".as_ref()],
         vec!["convert".as_ref(), src.as_os_str()],
         vec!["inspect".as_ref(), src.as_os_str(), "--no-such-flag".as_ref()],
         vec!["frobnicate".as_ref()],
@@ -561,13 +420,7 @@ fn python_safetensors_reads_our_outputs() {
     let single = tmp.path().join("single.safetensors");
     let sharded = tmp.path().join("sharded");
     let f16 = tmp.path().join("f16.safetensors");
-    run_ok(&[
-        Path::new("convert"),
-        &fixture("wan22_t2v_tiny/original"),
-        &single,
-        Path::new("--layout"),
-        Path::new("diffusers"),
-    ]);
+    run_ok(&[Path::new("convert"), &fixture("wan22_t2v_tiny/original"), &single, Path::new("--layout"), Path::new("diffusers")]);
     run_ok(&[Path::new("convert"), &src, &sharded, Path::new("--shard-size"), Path::new("30KB")]);
     run_ok(&[Path::new("convert"), &src, &f16, Path::new("--dtype"), Path::new("f16")]);
     let script = r#"
@@ -597,21 +450,8 @@ assert index["metadata"]["total_size"] == sum(v.nbytes for v in ref.values())
 same(f16, {k: v.astype(np.float16) for k, v in ref.items()}, "--dtype f16")
 print("python safetensors agrees")
 "#;
-    let o = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(src.join(WEIGHTS))
-        .arg(&single)
-        .arg(&sharded)
-        .arg(&f16)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = Command::new("python3").arg("-c").arg(script).arg(src.join(WEIGHTS)).arg(&single).arg(&sharded).arg(&f16).output().unwrap();
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -630,29 +470,13 @@ fn wan_repo_folder_converts_both_experts() {
     copy_dir(&fixture("wan22_t2v_tiny/original"), &repo.join("low_noise_model"));
 
     let v = json_of(&run_ok(&[Path::new("--json"), Path::new("inspect"), &repo]));
-    let roles: Vec<&str> = v["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["role"].as_str().unwrap())
-        .collect();
+    let roles: Vec<&str> = v["models"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["high_noise_model", "low_noise_model"]);
     run_ok(&[Path::new("verify"), &repo]);
 
     let diff = tmp.path().join("diffusers");
-    let v = json_of(&run_ok(&[
-        Path::new("--json"),
-        Path::new("convert"),
-        &repo,
-        &diff,
-        Path::new("--layout"),
-        Path::new("diffusers"),
-    ]));
-    assert_eq!(
-        v["report"]["files"].as_array().unwrap().len(),
-        4,
-        "two weights files and two configs"
-    );
+    let v = json_of(&run_ok(&[Path::new("--json"), Path::new("convert"), &repo, &diff, Path::new("--layout"), Path::new("diffusers")]));
+    assert_eq!(v["report"]["files"].as_array().unwrap().len(), 4, "two weights files and two configs");
     let models = v["report"]["models"].as_array().unwrap();
     assert_eq!(models.len(), 2, "one report per expert");
     assert_eq!(v["report"]["tensors"], models[0]["tensors"].as_u64().unwrap() + models[1]["tensors"].as_u64().unwrap());
@@ -663,10 +487,7 @@ fn wan_repo_folder_converts_both_experts() {
     }
     let want = std::fs::read(fixture("wan22_t2v_tiny/diffusers").join(WEIGHTS)).unwrap();
     for role in ["transformer", "transformer_2"] {
-        assert!(
-            std::fs::read(diff.join(role).join(WEIGHTS)).unwrap() == want,
-            "{role} differs from the diffusers file"
-        );
+        assert!(std::fs::read(diff.join(role).join(WEIGHTS)).unwrap() == want, "{role} differs from the diffusers file");
         assert!(diff.join(role).join("config.json").is_file(), "{role}/config.json");
     }
     assert!(!diff.join("high_noise_model").exists());
@@ -674,10 +495,6 @@ fn wan_repo_folder_converts_both_experts() {
     let back = tmp.path().join("back");
     run_ok(&[Path::new("convert"), &diff, &back, Path::new("--layout"), Path::new("original")]);
     for role in ["high_noise_model", "low_noise_model"] {
-        common::assert_same_tensors(
-            &read_model(&back.join(role)),
-            &read_model(&fixture("wan22_t2v_tiny/original")),
-            role,
-        );
+        common::assert_same_tensors(&read_model(&back.join(role)), &read_model(&fixture("wan22_t2v_tiny/original")), role);
     }
 }

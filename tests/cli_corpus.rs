@@ -69,10 +69,7 @@ fn check_run(r: &Run, bugs: &[GlobalBug], seen: &mut Vec<String>) -> Vec<String>
             args.push("--json".into());
         }
         for a in &r.args {
-            args.push(
-                a.replace("{in}", &r.input.to_string_lossy())
-                    .replace("{out}", &out.to_string_lossy()),
-            );
+            args.push(a.replace("{in}", &r.input.to_string_lossy()).replace("{out}", &out.to_string_lossy()));
         }
         let shown = format!("phasekit {}", args.join(" ").replace(&*tmp.path().to_string_lossy(), "$TMP"));
         let o = common::run_with_timeout(&args, Duration::from_secs(60));
@@ -124,10 +121,7 @@ fn check_run(r: &Run, bugs: &[GlobalBug], seen: &mut Vec<String>) -> Vec<String>
             fail("error line on stderr for a successful run".into());
         }
         if r.args[0] == "convert" {
-            let left: Vec<String> = common::list_files(tmp.path())
-                .into_iter()
-                .filter(|f| f.contains("phasekit-tmp"))
-                .collect();
+            let left: Vec<String> = common::list_files(tmp.path()).into_iter().filter(|f| f.contains("phasekit-tmp")).collect();
             if !left.is_empty() {
                 fail(format!("temporary files left: {left:?}"));
             }
@@ -139,24 +133,15 @@ fn check_run(r: &Run, bugs: &[GlobalBug], seen: &mut Vec<String>) -> Vec<String>
                 fail("convert succeeded but wrote no output".into());
             }
         }
-        problems.retain(|p| {
-            match bugs
-                .iter()
-                .find(|b| b.command == r.args[0] && b.json == json && p.starts_with(&b.problem))
-            {
-                Some(b) => {
-                    seen.push(b.id.clone());
-                    false
-                }
-                None => true,
+        problems.retain(|p| match bugs.iter().find(|b| b.command == r.args[0] && b.json == json && p.starts_with(&b.problem)) {
+            Some(b) => {
+                seen.push(b.id.clone());
+                false
             }
+            None => true,
         });
         if !problems.is_empty() {
-            errs.push(format!(
-                "{shown}: {}\n      {}",
-                problems.join("; "),
-                short(&o.both()).replace('\n', "\n      ")
-            ));
+            errs.push(format!("{shown}: {}\n      {}", problems.join("; "), short(&o.both()).replace('\n', "\n      ")));
         }
     }
     errs
@@ -195,12 +180,7 @@ fn corpus() {
                 input: input.clone(),
                 names: c["names"].as_str().unwrap(),
                 out_name: c["out"].as_str().unwrap(),
-                args: r["args"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|a| a.as_str().unwrap().to_string())
-                    .collect(),
+                args: r["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect(),
                 exit: r["exit"].as_i64().unwrap(),
                 contains: r["contains"].as_str().unwrap(),
             };
@@ -210,11 +190,7 @@ fn corpus() {
         match (c.get("known_bug").and_then(Value::as_str), errs.is_empty()) {
             (Some(bug), false) => known.push(format!("{name}: KNOWN BUG: {bug}\n    {}", errs.join("\n    "))),
             (Some(_), true) => fixed.push(name.to_string()),
-            (None, false) => failed.push(format!(
-                "{name} ({}):\n    {}",
-                c["what"].as_str().unwrap_or(""),
-                errs.join("\n    ")
-            )),
+            (None, false) => failed.push(format!("{name} ({}):\n    {}", c["what"].as_str().unwrap_or(""), errs.join("\n    "))),
             (None, true) => {}
         }
     }
@@ -235,19 +211,8 @@ fn corpus() {
     }
     let after = common::list_files(&root.join("files"));
     assert_eq!(before, after, "running the corpus wrote or removed files beside the inputs");
-    println!(
-        "{} cases, {runs} runs: {} failed, {} known bugs",
-        cases.len(),
-        failed.len(),
-        known.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} corpus cases failed:\n{}",
-        failed.len(),
-        cases.len(),
-        failed.join("\n")
-    );
+    println!("{} cases, {runs} runs: {} failed, {} known bugs", cases.len(), failed.len(), known.len());
+    assert!(failed.is_empty(), "{} of {} corpus cases failed:\n{}", failed.len(), cases.len(), failed.join("\n"));
 }
 
 /// The checked-in corpus is what `make.py` writes (skipped without python3).
@@ -258,15 +223,6 @@ fn corpus_matches_generator() {
         println!("skipped: python3 not found");
         return;
     }
-    let o = std::process::Command::new("python3")
-        .arg(&script)
-        .arg("--check")
-        .output()
-        .expect("python3");
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = std::process::Command::new("python3").arg(&script).arg("--check").output().expect("python3");
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 }

@@ -126,7 +126,9 @@ fn gguf_export_every_type_reads_back_equal_here_and_in_gguf_py() {
     let d = tempfile::tempdir().unwrap();
     let src = fixture("wan22_t2v_tiny/original");
     let orig = values(&src);
-    for (q, tol) in [("F32", 0.0), ("F16", 1e-3), ("BF16", 8e-3), ("Q8_0", 1e-2), ("Q4_0", 0.15), ("Q4_K", 0.15), ("Q5_K", 0.08), ("Q6_K", 0.04)] {
+    for (q, tol) in
+        [("F32", 0.0), ("F16", 1e-3), ("BF16", 8e-3), ("Q8_0", 1e-2), ("Q4_0", 0.15), ("Q4_K", 0.15), ("Q5_K", 0.08), ("Q6_K", 0.04)]
+    {
         let g = GgmlType::parse(q).unwrap();
         let out = d.path().join(format!("w-{q}.gguf"));
         convert::convert(&src, &out, &Options { format: OutFormat::Gguf, quant: Some(g), ..opts() }).unwrap();
@@ -191,7 +193,8 @@ print(json.dumps({k: z[k].tobytes().hex() for k in z.files}))
 fn gguf_back_to_safetensors_and_diffusers() {
     let d = tempfile::tempdir().unwrap();
     let gg = d.path().join("w.gguf");
-    convert::convert(&fixture("wan22_t2v_tiny/original"), &gg, &Options { format: OutFormat::Gguf, quant: Some(GgmlType::F32), ..opts() }).unwrap();
+    convert::convert(&fixture("wan22_t2v_tiny/original"), &gg, &Options { format: OutFormat::Gguf, quant: Some(GgmlType::F32), ..opts() })
+        .unwrap();
     let out = d.path().join("diffusers");
     convert::convert(&gg, &out, &Options { layout: Some(Layout::Diffusers), ..opts() }).unwrap();
     // F32 GGUF holds the exact values: back in diffusers names they equal the diffusers fixture.
@@ -204,7 +207,8 @@ fn gguf_back_to_safetensors_and_diffusers() {
 fn quantized_gguf_to_safetensors_dequantizes_to_bf16_by_default() {
     let d = tempfile::tempdir().unwrap();
     let gg = d.path().join("w.gguf");
-    convert::convert(&fixture("wan22_t2v_tiny/original"), &gg, &Options { format: OutFormat::Gguf, quant: Some(GgmlType::Q8_0), ..opts() }).unwrap();
+    convert::convert(&fixture("wan22_t2v_tiny/original"), &gg, &Options { format: OutFormat::Gguf, quant: Some(GgmlType::Q8_0), ..opts() })
+        .unwrap();
     let st = d.path().join("w.safetensors");
     let r = convert::convert(&gg, &st, &opts()).unwrap();
     assert!(r.notes.iter().any(|n| n.contains("dequantized")), "{:?}", r.notes);
@@ -277,10 +281,8 @@ fn large_copies_keep_their_page_offset_and_small_files_match_the_official_writer
     let hlen = u64::from_le_bytes(std::fs::read(&out).unwrap()[..8].try_into().unwrap());
     assert_eq!(hlen % 8, 0);
     if python_ok("import safetensors, numpy") {
-        let code = format!(
-            "from safetensors import safe_open\nf = safe_open({:?}, 'np')\nprint(len(list(f.keys())))",
-            out.to_str().unwrap()
-        );
+        let code =
+            format!("from safetensors import safe_open\nf = safe_open({:?}, 'np')\nprint(len(list(f.keys())))", out.to_str().unwrap());
         let o = std::process::Command::new("python3").args(["-c", &code]).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), b.tensors.len().to_string());
@@ -289,7 +291,12 @@ fn large_copies_keep_their_page_offset_and_small_files_match_the_official_writer
     }
     // Below the threshold nothing is padded: the tiny fixture's header is the official one.
     let tiny = d.path().join("tiny.safetensors");
-    convert::convert(&fixture("wan22_t2v_tiny/original/diffusion_pytorch_model.safetensors"), &tiny, &Options { layout: Some(phasekit::layout::Layout::Diffusers), ..opts() }).unwrap();
+    convert::convert(
+        &fixture("wan22_t2v_tiny/original/diffusion_pytorch_model.safetensors"),
+        &tiny,
+        &Options { layout: Some(phasekit::layout::Layout::Diffusers), ..opts() },
+    )
+    .unwrap();
     let want = std::fs::read(fixture("wan22_t2v_tiny/diffusers/diffusion_pytorch_model.safetensors")).unwrap();
     let got = std::fs::read(&tiny).unwrap();
     let hl = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());

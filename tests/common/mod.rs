@@ -81,12 +81,7 @@ pub fn run_with_timeout<S: AsRef<OsStr>>(args: &[S], timeout: Duration) -> Out {
     };
     let stdout = String::from_utf8_lossy(&t_out.join().expect("stdout thread")).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr thread")).into_owned();
-    Out {
-        code: if timed_out { None } else { status.code() },
-        stdout,
-        stderr,
-        timed_out,
-    }
+    Out { code: if timed_out { None } else { status.code() }, stdout, stderr, timed_out }
 }
 
 /// Run phasekit with `args` (2-minute timeout).
@@ -129,13 +124,7 @@ pub fn read_safetensors(path: &Path) -> StFile {
     let mut metadata = None;
     for (k, v) in &header {
         if k == "__metadata__" {
-            metadata = Some(
-                v.as_object()
-                    .unwrap()
-                    .iter()
-                    .map(|(a, b)| (a.clone(), b.as_str().unwrap().to_string()))
-                    .collect(),
-            );
+            metadata = Some(v.as_object().unwrap().iter().map(|(a, b)| (a.clone(), b.as_str().unwrap().to_string())).collect());
             continue;
         }
         let off = v["data_offsets"].as_array().unwrap();
@@ -149,22 +138,14 @@ pub fn read_safetensors(path: &Path) -> StFile {
             },
         );
     }
-    StFile {
-        header_len: n,
-        header,
-        metadata,
-        tensors,
-    }
+    StFile { header_len: n, header, metadata, tensors }
 }
 
 /// Every tensor of a model: a `.safetensors` file, a folder with one, or a sharded folder (or
 /// its index), following the index's `weight_map`.
 pub fn read_model(path: &Path) -> BTreeMap<String, StTensor> {
     let index = if path.is_dir() {
-        std::fs::read_dir(path)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+        std::fs::read_dir(path).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
     } else if path.to_string_lossy().ends_with(".index.json") {
         Some(path.to_path_buf())
     } else {
@@ -208,12 +189,7 @@ pub fn assert_same_tensors(a: &BTreeMap<String, StTensor>, b: &BTreeMap<String, 
 
 /// Whether `python3 -c <code>` runs and exits 0.
 pub fn python_ok(code: &str) -> bool {
-    Command::new("python3")
-        .args(["-c", code])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    Command::new("python3").args(["-c", code]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// Files (recursively) under `dir`, relative, sorted.
