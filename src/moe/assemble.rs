@@ -67,6 +67,9 @@ pub struct Options {
     pub sidecar: bool,
     pub force: bool,
     pub quiet: bool,
+    /// The model description stored when the layout registry recognises no family (the toy's
+    /// `toy-mlp` kind and config, from the run manifest).
+    pub model: Option<ModelInfo>,
 }
 
 impl Default for Options {
@@ -88,6 +91,7 @@ impl Default for Options {
             sidecar: true,
             force: false,
             quiet: true,
+            model: None,
         }
     }
 }
@@ -132,6 +136,9 @@ pub struct Manifest {
     pub recipe_digest: Option<String>,
     #[serde(default)]
     pub title: Option<String>,
+    /// Model description for models no layout family covers (the toy: `kind = "toy-mlp"`).
+    #[serde(default)]
+    pub model: Option<ModelInfo>,
 }
 
 fn euler() -> String {
@@ -205,9 +212,31 @@ pub fn options_from_run(run: &Path) -> Result<(Options, Manifest)> {
         teacher_digests: m.teacher_digests.clone(),
         recipe_digest: m.recipe_digest.clone(),
         title: m.title.clone(),
+        model: m.model.clone(),
         ..Options::default()
     };
     Ok((opts, m))
+}
+
+/// Check a manifest's declared timesteps against the routing that `opts` (built from it, maybe
+/// with overrides) gives.
+pub fn check_run_options(m: &Manifest, opts: &Options) -> Result<()> {
+    let names = opts
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.name.clone().unwrap_or(format!("e{i}")), ExpertKind::Full, e.sigma_lo, e.sigma_hi, None))
+        .collect();
+    let r = Routing::new(names, opts.steps, opts.shift, &opts.solver, opts.guidance, opts.num_train_timesteps)?;
+    check_manifest_timesteps(m, &r)
+}
+
+/// Assemble a trainer run folder (`RUN_DIR/manifest.json`) into `output` with default options.
+pub fn assemble_run(run: &Path, output: &Path, force: bool) -> Result<Report> {
+    let (opts, m) = options_from_run(run)?;
+    let opts = Options { force, ..opts };
+    check_run_options(&m, &opts)?;
+    assemble(&opts, output)
 }
 
 /// Check a manifest's declared timesteps against the routing built from its ranges.
@@ -395,6 +424,7 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
                     variant: Some(d.variant.clone()),
                     layout: Some(d.layout.as_str().to_string()),
                     config: ck.config.as_ref().map(|c| c.json.clone()).or_else(|| Some(d.config.clone())),
+                    kind: None,
                 };
             }
             (Some(f), Some(d)) if *f != d.family || model.layout.as_deref() != Some(d.layout.as_str()) => {
@@ -414,7 +444,12 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
         }
         reference.get_or_insert(i);
     }
-    if model.family.is_none() {
+    match (&model.family, &opts.model) {
+        (None, Some(m)) => model = m.clone(),
+        (Some(f), Some(_)) => notes.push(format!("the manifest's model description was not used: the experts are {f}")),
+        _ => {}
+    }
+    if model.family.is_none() && model.kind.is_none() {
         notes.push("model family not recognised: names are stored as given (diffusers and GGUF export need a known family)".into());
     }
 

@@ -184,14 +184,7 @@ pub fn assemble(a: AssembleArgs, json: bool, quiet: bool) -> Result<()> {
     let (opts, manifest) = assemble_options(&a, quiet)?;
     if let Some(m) = &manifest {
         // Timesteps the trainer declared must be the ones the routing gives.
-        let names = opts
-            .experts
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.name.clone().unwrap_or(format!("e{i}")), super::routing::ExpertKind::Full, e.sigma_lo, e.sigma_hi, None))
-            .collect();
-        let r = super::routing::Routing::new(names, opts.steps, opts.shift, &opts.solver, opts.guidance, opts.num_train_timesteps)?;
-        assemble::check_manifest_timesteps(m, &r)?;
+        assemble::check_run_options(m, &opts)?;
     }
     let r = assemble::assemble(&opts, &a.out)?;
     if json {

@@ -40,9 +40,17 @@ pub struct ModelInfo {
     pub variant: Option<String>,
     /// The layout the parameter names are in (`original`, `diffusers`).
     pub layout: Option<String>,
-    /// config.json of the experts (or base), in that layout's dialect.
+    /// config.json of the experts (or base), in that layout's dialect; for `kind` models, that
+    /// kind's own configuration.
     pub config: Option<serde_json::Value>,
+    /// A model that is no layout family: `toy-mlp` (the toy trainer's MLP experts; `config` holds
+    /// the Gaussian mixture and the MLP shape). Absent for Wan2.2, Qwen-Image and unknown models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
+
+/// [`ModelInfo::kind`] of the toy trainer's MLP experts.
+pub const KIND_TOY_MLP: &str = "toy-mlp";
 
 /// Provenance stored under `phasekit.moe.provenance`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

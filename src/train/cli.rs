@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::denoiser::ExactMixture;
 use super::metrics::{self, Metrics};
 use super::recipe::Recipe;
-use super::run::{self, Event, LoadedRun, TrainOptions};
+use super::run::{self, Event, LoadedMoe, LoadedRun, TrainOptions};
 use crate::error::{Error, IoContext, Kind, Result};
 
 /// `phasekit train`.
@@ -42,14 +42,18 @@ pub struct TrainArgs {
 /// `phasekit sample`.
 #[derive(Args, Debug, Clone)]
 pub struct SampleArgs {
-    /// A finished run folder (its manifest.json and experts).
-    #[arg(long)]
-    pub run: PathBuf,
+    /// A finished run folder (its manifest and experts).
+    #[arg(long, required_unless_present = "moe", conflicts_with = "moe")]
+    pub run: Option<PathBuf>,
+    /// A routed checkpoint of toy experts made by `phasekit assemble` (sampled through the
+    /// loader: each step by the expert whose σ range holds its σ).
+    #[arg(long, value_name = "FILE")]
+    pub moe: Option<PathBuf>,
     /// Number of samples.
     #[arg(long, default_value_t = 1000)]
     pub n: usize,
-    /// Euler steps (default: the run's step list; other counts use the run's shift and route
-    /// each σ to the expert whose range holds it).
+    /// Euler steps (default: the run's or checkpoint's step list; other counts use its shift
+    /// and route each σ to the expert whose range holds it).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Class of every sample (default: drawn from the class prior).
@@ -151,7 +155,9 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
     let dev = crate::device::parse(&a.device)?;
     if !matches!(dev, candle_core::Device::Cpu) {
         if r.model == "toy" {
-            return Err(Error::unsupported("the toy trainer runs on the CPU (its mixture and MLP are too small for a GPU); use --device cpu"));
+            return Err(Error::unsupported(
+                "the toy trainer runs on the CPU (its mixture and MLP are too small for a GPU); use --device cpu",
+            ));
         }
         super::transformer::set_device(dev);
     }
@@ -173,48 +179,59 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
 pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
     super::single_threaded_kernels();
     crate::atomic::check_target(&a.out, a.force)?;
-    if super::transformer::is_transformer_run(&a.run) {
-        return sample_transformer(a, json);
-    }
-    let run = LoadedRun::open(&a.run)?;
-    if let Some(c) = a.class {
-        if c as usize >= run.mixture.classes {
-            return Err(Error::usage(format!("--class {c}: the run has {} classes", run.mixture.classes)));
-        }
+    let (source, key) = match (&a.run, &a.moe) {
+        (Some(r), None) => (r, "phasekit.run"),
+        (None, Some(m)) => (m, "phasekit.moe"),
+        _ => return Err(Error::usage("give exactly one of --run RUN_DIR and --moe FILE")),
+    };
+    if a.run.is_some() && super::transformer::is_transformer_run(source) {
+        return sample_transformer(a, source, json);
     }
     if a.n == 0 || a.steps == Some(0) {
         return Err(Error::usage("--n and --steps must be at least 1"));
     }
-    let x = run.sample(a.n, a.steps, a.seed, a.class)?;
+    let class_ok = |mix: &super::mixture::Mixture| match a.class {
+        Some(c) if c as usize >= mix.classes => Err(Error::usage(format!("--class {c}: the model has {} classes", mix.classes))),
+        _ => Ok(()),
+    };
+    let (x, mixture, method, default_steps) = if a.moe.is_some() {
+        let m = LoadedMoe::open(source)?;
+        class_ok(&m.mixture)?;
+        (m.sample(a.n, a.steps, a.seed, a.class)?, m.mixture, m.config.method, m.routing.steps as usize)
+    } else {
+        let r = LoadedRun::open(source)?;
+        class_ok(&r.mixture)?;
+        (r.sample(a.n, a.steps, a.seed, a.class)?, r.mixture, r.manifest.method, r.manifest.steps)
+    };
     let md = vec![
         ("phasekit.format".to_string(), "phasekit-samples/1".to_string()),
-        ("phasekit.run".to_string(), a.run.display().to_string()),
-        ("phasekit.steps".to_string(), a.steps.unwrap_or(run.manifest.steps).to_string()),
+        (key.to_string(), source.display().to_string()),
+        ("phasekit.steps".to_string(), a.steps.unwrap_or(default_steps).to_string()),
     ];
     run::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
-    let m = metrics::evaluate(&x, &run.mixture, a.seed ^ 0x5EED);
+    let m = metrics::evaluate(&x, &mixture, a.seed ^ 0x5EED);
     if json {
         print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "metrics": m }));
     } else {
         println!("wrote {} samples → {}", a.n, a.out.display());
-        println!("{}", table(&[(run.manifest.method.clone(), m)]));
+        println!("{}", table(&[(method, m)]));
     }
     Ok(())
 }
 
 /// `phasekit sample --run` on a transformer run: latents, no metrics.
-fn sample_transformer(a: &SampleArgs, json: bool) -> Result<()> {
+fn sample_transformer(a: &SampleArgs, dir: &Path, json: bool) -> Result<()> {
     if a.class.is_some() {
         return Err(Error::usage("--class is for the toy; a transformer run conditions sample i on prompt i mod N"));
     }
     if a.n == 0 || a.steps == Some(0) {
         return Err(Error::usage("--n and --steps must be at least 1"));
     }
-    let run = super::transformer::TransformerRun::open(&a.run, &super::transformer::device())?;
+    let run = super::transformer::TransformerRun::open(dir, &super::transformer::device())?;
     let x = run.sample(a.n, a.steps, a.seed)?;
     let md = vec![
         ("phasekit.format".to_string(), "phasekit-samples/1".to_string()),
-        ("phasekit.run".to_string(), a.run.display().to_string()),
+        ("phasekit.run".to_string(), dir.display().to_string()),
         ("phasekit.steps".to_string(), a.steps.unwrap_or(run.info.steps).to_string()),
         ("phasekit.layout".to_string(), if run.info.family == "qwen_image" { "packed [N, S, C]" } else { "[N, C, F, H, W]" }.to_string()),
     ];
@@ -244,7 +261,7 @@ pub fn table(rows: &[(String, Metrics)]) -> String {
 const QUICK_PHASED: &str = include_str!("../../recipes/toy-phased-4step-4phase.toml");
 const QUICK_DMD2: &str = include_str!("../../recipes/toy-dmd2-4step.toml");
 
-/// `phasekit quickstart`: teacher → Phased DMD → (assemble) → sample → metrics and plots.
+/// `phasekit quickstart`: teacher → Phased DMD → assemble + verify → sample → metrics and plots.
 pub fn quickstart(a: &QuickstartArgs, json: bool, quiet: bool) -> Result<()> {
     super::single_threaded_kernels();
     let t0 = Instant::now();
@@ -323,11 +340,19 @@ pub fn quickstart(a: &QuickstartArgs, json: bool, quiet: bool) -> Result<()> {
         res?;
         runs.push(out.join(name));
     }
-    // 3. Assemble.
-    // HOOK(assemble): when `phasekit assemble` exists, call it here on `out/phased`
-    // (manifest.json + experts/*.safetensors → out/phased-moe.safetensors), verify the file,
-    // and sample through the assembled checkpoint instead of the run folder.
-    say("3/4 assemble: skipped (the assembler is not built yet)");
+    // 3. Assemble the Phased DMD run into one routed checkpoint and verify every hash.
+    let moe_file = out.join("phased-moe.safetensors");
+    say(&format!("3/4 assembling {} → {}", runs[0].display(), moe_file.display()));
+    let rep = crate::moe::assemble::assemble_run(&runs[0], &moe_file, false)?;
+    let v = crate::moe::verify::verify_path(&moe_file)?;
+    if let Some(k) = v.failure() {
+        let why = v.faults.first().map(|f| f.message.clone()).unwrap_or_else(|| format!("{} tensor hashes differ", v.mismatches.len()));
+        return Err(Error::at(k, &moe_file, format!("the assembled checkpoint does not verify: {why}")));
+    }
+    say(&format!(
+        "    {} experts, {} tensors, verified ({} tensor hashes and the metadata digest)",
+        rep.experts, rep.tensors, v.tensors_checked
+    ));
     // 4. Sample and measure against the exact mixture.
     say("4/4 sampling and measuring against the exact mixture");
     let n = 2000;
@@ -343,9 +368,11 @@ pub fn quickstart(a: &QuickstartArgs, json: bool, quiet: bool) -> Result<()> {
         let x = run::sample_denoiser(&tf, &mix, n, steps, 1.0, seed)?;
         rows.push((format!("MLP teacher, {steps} Euler steps"), metrics::evaluate(&x, &mix, seed ^ 0x5EED)));
     }
-    for dir in &runs {
+    for (i, dir) in runs.iter().enumerate() {
         let r = LoadedRun::open(dir)?;
-        let x = r.sample(n, None, seed, None)?;
+        // The Phased DMD row samples through the assembled checkpoint (the loader and its
+        // routing table); DMD2 from its run folder.
+        let x = if i == 0 { LoadedMoe::open(&moe_file)?.sample(n, None, seed, None)? } else { r.sample(n, None, seed, None)? };
         run::write_tensors(&dir.join("samples.safetensors"), &[("samples".into(), x.clone())], &[])?;
         rows.push((r.manifest.method.clone(), metrics::evaluate(&x, &mix, seed ^ 0x5EED)));
         let plots = dir.join("plots");

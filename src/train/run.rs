@@ -7,7 +7,8 @@
 //! RUN_DIR/log.jsonl                       one line per `log_every` generator updates
 //! RUN_DIR/checkpoints/step-NNNNNNN.{safetensors,json}
 //! RUN_DIR/experts/expert-K.safetensors    expert of phase K (written when the phase ends)
-//! RUN_DIR/manifest.json                   schedule, σ ranges, timesteps, digests
+//! RUN_DIR/manifest.json                   the assembler's `phasekit.run/1` manifest
+//! RUN_DIR/toy.json                        schedule, σ ranges, timesteps, digests, mixture, MLP
 //! RUN_DIR/summary.json, plots/*.png       final metrics and plots (toy)
 //! ```
 //!
@@ -156,7 +157,8 @@ pub struct ExpertEntry {
     pub timesteps: Vec<f64>,
 }
 
-/// `manifest.json`: what the assembler and `sample` need.
+/// `toy.json`: what `sample --run` and the plots need (runs before the assembler existed wrote
+/// it as `manifest.json`, which `LoadedRun::open` still reads).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
@@ -175,6 +177,22 @@ pub struct Manifest {
     pub mixture: MixtureConfig,
     pub mlp: MlpConfig,
     pub experts: Vec<ExpertEntry>,
+}
+
+/// Format tag of `toy.json`.
+pub const TOY_FORMAT: &str = "phasekit-toy-run/1";
+/// The toy run's own manifest file.
+pub const TOY_INFO: &str = "toy.json";
+
+/// What a routed checkpoint of toy experts needs besides their weights: stored as the
+/// `config` of model kind `toy-mlp` (`phasekit.moe.model`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToyModelConfig {
+    /// The run's method (e.g. `Phased DMD 4-step 4-phase`).
+    pub method: String,
+    pub mixture: MixtureConfig,
+    pub mlp: MlpConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -569,7 +587,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         });
     }
     let manifest = Manifest {
-        format: "phasekit-run/1".into(),
+        format: TOY_FORMAT.into(),
         name: r.name.clone(),
         model: r.model.clone(),
         method: method_name(r, &sched),
@@ -593,7 +611,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         mlp: r.mlp.clone(),
         experts: entries,
     };
-    write_json(&out.join("manifest.json"), &manifest)?;
+    write_json(&out.join(TOY_INFO), &manifest)?;
+    write_json(&out.join("manifest.json"), &assembler_manifest(&manifest))?;
     let metrics = if opts.eval_samples > 0 {
         let run = LoadedRun::open(out)?;
         let x = run.sample(opts.eval_samples, None, r.seed ^ 0xE7A1, None)?;
@@ -619,9 +638,16 @@ pub struct LoadedRun {
 
 impl LoadedRun {
     pub fn open(dir: &Path) -> Result<LoadedRun> {
-        let mp = dir.join("manifest.json");
+        let mut mp = dir.join(TOY_INFO);
+        if !mp.is_file() {
+            // Runs from before the assembler wrote their toy manifest as manifest.json.
+            mp = dir.join("manifest.json");
+        }
         let text = std::fs::read_to_string(&mp).with_file(&mp)?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::malformed(&mp, e.to_string()))?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::malformed(&mp, format!("not a toy run manifest: {e}")))?;
+        if manifest.format != TOY_FORMAT && manifest.format != "phasekit-run/1" {
+            return Err(Error::at(Kind::Unsupported, &mp, format!("toy run manifest format '{}' is not {TOY_FORMAT}", manifest.format)));
+        }
         let mixture = Mixture::new(&manifest.mixture)?;
         let mut experts = Vec::new();
         for e in &manifest.experts {
@@ -659,21 +685,156 @@ impl LoadedRun {
 
     /// States at every σ of the grid (`[0]` is the noise, the last is the sample).
     pub fn trajectory(&self, n: usize, steps: Option<usize>, seed: u64, class: Option<u32>) -> Result<Vec<Tensor>> {
-        let sig = self.sigmas(steps);
-        let mut rng = Rng::new(seed);
-        let z = dmd::noise(&mut rng, n, &[self.mixture.dim]).map_err(ce)?;
-        let cls = match class {
-            Some(c) => vec![c; n],
-            None => self.mixture.sample_classes(n, &mut rng),
-        };
-        let cond = class_cond(cls).map_err(ce)?;
-        let mut out = vec![z.clone()];
-        let mut x = z;
-        for i in 0..sig.len() - 1 {
-            x = dmd::euler(&self.experts[self.route(sig[i])], &x, sig[i], sig[i + 1], &cond).map_err(ce)?;
-            out.push(x.clone());
+        euler_trajectory(&self.experts, &|s| self.route(s), &self.mixture, &self.sigmas(steps), n, seed, class)
+    }
+}
+
+/// The routed Euler sampler shared by run folders and routed checkpoints: noise and classes
+/// from `seed`, then one Euler step per interval of `sig`, each by the expert `route(σ)` picks.
+fn euler_trajectory(
+    experts: &[Mlp],
+    route: &dyn Fn(f64) -> usize,
+    mixture: &Mixture,
+    sig: &[f64],
+    n: usize,
+    seed: u64,
+    class: Option<u32>,
+) -> Result<Vec<Tensor>> {
+    let mut rng = Rng::new(seed);
+    let z = dmd::noise(&mut rng, n, &[mixture.dim]).map_err(ce)?;
+    let cls = match class {
+        Some(c) => vec![c; n],
+        None => mixture.sample_classes(n, &mut rng),
+    };
+    let cond = class_cond(cls).map_err(ce)?;
+    let mut out = vec![z.clone()];
+    let mut x = z;
+    for i in 0..sig.len() - 1 {
+        x = dmd::euler(&experts[route(sig[i])], &x, sig[i], sig[i + 1], &cond).map_err(ce)?;
+        out.push(x.clone());
+    }
+    Ok(out)
+}
+
+/// Width of the stored σ range of a one-step first phase (see [`assembler_manifest`]).
+pub const TOP_EXPERT_WIDTH: f64 = 1e-9;
+
+/// The assembler's `phasekit.run/1` manifest of a toy run: full MLP experts, no base, model kind
+/// `toy-mlp` with the mixture and MLP shape as its config.
+fn assembler_manifest(m: &Manifest) -> crate::moe::assemble::Manifest {
+    use crate::moe::assemble::{Manifest as RunManifest, ManifestExpert, MANIFEST_TAG};
+    use crate::moe::format::{ModelInfo, KIND_TOY_MLP};
+    use crate::moe::routing::ExpertKind;
+    let config = ToyModelConfig { method: m.method.clone(), mixture: m.mixture.clone(), mlp: m.mlp.clone() };
+    // A one-step first phase serves σ = 1 only: its range here is the degenerate [1, 1), σ = 1
+    // going to it by the first-expert rule. The routing table needs lo < hi, so it gets
+    // [1 − 10⁻⁹, 1) (σ = 1 included) and the next expert ends there: the same expert as in the
+    // run folder for every σ a sampler with fewer than 10⁹/shift steps reaches. (10⁻⁹ survives
+    // the JSON round trip; the float just below 1 would not.)
+    let mut ranges: Vec<[f64; 2]> = m.experts.iter().map(|e| e.sigma_range).collect();
+    if let Some(first) = ranges.first().copied().filter(|r| r[0] >= r[1]) {
+        let below = first[1] - TOP_EXPERT_WIDTH;
+        ranges[0][0] = below;
+        for r in ranges.iter_mut().skip(1).filter(|r| r[1] == first[1]) {
+            r[1] = below;
         }
-        Ok(out)
+    }
+    RunManifest {
+        format: MANIFEST_TAG.into(),
+        experts: m
+            .experts
+            .iter()
+            .zip(&ranges)
+            .map(|(e, r)| ManifestExpert {
+                path: e.file.clone(),
+                sigma_lo: r[0],
+                sigma_hi: r[1],
+                timesteps: Some(e.timesteps.clone()),
+                kind: ExpertKind::Full,
+                name: None,
+                guidance: None,
+            })
+            .collect(),
+        base: None,
+        shift: m.shift,
+        steps: m.steps as u32,
+        solver: m.solver.clone(),
+        guidance: m.inference_guidance,
+        num_train_timesteps: 1000.0,
+        teacher_digests: vec![format!("sha256:{}", m.teacher.sha256)],
+        recipe_digest: Some(format!("sha256:{}", m.recipe_sha256)),
+        title: Some(m.name.clone()),
+        model: Some(ModelInfo {
+            kind: Some(KIND_TOY_MLP.into()),
+            config: Some(serde_json::to_value(&config).expect("serialisable")),
+            ..ModelInfo::default()
+        }),
+    }
+}
+
+/// A routed `phasekit.moe/1` checkpoint of toy experts, opened for sampling through the loader
+/// (`MoeCheckpoint`): experts rebuilt from their stored tensors, σ routed by the stored table.
+pub struct LoadedMoe {
+    pub path: PathBuf,
+    pub routing: crate::moe::routing::Routing,
+    pub config: ToyModelConfig,
+    pub mixture: Mixture,
+    pub experts: Vec<Mlp>,
+}
+
+impl LoadedMoe {
+    /// Open a checkpoint; one whose model is not of kind `toy-mlp` is refused (exit 7).
+    pub fn open(path: &Path) -> Result<LoadedMoe> {
+        use crate::moe::format::KIND_TOY_MLP;
+        let m = crate::moe::loader::MoeCheckpoint::open(path)?;
+        let model = &m.meta().model;
+        if model.kind.as_deref() != Some(KIND_TOY_MLP) {
+            let what = model.family.clone().or(model.kind.clone()).unwrap_or_else(|| "unknown".into());
+            return Err(Error::at(
+                Kind::Unsupported,
+                path,
+                format!("sample --moe supports toy checkpoints (model kind {KIND_TOY_MLP}), this one is {what}; transformer checkpoints: use sample --run"),
+            ));
+        }
+        let cfg = model.config.clone().ok_or_else(|| Error::malformed(path, "toy-mlp checkpoint has no model config"))?;
+        let config: ToyModelConfig =
+            serde_json::from_value(cfg).map_err(|e| Error::malformed(path, format!("toy-mlp model config is not valid: {e}")))?;
+        let mixture = Mixture::new(&config.mixture)?;
+        let mut experts = Vec::new();
+        for i in 0..m.num_experts() {
+            let mut t = Vec::new();
+            for name in m.weight_names(i) {
+                let (shape, w) = m.weight_f32(i, &name, true)?;
+                let shape: Vec<usize> = shape.iter().map(|d| *d as usize).collect();
+                t.push((name, Tensor::from_vec(w, shape, &Device::Cpu).map_err(ce)?));
+            }
+            t.sort_by_key(|(n, _)| mlp_order(n));
+            let mlp = Mlp::from_tensors(&config.mlp, mixture.dim, mixture.classes, t)
+                .map_err(|e| Error::inconsistent(path, format!("expert {i} does not fit its toy-mlp config: {e}")))?;
+            experts.push(mlp.frozen());
+        }
+        Ok(LoadedMoe { path: path.into(), routing: m.routing().clone(), config, mixture, experts })
+    }
+
+    /// The expert whose stored σ range holds σ (`expert_for_sigma`).
+    pub fn route(&self, sigma: f64) -> usize {
+        self.routing.expert_for_sigma(sigma).unwrap_or(self.experts.len() - 1)
+    }
+
+    /// The σ grid for `steps` (the checkpoint's step count when `None`) at the stored shift,
+    /// ending at 0.
+    pub fn sigmas(&self, steps: Option<usize>) -> Vec<f64> {
+        super::schedule::sigmas(steps.unwrap_or(self.routing.steps as usize), self.routing.shift)
+    }
+
+    /// Draw `n` samples (`[n, dim]`); the same seed gives the same samples as `LoadedRun::sample`
+    /// on the run the checkpoint was assembled from, bit for bit.
+    pub fn sample(&self, n: usize, steps: Option<usize>, seed: u64, class: Option<u32>) -> Result<Tensor> {
+        Ok(self.trajectory(n, steps, seed, class)?.pop().expect("at least one state"))
+    }
+
+    pub fn trajectory(&self, n: usize, steps: Option<usize>, seed: u64, class: Option<u32>) -> Result<Vec<Tensor>> {
+        euler_trajectory(&self.experts, &|s| self.route(s), &self.mixture, &self.sigmas(steps), n, seed, class)
     }
 }
 
