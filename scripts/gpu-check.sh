@@ -37,8 +37,10 @@ for rec in wan2.2-tiny-2phase qwen-image-tiny; do
         | python3 -c "import json,sys; r=json.load(sys.stdin); r['check']='train'; r['recipe']='$rec'; print(json.dumps(r))" >> "$log" \
         || echo "{\"check\":\"train\",\"recipe\":\"$rec\",\"failed\":true}" >> "$log"
 done
-[ "$TRAIN" = 1 ] && "$B" assemble --run /tmp/run-wan2.2-tiny-2phase -o /tmp/moe-wan.safetensors --quiet && "$B" verify /tmp/moe-wan.safetensors --quiet \
-    && echo '{"check":"assemble+verify","ok":true}' >> "$log" || echo '{"check":"assemble+verify","failed":true}' >> "$log"
+if [ "$TRAIN" = 1 ]; then
+    "$B" assemble --run /tmp/run-wan2.2-tiny-2phase -o /tmp/moe-wan.safetensors --quiet && "$B" verify /tmp/moe-wan.safetensors --quiet \
+        && echo '{"check":"assemble+verify","ok":true}' >> "$log" || echo '{"check":"assemble+verify","failed":true}' >> "$log"
+fi
 for spec in "wan 4096 512" "qwen 4096 512" "wan 1024 256" "qwen 1024 256"; do
     [ "$BENCH" = 1 ] || break
     set -- $spec
