@@ -6,6 +6,7 @@
 //! - with `--json` the same exit code and one JSON object on stdout with `error.kind`;
 //! - `convert` leaves no output and no `.phasekit-tmp` file behind when it fails;
 //! - nothing is ever written beside the inputs.
+//!
 //! Cases marked `known_bug` are phasekit bugs on record: their failures are printed, not fatal.
 
 mod common;

@@ -153,7 +153,10 @@ fn we_read_what_gguf_py_writes() {
     assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= amax / 100.0));
 }
 
-fn our_sample() -> (Vec<(String, Value)>, Vec<(TensorPlan, Vec<u8>)>) {
+/// Metadata and tensors (with their bytes) of the sample file.
+type Sample = (Vec<(String, Value)>, Vec<(TensorPlan, Vec<u8>)>);
+
+fn our_sample() -> Sample {
     let kv: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::from("qwen_image")),
         ("general.file_type".into(), Value::U32(gguf::file_type::MOSTLY_Q4_K_M)),

@@ -39,6 +39,9 @@ const END: u8 = 0xFF;
 /// Largest chunk accepted when unpacking (limits allocation on hostile input).
 const MAX_CHUNK: u32 = 64 << 20;
 
+/// One compressed chunk: how, the payload, and the sha256 of the raw bytes.
+type PackedChunk = (Mode, Vec<u8>, [u8; 32]);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Zstd = 0,
@@ -156,7 +159,7 @@ pub fn pack(input: &Path, output: &Path, level: i32, force: bool, quiet: bool) -
     let mut written = head.len() as u64;
     let window = rayon::current_num_threads().max(1) * 4;
     for win in chunks.chunks(window) {
-        let done: Vec<Result<(Mode, Vec<u8>, [u8; 32])>> = win
+        let done: Vec<Result<PackedChunk>> = win
             .par_iter()
             .map(|&(a, b, mode)| {
                 let raw = &bytes[a..b];
