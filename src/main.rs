@@ -219,6 +219,11 @@ fn quant(q: &str) -> Result<GgmlType, Error> {
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools: a closed pipe (`phasekit inspect ... | head`) ends the process
+    // quietly instead of panicking inside println!.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
