@@ -103,7 +103,7 @@ enum Command {
     Bench(BenchCommand),
     /// Distil a teacher into few-step experts with Phased DMD (recipes/*.toml, docs/recipes.md).
     Train(phasekit::train::cli::TrainArgs),
-    /// Draw samples from a trained run into a safetensors file (tensor `samples`).
+    /// Draw samples from a trained run (--run) or a routed MoE checkpoint (--moe) into a safetensors file (tensor `samples`).
     Sample(phasekit::train::cli::SampleArgs),
     /// Pretrain the toy teacher, distil it with Phased DMD and DMD2, sample, compare, plot (CPU, < 3 min).
     Quickstart(phasekit::train::cli::QuickstartArgs),
