@@ -488,6 +488,8 @@ const SINK_BUF: usize = 8 << 20;
 const HOLE_GRAIN: usize = 64 << 10;
 /// Blocks at least this large are written without going through the buffer.
 const DIRECT_WRITE: usize = 1 << 20;
+/// Copies at least this long go through the kernel (`copy_file_range`); shorter ones through the buffer.
+const KERNEL_COPY_MIN: u64 = 1 << 20;
 
 impl<'a> Sink<'a> {
     pub fn new(file: &'a mut File, path: &Path, hash: bool, progress: &'a Progress) -> Self {
@@ -573,7 +575,7 @@ impl<'a> Sink<'a> {
     /// Copy `len` bytes at `offset` of a source file. Without hashing this is done in the kernel
     /// (`copy_file_range`), skipping holes of sparse inputs.
     pub fn copy_from(&mut self, src: &SourceFile, offset: u64, len: u64) -> Result<()> {
-        if self.hasher.is_some() || len < (1 << 20) {
+        if self.hasher.is_some() || len < KERNEL_COPY_MIN {
             return self.write(&src.bytes()[offset as usize..(offset + len) as usize]);
         }
         self.flush_buf()?;
@@ -844,7 +846,7 @@ fn page_congruent_padding(
 fn kernel_copy<'c>(ck: &'c Checkpoint, t: &OutTensor) -> Option<&'c TensorEntry> {
     let Op::Copy { src } = t.op else { return None };
     let e = &ck.tensors[src];
-    (e.len >= 1 << 20).then_some(e)
+    (e.len >= KERNEL_COPY_MIN).then_some(e)
 }
 
 fn copied_bytes(ck: &Checkpoint, plan: &Plan, idx: &[usize]) -> u64 {

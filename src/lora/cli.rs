@@ -3,32 +3,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 use super::svd::SvdOptions;
 use super::{ExtractOptions, MergeOptions, Style, WriteOptions};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 
-/// Output dtype of floating-point tensors.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum DTypeArg {
-    Keep,
-    Bf16,
-    F16,
-    F32,
-}
-
-impl DTypeArg {
-    fn dtype(self) -> Option<DType> {
-        match self {
-            DTypeArg::Keep => None,
-            DTypeArg::Bf16 => Some(DType::BF16),
-            DTypeArg::F16 => Some(DType::F16),
-            DTypeArg::F32 => Some(DType::F32),
-        }
-    }
-}
+pub use crate::moe::cli::DTypeArg;
 
 /// LoRA files: merge into a base, extract from two checkpoints, convert between key styles, inspect (docs/lora.md).
 #[derive(Subcommand, Debug)]

@@ -796,19 +796,22 @@ pub(crate) fn write_outputs(
     } else {
         (0..shards.len()).map(|i| shard_name(output, i, shards.len())).collect()
     };
-    let md0 = metadata(&HashMap::new());
-    let mut hashes: Hashes = HashMap::new();
-    let mut files = Vec::new();
-    let mut plans = Vec::new();
-    for (s, path) in shards.iter().zip(&paths) {
-        let planned = s
-            .iter()
+    // One shard's tensors as the safetensors planner takes them (placeholder and final header).
+    let planned_of = |s: &[usize]| -> Vec<crate::safetensors::Planned> {
+        s.iter()
             .map(|&i| crate::safetensors::Planned {
                 name: tensors[i].name.clone(),
                 dtype: tensors[i].dtype,
                 shape: tensors[i].shape.clone(),
             })
-            .collect();
+            .collect()
+    };
+    let md0 = metadata(&HashMap::new());
+    let mut hashes: Hashes = HashMap::new();
+    let mut files = Vec::new();
+    let mut plans = Vec::new();
+    for (s, path) in shards.iter().zip(&paths) {
+        let planned = planned_of(s);
         let header = crate::safetensors::plan(planned, Some(&md0))?;
         let by_name: HashMap<&str, usize> = s.iter().map(|&i| (tensors[i].name.as_str(), i)).collect();
         let order: Vec<usize> = header.order.iter().map(|p| by_name[p.name.as_str()]).collect();
@@ -845,14 +848,7 @@ pub(crate) fn write_outputs(
     let md = metadata(&hashes);
     let mut written = Vec::new();
     for ((s, path), (f, hlen)) in shards.iter().zip(&paths).zip(files.iter_mut().zip(&plans)) {
-        let planned = s
-            .iter()
-            .map(|&i| crate::safetensors::Planned {
-                name: tensors[i].name.clone(),
-                dtype: tensors[i].dtype,
-                shape: tensors[i].shape.clone(),
-            })
-            .collect();
+        let planned = planned_of(s);
         let header = crate::safetensors::plan(planned, Some(&md))?;
         if header.bytes.len() != *hlen {
             return Err(Error::internal(format!("final header is {} bytes, planned {hlen}", header.bytes.len())).with_path(path));
