@@ -393,6 +393,76 @@ pub(crate) fn open_log(out: &Path, resume: bool, keep_until: u64) -> Result<(std
     Ok((log, log_path))
 }
 
+/// The bookkeeping after each generator update, shared by the toy and transformer trainers.
+pub(crate) struct Updates<'a> {
+    pub recipe: &'a Recipe,
+    pub out: &'a Path,
+    pub stop_after: Option<u64>,
+    pub on: &'a dyn Fn(&Event),
+    pub t0: Instant,
+    pub log: &'a mut std::fs::File,
+    pub log_path: &'a Path,
+    pub phases: usize,
+    pub total: u64,
+    pub resumed_from: Option<u64>,
+}
+
+impl Updates<'_> {
+    /// After update `done` of `n` in phase `p` (`global` in the run): refuse non-finite losses,
+    /// log, report, checkpoint when due (`save`), and return the summary to stop with when
+    /// `--stop-after` is reached.
+    pub(crate) fn after(
+        &mut self,
+        p: usize,
+        done: u64,
+        n: u64,
+        global: u64,
+        l: &dmd::StepLosses,
+        save: impl FnOnce() -> Result<()>,
+    ) -> Result<Option<Summary>> {
+        let r = self.recipe;
+        if !l.gen.is_finite() || !l.fake.is_finite() {
+            return Err(Error::internal(format!("phase {p} step {done}: loss is not finite (gen {}, fake {})", l.gen, l.fake)));
+        }
+        if r.train.log_every > 0 && (done % r.train.log_every == 0 || done == n) {
+            let line = LogLine {
+                phase: p,
+                step: done,
+                global_step: global,
+                gen_loss: l.gen,
+                fake_loss: l.fake,
+                gen_grad_norm: l.gen_grad_norm,
+                seconds: self.t0.elapsed().as_secs_f64(),
+            };
+            let text = serde_json::to_string(&line).map_err(|e| Error::internal(e.to_string()))?;
+            writeln!(self.log, "{text}").with_file(self.log_path)?;
+        }
+        (self.on)(&Event::Step {
+            phase: p,
+            phases: self.phases,
+            global_step: global,
+            total: self.total,
+            gen_loss: l.gen,
+            fake_loss: l.fake,
+        });
+        let due = r.train.checkpoint_every > 0 && done % r.train.checkpoint_every == 0;
+        if due || done == n {
+            save()?;
+        }
+        if self.stop_after.is_some_and(|s| global >= s) {
+            return Ok(Some(Summary {
+                run_dir: self.out.into(),
+                completed: false,
+                global_step: global,
+                seconds: self.t0.elapsed().as_secs_f64(),
+                resumed_from: self.resumed_from,
+                metrics: None,
+            }));
+        }
+        Ok(None)
+    }
+}
+
 /// Train a recipe into `out`.
 pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on: &dyn Fn(&Event)) -> Result<Summary> {
     let t0 = Instant::now();
@@ -461,6 +531,18 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         experts.push(load_mlp(&expert_path(out, k), &r.mlp, mix.dim, mix.classes)?.frozen());
     }
     let mut carried_fake: Option<Mlp> = None;
+    let mut updates = Updates {
+        recipe: r,
+        out,
+        stop_after: opts.stop_after,
+        on,
+        t0,
+        log: &mut log,
+        log_path: &log_path,
+        phases: sched.phases.len(),
+        total,
+        resumed_from,
+    };
     let mut global: u64 = (0..start_phase).map(|p| r.updates(p)).sum::<u64>() + start_step;
     for p in start_phase..sched.phases.len() {
         let (gen, fake, mut gen_opt, mut fake_opt, first) = match restored.take() {
@@ -526,36 +608,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             let l = phase.iteration(&mut rng, &gen, &fake, &mut gen_opt, &mut fake_opt).map_err(ce)?;
             global += 1;
             let done = step + 1;
-            if !l.gen.is_finite() || !l.fake.is_finite() {
-                return Err(Error::internal(format!("phase {p} step {done}: loss is not finite (gen {}, fake {})", l.gen, l.fake)));
-            }
-            if r.train.log_every > 0 && (done % r.train.log_every == 0 || done == n) {
-                let line = LogLine {
-                    phase: p,
-                    step: done,
-                    global_step: global,
-                    gen_loss: l.gen,
-                    fake_loss: l.fake,
-                    gen_grad_norm: l.gen_grad_norm,
-                    seconds: t0.elapsed().as_secs_f64(),
-                };
-                let text = serde_json::to_string(&line).map_err(|e| Error::internal(e.to_string()))?;
-                writeln!(log, "{text}").with_file(&log_path)?;
-            }
-            on(&Event::Step { phase: p, phases: sched.phases.len(), global_step: global, total, gen_loss: l.gen, fake_loss: l.fake });
-            let due = r.train.checkpoint_every > 0 && done % r.train.checkpoint_every == 0;
-            if due || done == n {
-                save(done, global, &rng, &gen_opt, &fake_opt)?;
-            }
-            if opts.stop_after.is_some_and(|s| global >= s) {
-                return Ok(Summary {
-                    run_dir: out.into(),
-                    completed: false,
-                    global_step: global,
-                    seconds: t0.elapsed().as_secs_f64(),
-                    resumed_from,
-                    metrics: None,
-                });
+            if let Some(stopped) = updates.after(p, done, n, global, &l, || save(done, global, &rng, &gen_opt, &fake_opt))? {
+                return Ok(stopped);
             }
         }
         if first == n && n == 0 {

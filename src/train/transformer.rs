@@ -18,7 +18,6 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
@@ -30,7 +29,7 @@ use super::denoiser::{Cond, Denoiser};
 use super::dmd::{self, Phase, Views};
 use super::optim::{AdamW, ParamsAdamW};
 use super::recipe::{FakeKind, Recipe, ResolutionSpace, TransformerConfig};
-use super::run::{self, CheckpointInfo, Event, LogLine, Summary, TrainOptions};
+use super::run::{self, CheckpointInfo, Event, Summary, TrainOptions};
 use super::schedule::{shift, Schedule};
 use super::{ce, Rng};
 use crate::error::{Error, IoContext, Kind, Result};
@@ -764,6 +763,18 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         e.load_lora_file(&run::expert_path(out, k))?;
         experts.push(e.frozen_view());
     }
+    let mut updates = run::Updates {
+        recipe: r,
+        out,
+        stop_after: opts.stop_after,
+        on,
+        t0,
+        log: &mut log,
+        log_path: &log_path,
+        phases: sched.phases.len(),
+        total,
+        resumed_from,
+    };
     let mut global: u64 = (0..start_phase).map(|p| r.updates(p)).sum::<u64>() + start_step;
     for p in start_phase..sched.phases.len() {
         let t_range = if p == 0 { tc.phase1_t_range.map(|[a, b]| (a, b)) } else { None };
@@ -865,36 +876,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             let l = phase(gi).iteration_views(&mut rng, &views, &mut gen_opt, &mut fake_opt).map_err(ce)?;
             global += 1;
             let done = step + 1;
-            if !l.gen.is_finite() || !l.fake.is_finite() {
-                return Err(Error::internal(format!("phase {p} step {done}: loss is not finite (gen {}, fake {})", l.gen, l.fake)));
-            }
-            if r.train.log_every > 0 && (done % r.train.log_every == 0 || done == n) {
-                let line = LogLine {
-                    phase: p,
-                    step: done,
-                    global_step: global,
-                    gen_loss: l.gen,
-                    fake_loss: l.fake,
-                    gen_grad_norm: l.gen_grad_norm,
-                    seconds: t0.elapsed().as_secs_f64(),
-                };
-                let text = serde_json::to_string(&line).map_err(|e| Error::internal(e.to_string()))?;
-                writeln!(log, "{text}").with_file(&log_path)?;
-            }
-            on(&Event::Step { phase: p, phases: sched.phases.len(), global_step: global, total, gen_loss: l.gen, fake_loss: l.fake });
-            let due = r.train.checkpoint_every > 0 && done % r.train.checkpoint_every == 0;
-            if due || done == n {
-                save(done, global, &rng, &gen_opt, &fake_opt)?;
-            }
-            if opts.stop_after.is_some_and(|s| global >= s) {
-                return Ok(Summary {
-                    run_dir: out.into(),
-                    completed: false,
-                    global_step: global,
-                    seconds: t0.elapsed().as_secs_f64(),
-                    resumed_from,
-                    metrics: None,
-                });
+            if let Some(stopped) = updates.after(p, done, n, global, &l, || save(done, global, &rng, &gen_opt, &fake_opt))? {
+                return Ok(stopped);
             }
         }
         if first == n && n == 0 {
