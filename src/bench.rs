@@ -43,9 +43,16 @@ pub struct IoOptions {
     pub python: bool,
 }
 
-fn best<F: FnMut() -> Result<()>>(repeats: usize, mut f: F) -> Result<f64> {
+/// Best wall time of `repeats` runs of `f`. Before each run (untimed) the paths in `clear` are
+/// removed and dirty pages are flushed, so no contender pays for freeing or writing back an
+/// earlier run's output (with `discard` mounts, freeing a GB file is not free).
+pub(crate) fn best<F: FnMut() -> Result<()>>(repeats: usize, clear: &[&Path], mut f: F) -> Result<f64> {
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) {
+        for p in clear {
+            rm(p);
+        }
+        unsafe { libc::sync() };
         let t = Instant::now();
         f()?;
         best = best.min(t.elapsed().as_secs_f64());
@@ -57,7 +64,7 @@ fn rm(p: &Path) {
     let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
 }
 
-fn sh(cmd: &mut Command, what: &str) -> Result<()> {
+pub(crate) fn sh(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().map_err(|e| Error::io(what, e))?;
     if !out.status.success() {
         return Err(Error::internal(format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
@@ -154,7 +161,9 @@ pub fn io(opts: &IoOptions, log: &mut dyn FnMut(&str)) -> Result<Vec<Line>> {
     let dir = opts.dir.join(format!("phasekit-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_file(&dir)?;
     let result = io_in(&dir, opts, log);
-    rm(&dir);
+    if std::env::var_os("PHASEKIT_BENCH_KEEP").is_none() {
+        rm(&dir);
+    }
     result
 }
 
@@ -170,13 +179,9 @@ fn io_in(dir: &Path, opts: &IoOptions, log: &mut dyn FnMut(&str)) -> Result<Vec<
     sh(Command::new("cat").arg(&src).stdout(std::process::Stdio::null()), "cat")?;
 
     let cp_out = dir.join("cp.safetensors");
-    let t_cp = best(opts.repeats, || {
-        rm(&cp_out);
-        sh(Command::new("cp").arg(&src).arg(&cp_out), "cp")
-    })?;
+    let t_cp = best(opts.repeats, &[&cp_out], || sh(Command::new("cp").arg(&src).arg(&cp_out), "cp"))?;
     // phasekit fsyncs every output before renaming it; the fair baseline is a durable copy.
-    let t_cps = best(opts.repeats, || {
-        rm(&cp_out);
+    let t_cps = best(opts.repeats, &[&cp_out], || {
         sh(Command::new("cp").arg(&src).arg(&cp_out), "cp")?;
         sh(Command::new("sync").arg(&cp_out), "sync")
     })?;
@@ -185,12 +190,8 @@ fn io_in(dir: &Path, opts: &IoOptions, log: &mut dyn FnMut(&str)) -> Result<Vec<
 
     let quiet = convert::Options { force: true, ..Default::default() };
     let out = dir.join("out.safetensors");
-    let run = |o: &convert::Options, out: &Path| -> Result<f64> {
-        best(opts.repeats, || {
-            rm(out);
-            convert::convert(&src, out, o).map(|_| ())
-        })
-    };
+    let run =
+        |o: &convert::Options, out: &Path| -> Result<f64> { best(opts.repeats, &[out], || convert::convert(&src, out, o).map(|_| ())) };
     let t_layout = run(&convert::Options { layout: Some(Layout::Diffusers), ..quiet.clone() }, &out)?;
     let vs_cp = |v: f64| format!("{:.2}× plain cp ({:.2} GB/s, no fsync)", v / gb(t_cp), gb(t_cp));
     let mut l = ratio_line("layout convert (original→diffusers, no cast)", gb(t_layout), "cp+sync", gb(t_cps), 0.9);
@@ -236,7 +237,9 @@ fn io_in(dir: &Path, opts: &IoOptions, log: &mut dyn FnMut(&str)) -> Result<Vec<
             note: "skipped comparison: python3 with the `gguf` package is not available".into(),
         });
     }
-    rm(&src);
+    if std::env::var_os("PHASEKIT_BENCH_KEEP").is_none() {
+        rm(&src);
+    }
 
     if opts.replicas {
         let exe = std::env::current_exe().map_err(|e| Error::io("current_exe", e))?;

@@ -490,6 +490,14 @@ const HOLE_GRAIN: usize = 64 << 10;
 const DIRECT_WRITE: usize = 1 << 20;
 /// Copies at least this long go through the kernel (`copy_file_range`); shorter ones through the buffer.
 const KERNEL_COPY_MIN: u64 = 1 << 20;
+/// Kernel copies are issued in calls that end on multiples of this many source bytes.
+const COPY_CALL: u64 = 64 << 20;
+/// Outputs that copy at least [`CONGRUENT_MIN_BYTES`] are laid out so that copied bytes sit at
+/// their source offset modulo this. On ext4 with large folios (Linux 6.16+), `copy_file_range`
+/// between offsets that agree only modulo the 4 KiB page measured 25–40 % slower than between
+/// offsets that agree modulo 64 KiB, and splitting one contiguous copy into a call per tensor
+/// cost as much again; see docs/performance.md.
+const CONGRUENCE: u64 = 64 << 10;
 
 impl<'a> Sink<'a> {
     pub fn new(file: &'a mut File, path: &Path, hash: bool, progress: &'a Progress) -> Self {
@@ -572,6 +580,11 @@ impl<'a> Sink<'a> {
         Ok(())
     }
 
+    /// Whether the sink hashes what it writes (then copies go through the buffer).
+    pub fn hashing(&self) -> bool {
+        self.hasher.is_some()
+    }
+
     /// Copy `len` bytes at `offset` of a source file. Without hashing this is done in the kernel
     /// (`copy_file_range`), skipping holes of sparse inputs.
     pub fn copy_from(&mut self, src: &SourceFile, offset: u64, len: u64) -> Result<()> {
@@ -579,8 +592,7 @@ impl<'a> Sink<'a> {
             return self.write(&src.bytes()[offset as usize..(offset + len) as usize]);
         }
         self.flush_buf()?;
-        let in_file = File::open(&src.path).with_file(&src.path)?;
-        let (ifd, ofd) = (in_file.as_raw_fd(), self.file.as_raw_fd());
+        let (ifd, ofd) = (src.file().as_raw_fd(), self.file.as_raw_fd());
         let end = offset + len;
         let mut at = offset;
         while at < end {
@@ -599,7 +611,9 @@ impl<'a> Sink<'a> {
             let hole = unsafe { libc::lseek(ifd, at as i64, libc::SEEK_HOLE) };
             let seg_end = if hole < 0 { end } else { (hole as u64).min(end).max(at + 1) };
             let mut off_in = at as i64;
-            let want = (seg_end - at).min(1 << 30) as usize;
+            // Calls end at multiples of COPY_CALL in the source, so every call after the first
+            // starts on the same page-cache boundary in both files (progress stays fine-grained).
+            let want = (seg_end.min((at / COPY_CALL + 1) * COPY_CALL) - at) as usize;
             let n = unsafe { libc::copy_file_range(ifd, &mut off_in, ofd, std::ptr::null_mut(), want, 0) };
             if n <= 0 {
                 // Not supported here (or nothing copied): fall back to writing from the map.
@@ -693,6 +707,41 @@ fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: (&mut V
             Ok(())
         }
     }
+}
+
+/// Stream tensors that follow each other without gaps (a safetensors data buffer). Runs of
+/// copies whose sources are also contiguous in one file go to the kernel as one copy: one
+/// `copy_file_range` per tensor measured up to 30 % slower than one per run on ext4.
+fn write_packed(ck: &Checkpoint, order: &[&OutTensor], sink: &mut Sink, window: (&mut Vec<u8>, &mut Vec<u8>)) -> Result<()> {
+    let (cur, next) = window;
+    let copy_src = |t: &OutTensor| match t.op {
+        Op::Copy { src } => Some(&ck.tensors[src]),
+        _ => None,
+    };
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        let mut len = 0;
+        if let (Some(first), false) = (copy_src(order[i]), sink.hashing()) {
+            while let Some(e) = order.get(j).and_then(|t| copy_src(t)) {
+                if e.file != first.file || e.offset != first.offset + len {
+                    break;
+                }
+                len += e.len;
+                j += 1;
+            }
+        }
+        if j > i + 1 && len >= KERNEL_COPY_MIN {
+            let first = copy_src(order[i]).expect("a copy");
+            sink.copy_from(&ck.files[first.file], first.offset, len)?;
+            ck.files[first.file].release(first.offset, len);
+            i = j;
+        } else {
+            write_tensor(ck, order[i], sink, (&mut *cur, &mut *next))?;
+            i += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Output bytes per transcoding window (two windows are kept per writer).
@@ -800,9 +849,8 @@ fn write_one_safetensors(
     {
         let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress);
         sink.write(&header.bytes)?;
-        for t in &header.order {
-            write_tensor(ck, &plan.tensors[by_name[t.name.as_str()]], &mut sink, (&mut win_a, &mut win_b))?;
-        }
+        let order: Vec<&OutTensor> = header.order.iter().map(|t| &plan.tensors[by_name[t.name.as_str()]]).collect();
+        write_packed(ck, &order, &mut sink, (&mut win_a, &mut win_b))?;
         hash = sink.finish()?;
     }
     let len = header.file_len();
@@ -828,12 +876,11 @@ fn page_congruent_padding(
     header: &crate::safetensors::HeaderPlan,
     by_name: &HashMap<&str, usize>,
 ) -> Option<usize> {
-    const PAGE: u64 = 4096;
     let base = header.bytes.len() as u64;
     let mut votes: HashMap<u64, u64> = HashMap::new();
     for (t, (b, _)) in header.order.iter().zip(&header.offsets) {
         let Some(e) = kernel_copy(ck, &plan.tensors[by_name[t.name.as_str()]]) else { continue };
-        let want = (e.offset + PAGE - (base + b) % PAGE) % PAGE;
+        let want = (e.offset + CONGRUENCE - (base + b) % CONGRUENCE) % CONGRUENCE;
         if want % 8 == 0 {
             *votes.entry(want).or_default() += e.len;
         }

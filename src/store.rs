@@ -66,6 +66,8 @@ pub struct SourceFile {
     pub path: PathBuf,
     pub len: u64,
     map: Option<Mmap>,
+    /// The open file, for kernel copies (`copy_file_range`) and hole queries.
+    file: File,
 }
 
 impl SourceFile {
@@ -86,10 +88,14 @@ impl SourceFile {
             let _ = m.advise(Advice::Sequential);
             Some(m)
         };
-        Ok(SourceFile { path: path.to_path_buf(), len, map })
+        Ok(SourceFile { path: path.to_path_buf(), len, map, file })
     }
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
+    }
+    /// The open file (read-only), e.g. for `copy_file_range`.
+    pub fn file(&self) -> &File {
+        &self.file
     }
     /// Drop our page-table references to `[offset, offset+len)` so resident memory stays
     /// bounded while streaming a large file (the page cache keeps the data).

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use super::assemble::{self, ExpertInput};
+use crate::bench::{best, sh};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
@@ -373,28 +374,6 @@ fn line(name: &str, value: f64, unit: &str, baseline: &str, base: Option<f64>, t
     }
 }
 
-fn best(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut b = f64::INFINITY;
-    for _ in 0..repeats.max(1) {
-        let t = std::time::Instant::now();
-        f()?;
-        b = b.min(t.elapsed().as_secs_f64());
-    }
-    Ok(b)
-}
-
-fn sh(cmd: &mut std::process::Command, what: &str) -> Result<()> {
-    let st = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map_err(|e| Error::new(crate::Kind::Io, format!("{what}: {e}")))?;
-    if !st.success() {
-        return Err(Error::new(crate::Kind::Io, format!("{what} failed ({st})")));
-    }
-    Ok(())
-}
-
 /// A BF16 expert of `bytes` bytes with weight-like values (≈ N(0, 0.02²)), seeded.
 fn bench_expert(path: &std::path::Path, bytes: u64, seed: u64) -> Result<()> {
     use rayon::prelude::*;
@@ -450,8 +429,7 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
     let total: u64 = experts.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
     sh(Command::new("cat").args(&experts), "cat")?;
     let cpdir = work.join("cp");
-    let t_cp = best(repeats, || {
-        let _ = std::fs::remove_dir_all(&cpdir);
+    let t_cp = best(repeats, &[&cpdir], || {
         std::fs::create_dir(&cpdir).map_err(|e| Error::io(&cpdir, e))?;
         sh(Command::new("cp").args(&experts).arg(&cpdir), "cp")
     })?;
@@ -477,7 +455,7 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
         ..assemble::Options::default()
     };
     let mbs = |t: f64| total as f64 / 1e6 / t;
-    let t_asm = best(repeats, || assemble::assemble(&opts(true), &out).map(|_| ()))?;
+    let t_asm = best(repeats, &[&out], || assemble::assemble(&opts(true), &out).map(|_| ()))?;
     lines.push(line(
         "assemble 4 experts (+ sidecar)",
         mbs(t_asm),
@@ -487,7 +465,7 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
         Some(0.9),
         &format!("{:.2} GB", total as f64 / 1e9),
     ));
-    let t_asm2 = best(repeats, || assemble::assemble(&opts(false), &out).map(|_| ()))?;
+    let t_asm2 = best(repeats, &[&out], || assemble::assemble(&opts(false), &out).map(|_| ()))?;
     lines.push(line(
         "assemble 4 experts (no sidecar)",
         mbs(t_asm2),
@@ -498,7 +476,7 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
         "per-tensor sha256 in the same pass",
     ));
     log("verify");
-    let t_ver = best(repeats, || {
+    let t_ver = best(repeats, &[], || {
         let r = super::verify::verify_path(&out)?;
         if r.ok {
             Ok(())
@@ -506,7 +484,7 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
             Err(Error::internal("bench checkpoint does not verify"))
         }
     })?;
-    let t_sum = best(repeats, || sh(Command::new("sha256sum").arg(&out), "sha256sum"))?;
+    let t_sum = best(repeats, &[], || sh(Command::new("sha256sum").arg(&out), "sha256sum"))?;
     lines.push(line(
         "verify (all tensor hashes)",
         mbs(t_ver),
@@ -519,15 +497,14 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
     log("pack");
     let pk = work.join("moe.pk");
     let mut ratio = 0.0;
-    let t_pack = best(repeats, || {
-        let _ = std::fs::remove_file(&pk);
+    let t_pack = best(repeats, &[], || {
         ratio = super::pack::pack(&out, &pk, 3, true, true)?.ratio;
         Ok(())
     })?;
     let un = work.join("un.safetensors");
-    let t_un = best(repeats, || super::pack::unpack(&pk, &un, true, true).map(|_| ()))?;
+    let t_un = best(repeats, &[&un], || super::pack::unpack(&pk, &un, true, true).map(|_| ()))?;
     let zst = work.join("moe.zst");
-    let t_z = best(repeats, || sh(Command::new("zstd").args(["-q", "-f", "-3", "-T0"]).arg(&out).arg("-o").arg(&zst), "zstd"));
+    let t_z = best(repeats, &[&zst], || sh(Command::new("zstd").args(["-q", "-f", "-3", "-T0"]).arg(&out).arg("-o").arg(&zst), "zstd"));
     let zratio = std::fs::metadata(&zst).map(|m| total as f64 / m.len() as f64).ok();
     let _ = std::fs::remove_file(&zst);
     match t_z {
