@@ -205,6 +205,15 @@ fn wan_two_teacher_experts_keep_each_lora_on_its_own_base() {
         assert_ne!(&with, if e == 0 { &hi_w } else { &lo_w }, "expert {e}: the LoRA moved nothing");
     }
 
+    // export --to comfy bakes each LoRA into its own base too: the weights --merge-lora stored.
+    let comfy = d.path().join("comfy");
+    run_ok(&["export", &s(&lora), "--to", "comfy", "-o", &s(&comfy)]);
+    for (e, f) in [(0, "lora_high_noise.safetensors"), (1, "lora_low_noise.safetensors")] {
+        let (t, _) = trun::read_tensors(&comfy.join(f)).unwrap();
+        let q = t.iter().find(|(n, _)| n == "blocks.0.self_attn.q.weight").expect("ComfyUI name").1.flatten_all().unwrap();
+        assert_eq!(q.to_vec1::<f32>().unwrap(), mg.weight_f32(e, w, true).unwrap().1, "export of expert {e}");
+    }
+
     // The same LoRAs all on the high-noise base (what a one-base assembler would do) sample
     // something else: the per-expert base matters.
     let wrong = d.path().join("wrong.safetensors");

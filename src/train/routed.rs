@@ -59,10 +59,10 @@ impl RoutedTransformer {
                 ExpertKind::Full => Net::from_weights(&weights(&m.expert_params(i))?)?,
                 ExpertKind::Lora => {
                     let j = m.expert_base(i);
-                    if !bases.contains_key(&j) {
+                    if let std::collections::hash_map::Entry::Vacant(v) = bases.entry(j) {
                         let w = weights(&m.base_params(i))?;
                         let net = Net::from_weights(&w)?;
-                        bases.insert(j, (w, net));
+                        v.insert((w, net));
                     }
                     let (w, base) = &bases[&j];
                     let mut net = base.base_view();
