@@ -164,14 +164,24 @@ fn sample_moe_refuses_bad_inputs_without_writing() {
     assert_eq!(o.code, Some(2), "{}", o.both());
     assert!(!smp.exists());
 
-    // A transformer checkpoint (the tiny Wan2.2 fixture as one full expert) is refused, exit 7.
+    // A transformer checkpoint (the tiny Wan2.2 fixture, original layout, as one full expert)
+    // needs conditions, and a latent size when it stores none; then it samples.
     let wan = tests_dir("fixtures/wan22_t2v_tiny/original/diffusion_pytorch_model.safetensors");
     let wmoe = d.path().join("wan.safetensors");
     run_ok(&["assemble", "--expert", &s(&wan), "--sigma-range", "0:1", "--steps", "4", "--shift", "5", "-o", &s(&wmoe)]);
     let o = run(&["sample", "--moe", &s(&wmoe), "--n", "2", "--out", &s(&smp)]);
-    assert_eq!(o.code, Some(7), "{}", o.both());
-    assert!(o.stderr.contains("use sample --run"), "{}", o.both());
+    assert_eq!(o.code, Some(2), "{}", o.both());
+    assert!(o.stderr.contains("--cond"), "{}", o.both());
+    let o = run(&["sample", "--moe", &s(&wmoe), "--n", "2", "--cond", "random:2", "--out", &s(&smp)]);
+    assert_eq!(o.code, Some(2), "{}", o.both());
+    assert!(o.stderr.contains("--frames"), "{}", o.both());
+    let o = run(&["sample", "--moe", &s(&moe), "--n", "2", "--cond", "random:2", "--out", &s(&smp)]);
+    assert_eq!(o.code, Some(2), "toy with --cond: {}", o.both());
     assert!(!smp.exists());
+    let shape = ["--frames", "1", "--height", "4", "--width", "4"];
+    run_ok(&[&["sample", "--moe", &s(&wmoe), "--n", "2", "--cond", "random:2", "--out", &s(&smp)][..], &shape[..]].concat());
+    assert_eq!(samples(&smp).0, vec![2, 4, 1, 4, 4]);
+    std::fs::remove_file(&smp).unwrap();
 
     // The good checkpoint still samples.
     run_ok(&["sample", "--moe", &s(&moe), "--n", "5", "--out", &s(&smp)]);

@@ -35,6 +35,8 @@ pub struct Weights {
     index: HashMap<String, usize>,
     /// Weight index → index of its per-tensor fp8 scale.
     scales: HashMap<usize, usize>,
+    /// Prefix of the parameter names (`model.diffusion_model.`, ...).
+    prefix: String,
 }
 
 const SCALE_SUFFIXES: [&str; 2] = [".scale_weight", ".weight_scale"];
@@ -43,35 +45,48 @@ impl Weights {
     /// Open `path` (file or folder) and map its tensor names to diffusers names.
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Weights> {
         let ck = Checkpoint::open(path)?;
-        let reg = Registry::builtin();
         let raw_config = ck.config.as_ref().map(|c| c.json.clone());
-        let det = reg.detect(&ck.names_and_shapes(), raw_config.as_ref()).map_err(|e| e.with_path(&ck.path))?;
+        let entries = ck.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Weights::from_entries(ck, entries, raw_config, dtype, device)
+    }
+
+    /// Some tensors of `ck` as one model: `entries` are (name in the model's own layout, index
+    /// into `ck.tensors`), e.g. one expert of a routed MoE file (`experts.3.` stripped).
+    pub fn from_entries(
+        ck: Checkpoint,
+        entries: Vec<(String, usize)>,
+        raw_config: Option<Value>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Weights> {
+        let reg = Registry::builtin();
+        let shapes: Vec<(&str, &[u64])> = entries.iter().map(|(n, i)| (n.as_str(), ck.tensors[*i].shape.as_slice())).collect();
+        let det = reg.detect(&shapes, raw_config.as_ref()).map_err(|e| e.with_path(&ck.path))?;
         let fam = reg.require(&det.family)?;
         let config = fam.translate_config(det.layout, Layout::Diffusers, &det.config).map_err(|e| e.with_path(&ck.path))?;
         let mut index = HashMap::new();
-        let mut by_name: HashMap<&str, usize> = HashMap::new();
-        for (i, t) in ck.tensors.iter().enumerate() {
-            by_name.insert(t.name.as_str(), i);
-        }
+        let by_name: HashMap<&str, usize> = entries.iter().map(|(n, i)| (n.as_str(), *i)).collect();
         let mut scales = HashMap::new();
-        for (i, t) in ck.tensors.iter().enumerate() {
-            if let Some(base) = SCALE_SUFFIXES.iter().find_map(|s| t.name.strip_suffix(s)) {
+        for (name, i) in &entries {
+            let (name, i) = (name.as_str(), *i);
+            let t = &ck.tensors[i];
+            if let Some(base) = SCALE_SUFFIXES.iter().find_map(|s| name.strip_suffix(s)) {
                 if let Some(&w) = by_name.get(format!("{base}.weight").as_str()) {
                     if t.numel() != 1 {
                         return Err(Error::at(
                             Kind::Unsupported,
                             &ck.path,
-                            format!("fp8 scale `{}` has {} elements; only per-tensor scales are supported", clean(&t.name), t.numel()),
+                            format!("fp8 scale `{}` has {} elements; only per-tensor scales are supported", clean(name), t.numel()),
                         ));
                     }
                     scales.insert(w, i);
                 }
                 continue;
             }
-            if crate::convert::is_scale_companion(&t.name) {
+            if crate::convert::is_scale_companion(name) {
                 continue;
             }
-            let Some(stripped) = t.name.strip_prefix(det.prefix.as_str()) else { continue };
+            let Some(stripped) = name.strip_prefix(det.prefix.as_str()) else { continue };
             if let Ok(canon) = fam.rename(det.layout, Layout::Diffusers, stripped) {
                 index.insert(canon, i);
             }
@@ -86,8 +101,16 @@ impl Weights {
             device: device.clone(),
             index,
             scales,
+            prefix: det.prefix.clone(),
             ck,
         })
+    }
+
+    /// A parameter name of this checkpoint's layout (`blocks.0.self_attn.q.weight`) under its
+    /// diffusers name (`blocks.0.attn1.to_q.weight`); `None` when the layout has no such name.
+    pub fn diffusers_name(&self, name: &str) -> Option<String> {
+        let fam = Registry::builtin().require(&self.family).ok()?;
+        fam.rename(self.layout, Layout::Diffusers, name.strip_prefix(self.prefix.as_str())?).ok()
     }
 
     pub fn path(&self) -> &Path {

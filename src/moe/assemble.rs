@@ -24,7 +24,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::format::{self, expert_prefix, lora_part, LoraPart, ModelInfo, MoeMeta, Provenance, TensorHash, BASE, SHARED};
+use super::format::{self, expert_prefix, lora_part, LoraPart, ModelInfo, MoeMeta, Provenance, TensorHash, SHARED};
 use super::loader::{apply_lora_delta, Lora};
 use super::routing::{ExpertKind, Routing};
 use crate::atomic::AtomicFile;
@@ -45,6 +45,9 @@ pub struct ExpertInput {
     pub guidance: Option<f64>,
     /// Expected kind (from a manifest); `None` = detect from the tensor names.
     pub kind: Option<ExpertKind>,
+    /// The base this LoRA expert applies to, when not [`Options::base`] (Wan2.2 A14B: the
+    /// high-noise LoRA on the high-noise model, the low-noise LoRA on the low-noise model).
+    pub base: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +73,8 @@ pub struct Options {
     /// The model description stored when the layout registry recognises no family (the toy's
     /// `toy-mlp` kind and config, from the run manifest).
     pub model: Option<ModelInfo>,
+    /// Default latent size of `sample --moe`, stored as `phasekit.moe.sample`.
+    pub latent: Option<[usize; 3]>,
 }
 
 impl Default for Options {
@@ -92,6 +97,7 @@ impl Default for Options {
             force: false,
             quiet: true,
             model: None,
+            latent: None,
         }
     }
 }
@@ -139,6 +145,10 @@ pub struct Manifest {
     /// Model description for models no layout family covers (the toy: `kind = "toy-mlp"`).
     #[serde(default)]
     pub model: Option<ModelInfo>,
+    /// The latent size `[frames, height, width]` the run trained at (stored as
+    /// `phasekit.moe.sample`, the default of `sample --moe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent: Option<[usize; 3]>,
 }
 
 fn euler() -> String {
@@ -165,6 +175,9 @@ pub struct ManifestExpert {
     pub name: Option<String>,
     #[serde(default)]
     pub guidance: Option<f64>,
+    /// The base this LoRA expert applies to, when not the manifest's `base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 pub const MANIFEST_TAG: &str = "phasekit.run/1";
@@ -198,6 +211,7 @@ pub fn options_from_run(run: &Path) -> Result<(Options, Manifest)> {
                 name: e.name.clone(),
                 guidance: e.guidance,
                 kind: Some(e.kind),
+                base: e.base.as_deref().map(rel).transpose()?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -213,6 +227,7 @@ pub fn options_from_run(run: &Path) -> Result<(Options, Manifest)> {
         recipe_digest: m.recipe_digest.clone(),
         title: m.title.clone(),
         model: m.model.clone(),
+        latent: m.latent,
         ..Options::default()
     };
     Ok((opts, m))
@@ -394,18 +409,45 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
         opts.num_train_timesteps,
     )?;
     let any_lora = kinds.contains(&ExpertKind::Lora);
-    let base_idx = match &opts.base {
-        Some(b) => {
-            let ck = Checkpoint::open(b)?;
+    // The bases (opened once each, after the experts in `cks`): --base, then each expert's own.
+    let mut base_paths: Vec<PathBuf> = Vec::new();
+    let mut base_of: Vec<Option<usize>> = Vec::new();
+    let same = |a: &Path, b: &Path| a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    for p in opts.base.iter().chain(opts.experts.iter().filter_map(|e| e.base.as_ref())) {
+        if !base_paths.iter().any(|q| same(q, p)) {
+            let ck = Checkpoint::open(p)?;
             if kind_of(&ck)? != ExpertKind::Full {
-                return Err(Error::inconsistent(b, "--base must hold full weights, not a LoRA"));
+                return Err(Error::inconsistent(p, "a base must hold full weights, not a LoRA"));
             }
             cks.push(ck);
-            Some(cks.len() - 1)
+            base_paths.push(p.clone());
         }
-        None if any_lora => return Err(Error::usage("LoRA experts need --base (the model they apply to)")),
-        None => None,
-    };
+    }
+    for (e, k) in opts.experts.iter().zip(&kinds) {
+        let p = e.base.as_ref().or(opts.base.as_ref());
+        let b = p.map(|p| kinds.len() + base_paths.iter().position(|q| same(q, p)).expect("opened above"));
+        if *k == ExpertKind::Lora && b.is_none() {
+            return Err(Error::usage("LoRA experts need --base (the model they apply to)"));
+        }
+        base_of.push(b);
+    }
+    // Stored bases (LoRA experts kept as LoRA): in order of first use, `base.` then `bases.<j>.`.
+    let mut stored_bases: Vec<usize> = Vec::new();
+    if !opts.merge_lora {
+        for (b, k) in base_of.iter().zip(&kinds) {
+            if let (Some(b), ExpertKind::Lora) = (b, k) {
+                if !stored_bases.contains(b) {
+                    stored_bases.push(*b);
+                }
+            }
+        }
+    }
+    let mut routing = routing;
+    for (i, (b, k)) in base_of.iter().zip(&stored_kinds).enumerate() {
+        if *k == ExpertKind::Lora {
+            routing.experts[i].base = stored_bases.iter().position(|s| Some(*s) == *b).filter(|&j| j > 0);
+        }
+    }
     let mut notes = Vec::new();
 
     // Model family: every full model must be the same family and variant.
@@ -506,7 +548,7 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
                 }
             }
             ExpertKind::Lora => {
-                let b = base_idx.expect("checked above");
+                let b = base_of[i].expect("checked above");
                 let base = &cks[b];
                 let lora = lora_names(ck)?;
                 let base_names: HashMap<&str, usize> = base.tensors.iter().enumerate().map(|(j, t)| (t.name.as_str(), j)).collect();
@@ -636,30 +678,37 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
             }
         }
     }
-    if let Some(b) = base_idx.filter(|_| any_lora && !opts.merge_lora) {
+    for (j, &b) in stored_bases.iter().enumerate() {
         for (t, e) in cks[b].tensors.iter().enumerate() {
             let d = dense(&cks[b], t)?;
             out.push(OutT {
-                name: format!("{BASE}{}", e.name),
+                name: format!("{}{}", format::base_prefix(j), e.name),
                 dtype: out_dtype(d, opts.dtype, &e.name),
                 shape: e.shape.clone(),
                 src: Src::Copy { ck: b, t },
             });
         }
-    } else if base_idx.is_some() && !any_lora {
+    }
+    if !base_paths.is_empty() && !any_lora {
         notes.push("--base was used to check the full experts; it is not stored".into());
     }
 
     let title = opts.title.clone().unwrap_or_else(|| output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    let base_file = |b: usize| file_name(&base_paths[b - kinds.len()]);
     let provenance = Provenance {
         tool: format!("phasekit {}", env!("CARGO_PKG_VERSION")),
         teacher_digests: opts.teacher_digests.clone(),
         recipe_digest: opts.recipe_digest.clone(),
         sources: opts.experts.iter().map(|e| file_name(&e.path)).collect(),
-        base_source: opts.base.as_deref().map(file_name),
+        base_source: stored_bases.first().map(|&b| base_file(b)).or_else(|| base_paths.first().map(|p| file_name(p))),
+        base_sources: if stored_bases.len() > 1 { stored_bases.iter().map(|&b| base_file(b)).collect() } else { Vec::new() },
     };
+    let mut extra = format::modelspec(&routing, &model, &title, None, false);
+    if let Some(l) = opts.latent {
+        extra.push((format::KEY_SAMPLE.to_string(), serde_json::json!({ "latent": l }).to_string()));
+    }
     let mut meta = MoeMeta {
-        extra: format::modelspec(&routing, &model, &title, None, false),
+        extra,
         routing,
         model,
         provenance,
@@ -874,7 +923,8 @@ pub(crate) fn write_outputs(
         }
         let mut meta = serde_json::Map::new();
         meta.insert("total_size".into(), sizes.iter().sum::<u64>().into());
-        meta.insert(format::KEY_FORMAT.into(), format::FORMAT_TAG.into());
+        let tag = md0.iter().find(|(k, _)| k == format::KEY_FORMAT).map_or(format::FORMAT_TAG, |(_, v)| v.as_str());
+        meta.insert(format::KEY_FORMAT.into(), tag.into());
         let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
         let mut text = serde_json::to_string_pretty(&index).expect("json");
         text.push('\n');

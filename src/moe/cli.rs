@@ -34,7 +34,7 @@ impl DTypeArg {
 /// `phasekit assemble`: one routed, hashed MoE checkpoint from per-σ-range experts.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  phasekit assemble --run runs/wan-4step -o wan-4step.safetensors\n  phasekit assemble \\\n    --expert Wan2.2-Lightning/high_noise_model.safetensors --sigma-range 0.875:1 \\\n    --expert Wan2.2-Lightning/low_noise_model.safetensors --sigma-range 0:0.875 \\\n    --base Wan2.2-T2V-A14B/high_noise_model --shift 5 --steps 4 -o wan-lightning.safetensors"
+    after_help = "Examples:\n  phasekit assemble --run runs/wan-4step -o wan-4step.safetensors\n  phasekit assemble \\\n    --expert Wan2.2-Lightning/high_noise_model.safetensors --sigma-range 0.875:1 --expert-base Wan2.2-T2V-A14B/high_noise_model \\\n    --expert Wan2.2-Lightning/low_noise_model.safetensors --sigma-range 0:0.875 --expert-base Wan2.2-T2V-A14B/low_noise_model \\\n    --shift 5 --steps 4 -o wan-lightning.safetensors"
 )]
 pub struct AssembleArgs {
     /// An expert: full weights or a LoRA (file, sharded folder or diffusers folder). Repeat;
@@ -48,11 +48,15 @@ pub struct AssembleArgs {
     #[arg(long = "expert-name", value_name = "NAME")]
     pub names: Vec<String>,
     /// A trainer run folder: experts and routing come from RUN_DIR/manifest.json.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["experts", "sigma_ranges"])]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["experts", "sigma_ranges", "expert_bases"])]
     pub run: Option<PathBuf>,
     /// The model LoRA experts apply to (stored under base.; checks full experts' shapes).
     #[arg(long, value_name = "PATH")]
     pub base: Option<PathBuf>,
+    /// The base of each --expert, in order, overriding --base (Wan2.2 A14B: each Lightning
+    /// LoRA on its own high- or low-noise model). Give one per --expert, or none.
+    #[arg(long = "expert-base", value_name = "PATH")]
+    pub expert_bases: Vec<PathBuf>,
     /// Sampler shift s (σ' = sσ/(1+(s−1)σ)).
     #[arg(long)]
     pub shift: Option<f64>,
@@ -127,6 +131,9 @@ pub fn assemble_options(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Opti
             if !a.names.is_empty() && a.names.len() != a.experts.len() {
                 return Err(Error::usage("give one --expert-name per --expert, or none"));
             }
+            if !a.expert_bases.is_empty() && a.expert_bases.len() != a.experts.len() {
+                return Err(Error::usage("give one --expert-base per --expert, or none"));
+            }
             let experts = a
                 .experts
                 .iter()
@@ -141,6 +148,7 @@ pub fn assemble_options(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Opti
                         name: a.names.get(i).cloned(),
                         guidance: None,
                         kind: None,
+                        base: a.expert_bases.get(i).cloned(),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -446,6 +454,7 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
                 name: None,
                 guidance: None,
                 kind: None,
+                base: None,
             })
             .collect(),
         steps: 4,

@@ -1,7 +1,7 @@
 //! `phasekit export`: the per-expert files runtimes load today (DESIGN decision 7).
 //!
 //! - `comfy`: one full-weight file per expert in ComfyUI names (Wan2.2: `*_high_noise` /
-//!   `*_low_noise`), LoRA experts baked into the base, optional `model.diffusion_model.` prefix;
+//!   `*_low_noise`), LoRA experts baked into their own base, optional `model.diffusion_model.` prefix;
 //! - `diffusers`: `transformer/` (+ `transformer_2/` for two experts), `model_index.json` with
 //!   `boundary_ratio`, `scheduler/scheduler_config.json` with the distilled shift;
 //! - `lora`: Lightning/kohya files per LoRA expert (`high_noise_model.safetensors`, keys
@@ -166,7 +166,7 @@ fn full_tensors(m: &MoeCheckpoint, i: usize, dtype: Option<DType>, name: &dyn Fn
         }
         ExpertKind::Lora => {
             let params = m.expert_params(i);
-            for (p, stored) in m.meta().base_tensors() {
+            for (p, stored) in m.meta().expert_base_tensors(i) {
                 let bt = idx[stored.as_str()];
                 let lp = p.strip_suffix(".weight");
                 let get = |part: LoraPart| lp.and_then(|lp| params.get(&format!("{lp}{}", part.suffix()))).map(|s| idx[s.as_str()]);

@@ -15,6 +15,9 @@ use crate::error::{clean, Error, Kind, Result};
 
 /// The format tag and version.
 pub const FORMAT_TAG: &str = "phasekit.moe/1";
+/// The tag of files whose LoRA experts apply to more than one base (`bases.<j>.`, a routing
+/// row's `base`): a `phasekit.moe/1` reader would apply them all to `base.`, so it must refuse them.
+pub const FORMAT_TAG_2: &str = "phasekit.moe/2";
 pub const KEY_FORMAT: &str = "phasekit.moe.format";
 pub const KEY_ROUTING: &str = "phasekit.moe.routing";
 pub const KEY_MODEL: &str = "phasekit.moe.model";
@@ -22,9 +25,21 @@ pub const KEY_PROVENANCE: &str = "phasekit.moe.provenance";
 pub const KEY_TENSORS: &str = "phasekit.moe.tensors";
 pub const KEY_ALIASES: &str = "phasekit.moe.aliases";
 pub const KEY_DIGEST: &str = "phasekit.moe.digest";
+/// Optional: `{"latent": [frames, height, width]}`, the latent size `sample --moe` defaults to.
+pub const KEY_SAMPLE: &str = "phasekit.moe.sample";
 
 pub const SHARED: &str = "shared.";
 pub const BASE: &str = "base.";
+pub const BASES: &str = "bases.";
+
+/// Where base `j` is stored: `base.` for 0, `bases.<j>.` otherwise.
+pub fn base_prefix(j: usize) -> String {
+    if j == 0 {
+        BASE.to_string()
+    } else {
+        format!("{BASES}{j}.")
+    }
+}
 
 /// `experts.<i>.`
 pub fn expert_prefix(i: usize) -> String {
@@ -64,6 +79,9 @@ pub struct Provenance {
     /// File name (no folder) each expert was read from, in expert order, and the base's.
     pub sources: Vec<String>,
     pub base_source: Option<String>,
+    /// File names of every stored base in order (`base.`, `bases.1.`, ...), when there are several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub base_sources: Vec<String>,
 }
 
 /// One stored tensor's entry of `phasekit.moe.tensors`: dtype, shape and sha256 of its bytes.
@@ -90,11 +108,20 @@ fn json<T: Serialize>(v: &T) -> String {
 }
 
 impl MoeMeta {
+    /// `phasekit.moe/2` when some expert applies to a base other than `base.`, else `phasekit.moe/1`.
+    pub fn tag(&self) -> &'static str {
+        if self.routing.experts.iter().any(|e| e.base.is_some()) {
+            FORMAT_TAG_2
+        } else {
+            FORMAT_TAG
+        }
+    }
+
     /// The `__metadata__` entries, digest last (computed over the others).
     pub fn to_metadata(&self) -> Vec<(String, String)> {
         let mut md = vec![
             ("format".to_string(), "pt".to_string()),
-            (KEY_FORMAT.to_string(), FORMAT_TAG.to_string()),
+            (KEY_FORMAT.to_string(), self.tag().to_string()),
             (KEY_ROUTING.to_string(), json(&self.routing)),
             (KEY_MODEL.to_string(), json(&self.model)),
             (KEY_PROVENANCE.to_string(), json(&self.provenance)),
@@ -116,10 +143,10 @@ impl MoeMeta {
         let get = |k: &str| md.iter().find(|(m, _)| m == k).map(|(_, v)| v.as_str());
         let tag = get(KEY_FORMAT)
             .ok_or_else(|| Error::new(Kind::Unsupported, "not a phasekit MoE checkpoint (no phasekit.moe.format in __metadata__)"))?;
-        if tag != FORMAT_TAG {
+        if tag != FORMAT_TAG && tag != FORMAT_TAG_2 {
             return Err(Error::new(
                 Kind::Unsupported,
-                format!("MoE format '{}' is not supported (this phasekit reads {FORMAT_TAG})", clean(tag)),
+                format!("MoE format '{}' is not supported (this phasekit reads {FORMAT_TAG} and {FORMAT_TAG_2})", clean(tag)),
             ));
         }
         fn field<T: serde::de::DeserializeOwned>(md: &[(String, String)], k: &str) -> Result<T> {
@@ -132,6 +159,16 @@ impl MoeMeta {
         }
         let routing: Routing = field(md, KEY_ROUTING)?;
         routing.validate()?;
+        let per_expert_bases = routing.experts.iter().any(|e| e.base.is_some());
+        if per_expert_bases != (tag == FORMAT_TAG_2) {
+            return Err(Error::new(
+                Kind::Malformed,
+                format!(
+                    "format '{tag}' but the routing {} per-expert bases (those need {FORMAT_TAG_2}, and only they)",
+                    if per_expert_bases { "has" } else { "has no" }
+                ),
+            ));
+        }
         let known = [KEY_FORMAT, KEY_ROUTING, KEY_MODEL, KEY_PROVENANCE, KEY_TENSORS, KEY_ALIASES, KEY_DIGEST, "format"];
         Ok(MoeMeta {
             routing,
@@ -166,9 +203,11 @@ impl MoeMeta {
         out
     }
 
-    /// The base model's parameters: param → stored name.
-    pub fn base_tensors(&self) -> BTreeMap<String, String> {
-        self.tensors.keys().filter_map(|n| n.strip_prefix(BASE).map(|p| (p.to_string(), n.clone()))).collect()
+    /// The parameters of the base LoRA expert `i` applies to (`base.`, or `bases.<j>.` for a
+    /// routing row with `base: j`): param → stored name.
+    pub fn expert_base_tensors(&self, i: usize) -> BTreeMap<String, String> {
+        let pre = base_prefix(self.routing.experts[i].base.unwrap_or(0));
+        self.tensors.keys().filter_map(|n| n.strip_prefix(pre.as_str()).map(|p| (p.to_string(), n.clone()))).collect()
     }
 }
 

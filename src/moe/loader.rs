@@ -66,6 +66,16 @@ impl MoeCheckpoint {
         self.meta.routing.experts[expert].kind
     }
 
+    /// The base LoRA expert `i` applies to: 0 (`base.`) or `j` (`bases.<j>.`).
+    pub fn expert_base(&self, i: usize) -> usize {
+        self.meta.routing.experts[i].base.unwrap_or(0)
+    }
+
+    /// The parameters of the base LoRA expert `i` applies to: param → stored name.
+    pub fn base_params(&self, i: usize) -> BTreeMap<String, String> {
+        self.meta.expert_base_tensors(i)
+    }
+
     /// Expert `i`'s stored parameters (LoRA parts for LoRA experts): param → stored name.
     pub fn expert_params(&self, i: usize) -> BTreeMap<String, String> {
         self.meta.expert_tensors(i)
@@ -100,12 +110,12 @@ impl MoeCheckpoint {
     pub fn weight_names(&self, i: usize) -> Vec<String> {
         match self.kind(i) {
             ExpertKind::Full => self.expert_params(i).into_keys().collect(),
-            ExpertKind::Lora => self.meta.base_tensors().into_keys().collect(),
+            ExpertKind::Lora => self.meta.expert_base_tensors(i).into_keys().collect(),
         }
     }
 
     /// Expert `i`'s weight `param` as f32. For a LoRA expert, `apply_lora` adds
-    /// (alpha/rank)·up·down to the base weight; without it the base weight is returned.
+    /// (alpha/rank)·up·down to the weight of its own base; without it that base weight is returned.
     pub fn weight_f32(&self, i: usize, param: &str, apply_lora: bool) -> Result<(Vec<u64>, Vec<f32>)> {
         match self.kind(i) {
             ExpertKind::Full => {
@@ -113,7 +123,7 @@ impl MoeCheckpoint {
                 Ok((t.shape.to_vec(), decode(&t)?))
             }
             ExpertKind::Lora => {
-                let base = self.meta.base_tensors();
+                let base = self.meta.expert_base_tensors(i);
                 let stored =
                     base.get(param).ok_or_else(|| Error::inconsistent(&self.ck.path, format!("base has no tensor '{}'", clean(param))))?;
                 let t = self.raw(stored)?;

@@ -44,6 +44,10 @@ pub struct ExpertRoute {
     /// Classifier-free guidance scale for this expert's steps (default: the table's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance: Option<f64>,
+    /// The base a LoRA expert applies to: `j ≥ 1` is stored under `bases.<j>.`; absent is the
+    /// base under `base.` (`phasekit.moe/2`; see `docs/moe-format.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<usize>,
 }
 
 /// The routing table stored under `phasekit.moe.routing`.
@@ -102,7 +106,15 @@ impl Routing {
         let mut r = Routing {
             experts: experts
                 .into_iter()
-                .map(|(name, kind, lo, hi, g)| ExpertRoute { name, kind, sigma_lo: lo, sigma_hi: hi, timesteps: Vec::new(), guidance: g })
+                .map(|(name, kind, lo, hi, g)| ExpertRoute {
+                    name,
+                    kind,
+                    sigma_lo: lo,
+                    sigma_hi: hi,
+                    timesteps: Vec::new(),
+                    guidance: g,
+                    base: None,
+                })
                 .collect(),
             shift,
             solver: solver.to_string(),
@@ -174,6 +186,13 @@ impl Routing {
     /// expert that lists its timestep, and that the schedule matches steps and shift.
     pub fn validate(&self) -> Result<()> {
         self.validate_ranges()?;
+        for e in &self.experts {
+            match (e.base, e.kind) {
+                (Some(0), _) => return Err(bad(format!("expert {}: base 0 is written as no base", e.name))),
+                (Some(_), ExpertKind::Full) => return Err(bad(format!("expert {} holds full weights but names a base", e.name))),
+                _ => {}
+            }
+        }
         if self.sigmas.len() != self.steps as usize {
             return Err(bad(format!("routing lists {} sigmas for {} steps", self.sigmas.len(), self.steps)));
         }

@@ -13,7 +13,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::format::{expert_prefix, lora_part, MoeMeta, BASE, KEY_DIGEST, KEY_FORMAT};
+use super::format::{base_prefix, expert_prefix, lora_part, MoeMeta, BASE, KEY_DIGEST, KEY_FORMAT};
 use super::routing::ExpertKind;
 use crate::error::{clean, Kind, Result};
 use crate::store::{Checkpoint, Encoding};
@@ -130,18 +130,20 @@ pub fn verify_checkpoint(ck: &Checkpoint) -> MoeReport {
                 fault(Kind::Inconsistent, format!("alias '{}' → '{}' does not resolve", clean(logical), clean(stored)));
             }
         }
+        let bases: Vec<String> = meta.routing.experts.iter().filter_map(|e| e.base).map(base_prefix).collect();
         for name in meta.tensors.keys() {
-            let known =
-                name.starts_with(super::format::SHARED) || name.starts_with(BASE) || (0..n).any(|i| name.starts_with(&expert_prefix(i)));
+            let known = name.starts_with(super::format::SHARED)
+                || name.starts_with(BASE)
+                || bases.iter().any(|b| name.starts_with(b.as_str()))
+                || (0..n).any(|i| name.starts_with(&expert_prefix(i)));
             if !known {
                 fault(
                     Kind::Inconsistent,
-                    format!("tensor '{}' belongs to no expert (expected experts.<i>., shared. or base.)", clean(name)),
+                    format!("tensor '{}' belongs to no expert (expected experts.<i>., shared., base. or a routed bases.<j>.)", clean(name)),
                 );
             }
         }
-        // Completeness: full experts share one parameter set; LoRA targets exist in the base.
-        let base = meta.base_tensors();
+        // Completeness: full experts share one parameter set; LoRA targets exist in their base.
         let mut full_ref: Option<(usize, BTreeSet<String>)> = None;
         for (i, e) in meta.routing.experts.iter().enumerate() {
             let params = meta.expert_tensors(i);
@@ -165,6 +167,7 @@ pub fn verify_checkpoint(ck: &Checkpoint) -> MoeReport {
                     }
                 }
                 ExpertKind::Lora => {
+                    let base = meta.expert_base_tensors(i);
                     for p in params.keys() {
                         match lora_part(p) {
                             Some((target, _)) if base.contains_key(&format!("{target}.weight")) => {}

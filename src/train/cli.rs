@@ -45,10 +45,25 @@ pub struct SampleArgs {
     /// A finished run folder (its manifest and experts).
     #[arg(long, required_unless_present = "moe", conflicts_with = "moe")]
     pub run: Option<PathBuf>,
-    /// A routed checkpoint of toy experts made by `phasekit assemble` (sampled through the
-    /// loader: each step by the expert whose σ range holds its σ).
+    /// A routed checkpoint made by `phasekit assemble`, of toy or of Wan2.2 / Qwen-Image
+    /// experts (full or LoRA), sampled through the loader: each step by the expert whose σ
+    /// range holds its σ.
     #[arg(long, value_name = "FILE")]
     pub moe: Option<PathBuf>,
+    /// Transformers: the prompt embeddings, a safetensors file with `prompt_embeds` [N, L, C]
+    /// (e.g. RUN_DIR/embeddings.safetensors, or the file the recipe names), or random:N. Sample
+    /// i takes prompt i mod N. Required with a transformer --moe; --run defaults to the run's.
+    #[arg(long, value_name = "FILE")]
+    pub cond: Option<String>,
+    /// Transformers: latent frames (default: the run's, or the checkpoint's phasekit.moe.sample).
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Transformers: latent height (latent pixels, not image pixels).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Transformers: latent width.
+    #[arg(long)]
+    pub width: Option<usize>,
     /// Number of samples.
     #[arg(long, default_value_t = 1000)]
     pub n: usize,
@@ -184,8 +199,16 @@ pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
         (None, Some(m)) => (m, "phasekit.moe"),
         _ => return Err(Error::usage("give exactly one of --run RUN_DIR and --moe FILE")),
     };
-    if a.run.is_some() && super::transformer::is_transformer_run(source) {
-        return sample_transformer(a, source, json);
+    let toy = match (&a.run, &a.moe) {
+        (Some(r), _) => !super::transformer::is_transformer_run(r),
+        (_, Some(m)) => crate::moe::MoeCheckpoint::open(m)?.meta().model.kind.as_deref() == Some(crate::moe::format::KIND_TOY_MLP),
+        _ => unreachable!("checked above"),
+    };
+    if !toy {
+        return sample_transformer(a, source, key, json);
+    }
+    if a.cond.is_some() || a.frames.is_some() || a.height.is_some() || a.width.is_some() {
+        return Err(Error::usage("--cond, --frames, --height and --width are for transformer runs and checkpoints"));
     }
     if a.n == 0 || a.steps == Some(0) {
         return Err(Error::usage("--n and --steps must be at least 1"));
@@ -219,21 +242,42 @@ pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `phasekit sample --run` on a transformer run: latents, no metrics.
-fn sample_transformer(a: &SampleArgs, dir: &Path, json: bool) -> Result<()> {
+/// `phasekit sample` on a transformer run (`--run`) or routed checkpoint (`--moe`): latents, no metrics.
+fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> Result<()> {
+    use super::transformer::{latent_geometry, Embeddings, TransformerRun};
     if a.class.is_some() {
         return Err(Error::usage("--class is for the toy; a transformer run conditions sample i on prompt i mod N"));
     }
     if a.n == 0 || a.steps == Some(0) {
         return Err(Error::usage("--n and --steps must be at least 1"));
     }
-    let run = super::transformer::TransformerRun::open(dir, &super::transformer::device())?;
-    let x = run.sample(a.n, a.steps, a.seed)?;
+    if a.cond.as_deref() == Some("") {
+        return Err(Error::usage("--cond is empty (a safetensors file with prompt_embeds, or random:N)"));
+    }
+    let dev = super::transformer::device();
+    let shape = [a.frames, a.height, a.width];
+    let (x, family, steps) = if a.run.is_some() {
+        let run = TransformerRun::open(source, &dev)?;
+        let emb = a.cond.as_deref().map(|c| Embeddings::load(c, run.experts[0].text_dim(), a.seed, &dev)).transpose()?;
+        let l = run.info.geometry.latent;
+        let geo = latent_geometry(&run.experts[0], [0, 1, 2].map(|k| shape[k].unwrap_or(l[k])))?;
+        (run.sample_with(a.n, a.steps, a.seed, &geo, emb.as_ref().unwrap_or(&run.emb))?, run.info.family, run.info.steps)
+    } else {
+        let m = super::routed::RoutedTransformer::open(source, &dev)?;
+        let cond = a.cond.as_deref().ok_or_else(|| {
+            Error::usage(
+                "a transformer checkpoint needs --cond FILE: prompt embeddings (prompt_embeds [N, L, C]), e.g. RUN_DIR/embeddings.safetensors",
+            )
+        })?;
+        let emb = Embeddings::load(cond, m.text_dim(), a.seed, &dev)?;
+        let geo = m.geometry(shape)?;
+        (m.sample(a.n, a.steps, a.seed, &geo, &emb)?, m.family, m.routing.steps as usize)
+    };
     let md = vec![
         ("phasekit.format".to_string(), "phasekit-samples/1".to_string()),
-        ("phasekit.run".to_string(), dir.display().to_string()),
-        ("phasekit.steps".to_string(), a.steps.unwrap_or(run.info.steps).to_string()),
-        ("phasekit.layout".to_string(), if run.info.family == "qwen_image" { "packed [N, S, C]" } else { "[N, C, F, H, W]" }.to_string()),
+        (key.to_string(), source.display().to_string()),
+        ("phasekit.steps".to_string(), a.steps.unwrap_or(steps).to_string()),
+        ("phasekit.layout".to_string(), if family == "qwen_image" { "packed [N, S, C]" } else { "[N, C, F, H, W]" }.to_string()),
     ];
     run::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
     if json {

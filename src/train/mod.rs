@@ -18,6 +18,7 @@ pub mod mixture;
 pub mod optim;
 pub mod plot;
 pub mod recipe;
+pub mod routed;
 pub mod run;
 pub mod schedule;
 pub mod transformer;

@@ -807,9 +807,11 @@ fn assembler_manifest(m: &Manifest) -> crate::moe::assemble::Manifest {
                 kind: ExpertKind::Full,
                 name: None,
                 guidance: None,
+                base: None,
             })
             .collect(),
         base: None,
+        latent: None,
         shift: m.shift,
         steps: m.steps as u32,
         solver: m.solver.clone(),
@@ -847,7 +849,7 @@ impl LoadedMoe {
             return Err(Error::at(
                 Kind::Unsupported,
                 path,
-                format!("sample --moe supports toy checkpoints (model kind {KIND_TOY_MLP}), this one is {what}; transformer checkpoints: use sample --run"),
+                format!("not a toy checkpoint (model kind {KIND_TOY_MLP}) but {what}; transformer checkpoints open with train::routed::RoutedTransformer"),
             ));
         }
         let cfg = model.config.clone().ok_or_else(|| Error::malformed(path, "toy-mlp checkpoint has no model config"))?;

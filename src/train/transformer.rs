@@ -59,11 +59,15 @@ impl Net {
 
     /// Load a checkpoint with its weights stored as `dtype` (f32, bf16 or f16).
     pub fn open_as(path: &Path, dtype: DType, device: &Device) -> Result<Net> {
-        let w = Weights::open(path, dtype, device)?;
+        Net::from_weights(&Weights::open(path, dtype, device)?)
+    }
+
+    /// Build the model of `w`'s family from its tensors.
+    pub fn from_weights(w: &Weights) -> Result<Net> {
         match w.family.as_str() {
-            "wan22" => Ok(Net::Wan(WanTransformer::load(&w)?)),
-            "qwen_image" => Ok(Net::Qwen(QwenImageTransformer::load(&w)?, Rc::new(Cell::new([1, 1, 1])))),
-            f => Err(Error::at(Kind::Unsupported, path, format!("not a Wan2.2 or Qwen-Image transformer (family {f})"))),
+            "wan22" => Ok(Net::Wan(WanTransformer::load(w)?)),
+            "qwen_image" => Ok(Net::Qwen(QwenImageTransformer::load(w)?, Rc::new(Cell::new([1, 1, 1])))),
+            f => Err(Error::at(Kind::Unsupported, w.path(), format!("not a Wan2.2 or Qwen-Image transformer (family {f})"))),
         }
     }
 
@@ -254,15 +258,23 @@ impl Net {
     /// Attach the adapters of a LoRA file written by [`Net::lora_file_tensors`].
     pub fn load_lora_file(&mut self, path: &Path) -> Result<usize> {
         let (t, _) = run::read_tensors(path)?;
-        let t: HashMap<String, Tensor> = t.into_iter().collect();
-        let mut n = 0;
+        self.attach_lora_tensors(&t.into_iter().collect(), path)
+    }
+
+    /// Attach adapters given as `<module>.lora_down.weight`, `.lora_up.weight` and optional
+    /// `.alpha` (absent: alpha = rank) in diffusers module names; every tensor must fit a module.
+    pub fn attach_lora_tensors(&mut self, t: &HashMap<String, Tensor>, path: &Path) -> Result<usize> {
+        let (mut n, mut used) = (0, 0);
         for (name, p) in self.params() {
             if let Param::Linear(l) = p {
                 let (Some(d), Some(u)) = (t.get(&format!("{name}.lora_down.weight")), t.get(&format!("{name}.lora_up.weight"))) else {
                     continue;
                 };
                 let alpha = match t.get(&format!("{name}.alpha")) {
-                    Some(a) => a.flatten_all().and_then(|a| a.to_vec1::<f32>()).map_err(ce)?.first().copied().unwrap_or(1.0) as f64,
+                    Some(a) => {
+                        used += 1;
+                        a.flatten_all().and_then(|a| a.to_vec1::<f32>()).map_err(ce)?.first().copied().unwrap_or(1.0) as f64
+                    }
                     None => d.dim(0).map_err(ce)? as f64,
                 };
                 let dev = l.weight.device().clone();
@@ -270,9 +282,10 @@ impl Net {
                     .map_err(|e| Error::inconsistent(path, format!("{name}: {e}")))?;
                 l.lora = Some(a);
                 n += 1;
+                used += 2;
             }
         }
-        if n * 3 != t.len() {
+        if used != t.len() {
             return Err(Error::inconsistent(path, format!("{} tensors, of which {} adapters fit the model", t.len(), n)));
         }
         Ok(n)
@@ -499,19 +512,24 @@ pub fn geometry(r: &Recipe, t: &TransformerConfig, net: &Net, res: [usize; 3]) -
             [(res[0] - 1) / s[0] + 1, res[1] / s[1], res[2] / s[2]]
         }
     };
+    latent_geometry(net, latent).map_err(|e| Error::usage(format!("recipe: {}", e.message())))
+}
+
+/// The latent shape of one sample of latent size `[frames, height, width]` for `net`.
+pub fn latent_geometry(net: &Net, latent: [usize; 3]) -> Result<Geometry> {
     let [f, h, w] = latent;
     match net {
         Net::Wan(m) => {
             let [pt, ph, pw] = m.cfg.patch;
             if f == 0 || f % pt != 0 || h % ph != 0 || w % pw != 0 || h == 0 || w == 0 {
-                return Err(Error::usage(format!("recipe: latent size {latent:?} does not divide by the patch {:?}", m.cfg.patch)));
+                return Err(Error::usage(format!("latent size {latent:?} does not divide by the patch {:?}", m.cfg.patch)));
             }
             Ok(Geometry { item: vec![m.cfg.in_channels, f, h, w], latent, img_shape: [f, h / ph, w / pw] })
         }
         Net::Qwen(m, _) => {
             let p = m.cfg.patch;
             if f == 0 || h == 0 || w == 0 || h % p != 0 || w % p != 0 {
-                return Err(Error::usage(format!("recipe: latent size {latent:?} does not divide by the patch {p}")));
+                return Err(Error::usage(format!("latent size {latent:?} does not divide by the patch {p}")));
             }
             let shape = [f, h / p, w / p];
             Ok(Geometry { item: vec![f * (h / p) * (w / p), m.cfg.in_channels], latent, img_shape: shape })
@@ -924,29 +942,35 @@ fn write_outputs(
 ) -> Result<()> {
     let mut notes = Vec::new();
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let used: Vec<usize> = (0..sched.phases.len()).map(gen_base).collect();
-    let same_base = used.iter().all(|&u| paths[u] == paths[used[0]]);
-    let mut base = None;
-    if same_base {
-        match single_file(&paths[used[0]]) {
-            Some(f) => {
-                let link = out.join("base.safetensors");
-                let _ = std::fs::remove_file(&link);
-                link_or_copy(&abs(&f), &link)?;
-                // The base's config travels with it, for family detection.
-                if let Some(cfg) = f.parent().map(|d| d.join("config.json")).filter(|c| c.is_file()) {
-                    let _ = std::fs::remove_file(out.join("config.json"));
-                    link_or_copy(&abs(&cfg), &out.join("config.json"))?;
-                }
-                base = Some("base.safetensors".to_string());
-            }
-            None => notes.push(format!("{} is not a single safetensors file: manifest.json names no base", paths[used[0]].display())),
+    // Each generator expert's base (its teacher expert; two equal paths are one base), linked
+    // into the run: the first phase's as `base.safetensors`, another as `base-<j>/base.safetensors`,
+    // each with its config.json (for family detection).
+    let one = |j: usize| paths.iter().position(|p| *p == paths[j]).unwrap_or(j);
+    let used: Vec<usize> = (0..sched.phases.len()).map(|k| one(gen_base(k))).collect();
+    let mut base_rel: Vec<Option<String>> = vec![None; paths.len()];
+    for (k, &j) in used.iter().enumerate() {
+        if used[..k].contains(&j) {
+            continue;
         }
-    } else {
-        notes.push(
-            "the generator experts sit on different teacher experts; the assembler takes one base, so manifest.json names none".into(),
-        );
+        let Some(f) = single_file(&paths[j]) else {
+            notes.push(format!("{} is not a single safetensors file: manifest.json names no base for it", paths[j].display()));
+            continue;
+        };
+        let (dir, rel) =
+            if j == used[0] { (out.to_path_buf(), String::new()) } else { (out.join(format!("base-{j}")), format!("base-{j}/")) };
+        std::fs::create_dir_all(&dir).with_file(&dir)?;
+        let link = dir.join("base.safetensors");
+        let _ = std::fs::remove_file(&link);
+        link_or_copy(&abs(&f), &link)?;
+        if let Some(cfg) = f.parent().map(|d| d.join("config.json")).filter(|c| c.is_file()) {
+            let _ = std::fs::remove_file(dir.join("config.json"));
+            link_or_copy(&abs(&cfg), &dir.join("config.json"))?;
+        }
+        base_rel[j] = Some(format!("{rel}base.safetensors"));
     }
+    // Without a file for every base, the manifest names none (the assembler then asks for --base).
+    let all = used.iter().all(|&j| base_rel[j].is_some());
+    let base = if all { base_rel[used[0]].clone() } else { None };
     let mut experts = Vec::new();
     let mut info_experts = Vec::new();
     for (k, ph) in sched.phases.iter().enumerate() {
@@ -958,6 +982,9 @@ fn write_outputs(
             "timesteps": sched.sigmas[ph.start..ph.end].iter().map(|s| s * 1000.0).collect::<Vec<f64>>(),
             "kind": "lora",
         }));
+        if let (true, true, Some(b)) = (all, used[k] != used[0], &base_rel[used[k]]) {
+            experts[k]["base"] = serde_json::Value::String(b.clone());
+        }
         info_experts.push(RunExpert {
             file: format!("experts/expert-{k}.safetensors"),
             base: used[k],
@@ -976,6 +1003,7 @@ fn write_outputs(
         "teacher_digests": digests,
         "recipe_digest": format!("sha256:{recipe_sha}"),
         "title": r.name,
+        "latent": geo.latent,
     });
     if let Some(b) = base {
         m["base"] = serde_json::Value::String(b);
@@ -1074,18 +1102,41 @@ impl TransformerRun {
     /// `n` latents (`[n, …item]`), sample `i` conditioned on prompt `i mod N`, Euler over the
     /// run's σ grid (or `steps` steps at its shift).
     pub fn sample(&self, n: usize, steps: Option<usize>, seed: u64) -> Result<Tensor> {
+        self.sample_with(n, steps, seed, &self.info.geometry, &self.emb)
+    }
+
+    /// [`TransformerRun::sample`] at another latent shape or with other conditions.
+    pub fn sample_with(&self, n: usize, steps: Option<usize>, seed: u64, geo: &Geometry, emb: &Embeddings) -> Result<Tensor> {
         let sig = match steps {
             None => self.info.sigmas.clone(),
             Some(k) => super::schedule::sigmas(k, self.info.shift),
         };
-        let dev = self.emb.prompts.device().clone();
-        let mut rng = Rng::new(seed);
-        let mut x = dmd::noise_on(&mut rng, n, &self.info.geometry.item, &dev).map_err(ce)?;
-        let idx: Vec<u32> = (0..n).map(|i| (i % self.emb.count()) as u32).collect();
-        let cond = self.emb.cond(&idx).map_err(ce)?;
-        for i in 0..sig.len() - 1 {
-            x = dmd::euler(&self.experts[self.route(sig[i])], &x, sig[i], sig[i + 1], &cond).map_err(ce)?;
-        }
-        Ok(x)
+        sample_latents(&self.experts, &|s| self.route(s), &sig, geo, emb, n, seed)
     }
+}
+
+/// The routed few-step sampler: `n` latents `[n, …geo.item]` from `seed`'s noise, sample `i`
+/// conditioned on prompt `i mod N`, Euler over `sigmas` (ending at 0) with step `i` by
+/// `experts[route(sigmas[i])]`. `sample --run` and `sample --moe` both sample through this.
+pub fn sample_latents(
+    experts: &[Net],
+    route: &dyn Fn(f64) -> usize,
+    sigmas: &[f64],
+    geo: &Geometry,
+    emb: &Embeddings,
+    n: usize,
+    seed: u64,
+) -> Result<Tensor> {
+    for e in experts {
+        e.set_img_shape(geo.img_shape);
+    }
+    let dev = emb.prompts.device().clone();
+    let mut rng = Rng::new(seed);
+    let mut x = dmd::noise_on(&mut rng, n, &geo.item, &dev).map_err(ce)?;
+    let idx: Vec<u32> = (0..n).map(|i| (i % emb.count()) as u32).collect();
+    let cond = emb.cond(&idx).map_err(ce)?;
+    for i in 0..sigmas.len() - 1 {
+        x = dmd::euler(&experts[route(sigmas[i])], &x, sigmas[i], sigmas[i + 1], &cond).map_err(ce)?;
+    }
+    Ok(x)
 }

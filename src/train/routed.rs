@@ -1,0 +1,136 @@
+//! `sample --moe` for transformer checkpoints: a routed `phasekit.moe` file of Wan2.2 or
+//! Qwen-Image experts, opened through [`MoeCheckpoint`] and sampled with the same Euler loop
+//! as `sample --run` ([`super::transformer::sample_latents`]).
+//!
+//! Each full expert is a model built from its own tensors (`shared.`, `experts.<i>.`, aliases);
+//! each base LoRA experts apply to (`base.`, or `bases.<j>.` for a routing row with `base: j`)
+//! is built once, and each LoRA expert is a view of its own base with the expert's adapters
+//! attached, exactly as the trainer computes it (so a run and its assembled checkpoint sample
+//! the same latents bit for bit). Tensors stay in the memory map until a module asks for one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::ce;
+use super::transformer::{latent_geometry, sample_latents, Embeddings, Geometry, Net};
+use crate::error::{clean, Error, Kind, Result};
+use crate::model::weights::Weights;
+use crate::moe::format::{lora_part, KEY_SAMPLE};
+use crate::moe::loader::{decode, MoeCheckpoint};
+use crate::moe::routing::{ExpertKind, Routing};
+use crate::store::Checkpoint;
+
+/// A routed checkpoint of transformer experts, opened for sampling.
+pub struct RoutedTransformer {
+    pub path: PathBuf,
+    pub routing: Routing,
+    /// `wan22` or `qwen_image`.
+    pub family: String,
+    /// One model per expert, in routing order (frozen views).
+    pub experts: Vec<Net>,
+    /// `phasekit.moe.sample`'s latent size `[frames, height, width]`, when the file has one.
+    pub latent: Option<[usize; 3]>,
+}
+
+impl RoutedTransformer {
+    /// Open `path`; a checkpoint that is not of a transformer family is refused (exit 7).
+    pub fn open(path: &Path, device: &Device) -> Result<RoutedTransformer> {
+        let m = MoeCheckpoint::open(path)?;
+        let model = &m.meta().model;
+        let family = match model.family.as_deref() {
+            Some(f @ ("wan22" | "qwen_image")) => f.to_string(),
+            _ => {
+                let what = model.family.clone().or(model.kind.clone()).unwrap_or_else(|| "unknown".into());
+                return Err(Error::at(Kind::Unsupported, path, format!("not a Wan2.2 or Qwen-Image checkpoint (model {what})")));
+            }
+        };
+        let index: HashMap<&str, usize> = m.checkpoint().tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+        // The model of one parameter set (param → stored name), from its own mapping of the file.
+        let weights = |params: &BTreeMap<String, String>| -> Result<Weights> {
+            let entries = params.iter().map(|(p, s)| (p.clone(), index[s.as_str()])).collect();
+            Weights::from_entries(Checkpoint::open(path)?, entries, model.config.clone(), DType::F32, device)
+        };
+        let mut bases: HashMap<usize, (Weights, Net)> = HashMap::new();
+        let mut experts = Vec::new();
+        for i in 0..m.num_experts() {
+            let net = match m.kind(i) {
+                ExpertKind::Full => Net::from_weights(&weights(&m.expert_params(i))?)?,
+                ExpertKind::Lora => {
+                    let j = m.expert_base(i);
+                    if let std::collections::hash_map::Entry::Vacant(v) = bases.entry(j) {
+                        let w = weights(&m.base_params(i))?;
+                        let net = Net::from_weights(&w)?;
+                        v.insert((w, net));
+                    }
+                    let (w, base) = &bases[&j];
+                    let mut net = base.base_view();
+                    net.attach_lora_tensors(&lora_tensors(&m, i, w, device)?, path)
+                        .map_err(|e| e.context(format!("expert {i} ({})", m.routing().experts[i].name)))?;
+                    net
+                }
+            };
+            experts.push(net.frozen_view());
+        }
+        let latent = m
+            .meta()
+            .extra
+            .iter()
+            .find(|(k, _)| k == KEY_SAMPLE)
+            .map(|(_, v)| {
+                let v: serde_json::Value = serde_json::from_str(v).map_err(|e| Error::malformed(path, format!("{KEY_SAMPLE}: {e}")))?;
+                serde_json::from_value::<[usize; 3]>(v["latent"].clone())
+                    .map_err(|e| Error::malformed(path, format!("{KEY_SAMPLE} latent is not [frames, height, width]: {e}")))
+            })
+            .transpose()?;
+        Ok(RoutedTransformer { path: path.into(), routing: m.routing().clone(), family, experts, latent })
+    }
+
+    /// The expert whose stored σ range holds σ (`expert_for_sigma`).
+    pub fn route(&self, sigma: f64) -> usize {
+        self.routing.expert_for_sigma(sigma).unwrap_or(self.experts.len() - 1)
+    }
+
+    /// The latent shape of one sample: `latent`'s entries where given, else the stored
+    /// `phasekit.moe.sample` size's.
+    pub fn geometry(&self, latent: [Option<usize>; 3]) -> Result<Geometry> {
+        let mut l = [0; 3];
+        for (k, (given, what)) in latent.iter().zip(["--frames", "--height", "--width"]).enumerate() {
+            l[k] = given.or(self.latent.map(|s| s[k])).ok_or_else(|| {
+                Error::usage(format!("{} has no stored latent size (phasekit.moe.sample): give {what}", self.path.display()))
+            })?;
+        }
+        latent_geometry(&self.experts[0], l)
+    }
+
+    /// `n` latents, Euler over the checkpoint's σ grid (or `steps` steps at its shift), each
+    /// step by the expert `expert_for_sigma` routes its σ to.
+    pub fn sample(&self, n: usize, steps: Option<usize>, seed: u64, geo: &Geometry, emb: &Embeddings) -> Result<Tensor> {
+        let sig = super::schedule::sigmas(steps.unwrap_or(self.routing.steps as usize), self.routing.shift);
+        sample_latents(&self.experts, &|s| self.route(s), &sig, geo, emb, n, seed)
+    }
+
+    /// Width of the text embeddings the experts take.
+    pub fn text_dim(&self) -> usize {
+        self.experts[0].text_dim()
+    }
+}
+
+/// Expert `i`'s LoRA tensors in f32 under diffusers module names (`<module>.lora_down.weight`, ...).
+fn lora_tensors(m: &MoeCheckpoint, i: usize, base: &Weights, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for (param, stored) in m.expert_params(i) {
+        let (target, part) = lora_part(&param)
+            .ok_or_else(|| Error::inconsistent(&m.checkpoint().path, format!("'{}' is not a LoRA tensor", clean(&param))))?;
+        let module =
+            base.diffusers_name(&format!("{target}.weight")).and_then(|n| n.strip_suffix(".weight").map(str::to_string)).ok_or_else(
+                || Error::inconsistent(&m.checkpoint().path, format!("LoRA target '{}' is no weight of the model", clean(target))),
+            )?;
+        let raw = m.raw(&stored)?;
+        let shape: Vec<usize> = raw.shape.iter().map(|&d| d as usize).collect();
+        let t = Tensor::from_vec(decode(&raw)?, shape, device).map_err(ce)?;
+        out.insert(format!("{module}{}", part.suffix()), t);
+    }
+    Ok(out)
+}
