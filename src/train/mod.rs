@@ -36,11 +36,32 @@ pub(crate) fn ce(e: candle_core::Error) -> Error {
 /// thread pool costs more than it gains (2.6× slower in our measurement), and one thread per run
 /// lets `bench train-toy` run independent runs side by side. candle reads `RAYON_NUM_THREADS` at
 /// every kernel call; phasekit's own rayon pool is built from `--threads` before this runs.
+///
+/// It also keeps freed memory in the process (glibc): candle allocates a fresh buffer for every
+/// operation, tens of KiB for the toy, and glibc's default of trimming the heap top back to the
+/// kernel made every update page-fault its buffers back in (about a third of a toy update's wall
+/// time went to the kernel before this).
 pub fn single_threaded_kernels() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
+    keep_freed_memory();
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // Blocks up to 32 MiB come from the heap, not mmap; the heap top is returned to the kernel
+    // only past 256 MiB free; each heap growth asks for 16 MiB more than needed.
+    // SAFETY: mallopt only changes glibc's allocator parameters; valid at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 16 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
 
 /// A small deterministic generator (SplitMix64) whose whole state is one `u64`, saved in checkpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,104 @@
+//! Claims of docs/results.md that hold at a test's budget, checked by real training at a small budget: the bench's
+//! methods and recipes (exact mixture as the real score, MLP teacher as initialisation), fewer
+//! updates and a smaller batch than the docs table, fixed seeds. The margins were chosen from
+//! sweeps over several seeds (`cargo test --release --test train_claims -- --ignored --nocapture`
+//! prints one), not from a single run.
+
+use std::path::Path;
+
+use phasekit::train::experiments::{methods, recipe_for, PHASED4};
+use phasekit::train::metrics::{self, Metrics};
+use phasekit::train::mixture::Mixture;
+use phasekit::train::recipe::Recipe;
+use phasekit::train::run::{self, LoadedRun, TrainOptions};
+
+/// Generator updates per run (split over phases) and batch size of the claims' runs.
+const UPDATES: u64 = 400;
+const BATCH: usize = 128;
+/// Teacher pretraining steps (the bench uses 1500).
+const PRETRAIN: u64 = 800;
+/// Samples per evaluation.
+const EVAL: usize = 2000;
+
+fn setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(phasekit::train::single_threaded_kernels);
+}
+
+/// Pretrain the MLP teacher once per seed into `dir`.
+fn teacher(dir: &Path, seed: u64) -> (std::path::PathBuf, Mixture) {
+    let mut base = Recipe::parse(PHASED4, Path::new("phased4")).unwrap();
+    base.seed = seed;
+    base.teacher.pretrain.steps = PRETRAIN;
+    let mix = Mixture::new(&base.mixture).unwrap();
+    let t = run::pretrain_teacher(&base, &mix, &|_, _, _| {}).unwrap();
+    let f = dir.join(format!("teacher-{seed}.safetensors"));
+    run::write_tensors(&f, &t.named_tensors(), &[]).unwrap();
+    (f, mix)
+}
+
+/// Train method `key` at the claims' budget and evaluate it as the bench does.
+fn train(key: &str, seed: u64, dir: &Path, teacher: &Path, mix: &Mixture) -> Metrics {
+    let m = methods().into_iter().find(|m| m.key == key).unwrap();
+    let mut r = recipe_for(&m, seed, UPDATES, teacher).unwrap();
+    r.train.batch = BATCH;
+    r.train.log_every = 0;
+    let out = dir.join(format!("{key}-{seed}"));
+    run::train(&r, &r.to_toml(), &out, &TrainOptions::default(), &|_| {}).unwrap();
+    let x = LoadedRun::open(&out).unwrap().sample(EVAL, None, seed ^ 0xE7A1, None).unwrap();
+    metrics::evaluate(&x, mix, seed ^ 0xE7A1 ^ 0x5EED)
+}
+
+/// Train every method of `keys` on one seed, one thread each (their kernels are single-threaded).
+fn runs(keys: &[&str], seed: u64) -> Vec<Metrics> {
+    setup();
+    let d = tempfile::tempdir().unwrap();
+    let (t, mix) = teacher(d.path(), seed);
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = keys.iter().map(|k| sc.spawn(|| train(k, seed, d.path(), &t, &mix))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn show(keys: &[&str], ms: &[Metrics]) -> String {
+    keys.iter()
+        .zip(ms)
+        .map(|(k, m)| {
+            format!("{k}: energy {:.4} modes {}/{} spread {:.2} outliers {:.3}", m.energy, m.modes_covered, m.modes, m.spread, m.outliers)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Claims 3 and 5 on seed 0's runs of `phased4` and `dmd2` (trained side by side).
+///
+/// Sweeps (seeds 0–3 at 400 updates, seeds 0–2 at 1000, batch 128): Phased DMD's energy distance
+/// was 0.02–0.54× DMD2's at 400 updates and 0.47–0.75× at 1000; every Phased DMD run covered 8/8
+/// modes. Not asserted, because they do not hold reliably at this budget (docs/results.md):
+/// claim 2 (DMD2 no better than one-step DMD; one-step DMD is still converging here and DMD2
+/// beat it in 5 of 7 runs, e.g. 0.0038 vs 0.0056 at 1000 updates), the within-mode-spread half of
+/// claim 3 (Phased DMD 1.10–1.26, DMD2 0.84–1.23: neither reliably closer to 1), and claim 4
+/// (nested beat disjoint intervals on 4 of 4 seeds, but by as little as 0.0001, inside the
+/// metric's noise).
+#[test]
+fn claims_3_and_5_phased_dmd_beats_dmd2_at_4_steps_and_covers_the_modes() {
+    let ms = runs(&["phased4", "dmd2"], 0);
+    let (phased, dmd2) = (&ms[0], &ms[1]);
+    let all = show(&["phased4", "dmd2"], &ms);
+    // (3) Phased DMD 4-phase beats DMD2 at 4 steps on energy distance.
+    assert!(phased.energy < 0.75 * dmd2.energy, "claim 3: {all}");
+    // (5) 4-step Phased DMD covers at least 95 % of the teacher's modes (all 8 of 8).
+    assert!(phased.modes_covered as f64 >= 0.95 * phased.modes as f64, "claim 5: {all}");
+}
+
+/// Seed sweep for choosing the budget and margins: prints every method's metrics per seed.
+#[test]
+#[ignore = "minutes in release; run by hand to re-check the margins"]
+fn sweep() {
+    let keys = ["phased4", "dmd2", "onestep", "phased4-disjoint"];
+    let seeds: u64 = std::env::var("CLAIMS_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    for seed in 0..seeds {
+        let ms = runs(&keys, seed);
+        println!("seed {seed}: {}", show(&keys, &ms));
+    }
+}
