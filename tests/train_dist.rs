@@ -227,7 +227,9 @@ fn bad_rank_environments_are_one_line_usage_errors() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("o").display().to_string();
     let base = vec!["--recipe".to_string(), wan_recipe(), "--out".into(), out.clone()];
-    let cases: Vec<(usize, usize, Vec<(&str, String)>, Vec<String>, i32, &str)> = vec![
+    // (RANK, WORLD_SIZE, more variables, arguments, exit code, message)
+    type Case<'a> = (usize, usize, Vec<(&'a str, String)>, Vec<String>, i32, &'a str);
+    let cases: Vec<Case> = vec![
         (2, 2, vec![("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", "1".into())], base.clone(), 2, "RANK=2 is not below WORLD_SIZE=2"),
         (0, 2, vec![], base.clone(), 2, "needs a rendezvous"),
         (0, 2, vec![("MASTER_ADDR", "127.0.0.1".into())], base.clone(), 2, "MASTER_PORT is not"),

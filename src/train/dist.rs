@@ -105,7 +105,7 @@ impl DistConfig {
         }
         let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
         let rdv = match rendezvous.map(str::trim) {
-            Some(s) if s.is_empty() => return Err(Error::usage("--rendezvous is empty (tcp://HOST:PORT or file:PATH)")),
+            Some("") => return Err(Error::usage("--rendezvous is empty (tcp://HOST:PORT or file:PATH)")),
             Some(s) => Some(parse_rendezvous(s)?),
             None => match (var("MASTER_ADDR"), var("MASTER_PORT")) {
                 (Some(a), Some(p)) => {
