@@ -493,6 +493,9 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     if !r.is_toy() {
         return super::transformer::train(r, recipe_text, out, opts, on);
     }
+    if opts.dist.world_size > 1 {
+        return Err(Error::unsupported("data parallel training (WORLD_SIZE > 1) is for transformer recipes; the toy runs on one rank"));
+    }
     let sched = r.schedule.build()?;
     let mix = Mixture::new(&r.mixture)?;
     let recipe_sha = prepare_run_dir(out, opts, recipe_text)?;
