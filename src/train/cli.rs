@@ -37,6 +37,11 @@ pub struct TrainArgs {
     /// runs on the CPU). Resume is bit-identical on the CPU only.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Data parallel (transformer runs): where the ranks meet, tcp://HOST:PORT or file:PATH
+    /// (default: MASTER_ADDR and MASTER_PORT). Ranks come from RANK, WORLD_SIZE and LOCAL_RANK
+    /// (`--device cuda` picks cuda:LOCAL_RANK); see docs/scale.md.
+    #[arg(long, value_name = "ADDR")]
+    pub rendezvous: Option<String>,
 }
 
 /// `phasekit sample`.
@@ -167,7 +172,17 @@ fn print_json(v: &impl Serialize) {
 pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
     super::single_threaded_kernels();
     let (r, text) = Recipe::load(&a.recipe)?;
-    let dev = crate::device::parse(&a.device)?;
+    let dist = super::dist::DistConfig::from_env(a.rendezvous.as_deref())?;
+    if dist.world_size > 1 && r.model == "toy" {
+        return Err(Error::unsupported("data parallel training (WORLD_SIZE > 1) is for transformer recipes; the toy runs on one rank"));
+    }
+    // With several ranks, `--device cuda` means this rank's GPU, cuda:LOCAL_RANK.
+    let device = if dist.world_size > 1 && a.device.trim().eq_ignore_ascii_case("cuda") {
+        format!("cuda:{}", dist.local_rank)
+    } else {
+        a.device.clone()
+    };
+    let dev = crate::device::parse(&device)?;
     if !matches!(dev, candle_core::Device::Cpu) {
         if r.model == "toy" {
             return Err(Error::unsupported(
@@ -176,13 +191,48 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
         }
         super::transformer::set_device(dev);
     }
-    let opts = TrainOptions { resume: a.resume, stop_after: a.stop_after, eval_samples: a.eval_samples };
-    let s = train_with_bar(&r, &text, &a.out, &opts, quiet || json, "train")?;
+    let opts = TrainOptions { resume: a.resume, stop_after: a.stop_after, eval_samples: a.eval_samples, dist };
+    let s = train_with_bar(&r, &text, &a.out, &opts, quiet || json || opts.dist.rank > 0, "train")?;
     if json {
         print_json(&serde_json::json!({ "ok": true, "summary": s }));
     } else {
         let state = if s.completed { "finished" } else { "stopped" };
-        println!("{state} {} after {} generator updates in {:.1} s → {}", r.name, s.global_step, s.seconds, a.out.display());
+        match &s.dist {
+            Some(d) if d.world_size > 1 => println!(
+                "{state} {} after {} generator updates in {:.1} s on rank {} of {} ({}) → {}",
+                r.name,
+                s.global_step,
+                s.seconds,
+                d.rank,
+                d.world_size,
+                d.backend,
+                if d.rank == 0 { a.out.display().to_string() } else { "rank 0 writes the run".to_string() }
+            ),
+            _ => println!("{state} {} after {} generator updates in {:.1} s → {}", r.name, s.global_step, s.seconds, a.out.display()),
+        }
+        for m in &s.memory {
+            let gib = |b: u64| {
+                if b < 1 << 30 {
+                    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+                } else {
+                    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+                }
+            };
+            let mut line = match m.peak_rss_bytes {
+                Some(b) => format!("phase {}: peak resident memory {}", m.phase + 1, gib(b)),
+                None => format!("phase {}: peak resident memory unknown", m.phase + 1),
+            };
+            if m.peak_rss_scope != "phase" {
+                line.push_str(" (process peak: the per-phase reset is not permitted here)");
+            }
+            if let Some(b) = m.device_peak_bytes {
+                line.push_str(&format!(", device pool peak {}", gib(b)));
+            }
+            if let Some(b) = m.device_used_bytes {
+                line.push_str(&format!(", device in use at the end {}", gib(b)));
+            }
+            println!("{line}");
+        }
         if let Some(m) = &s.metrics {
             println!("{}", table(&[(r.name.clone(), m.clone())]));
         }

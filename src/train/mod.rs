@@ -11,8 +11,10 @@
 
 pub mod cli;
 pub mod denoiser;
+pub mod dist;
 pub mod dmd;
 pub mod experiments;
+pub mod memory;
 pub mod metrics;
 pub mod mixture;
 pub mod optim;

@@ -5,9 +5,13 @@
 //! because candle keeps the moments private, and a checkpoint must hold them for a bit-exact
 //! resume. The paper uses β = (0, 0.999) for both generator and fake score.
 
+use std::sync::Arc;
+
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 pub use candle_nn::ParamsAdamW;
+
+use super::dist::{self, Communicator};
 
 /// AdamW over a fixed list of variables.
 pub struct AdamW {
@@ -19,19 +23,28 @@ pub struct AdamW {
     pub v: Vec<Var>,
     /// Number of updates taken.
     pub step_t: u64,
+    /// The ranks the gradients are averaged over before each update (one rank by default).
+    pub comm: Arc<dyn Communicator>,
 }
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, params: ParamsAdamW) -> candle_core::Result<AdamW> {
         let m = vars.iter().map(|x| Var::zeros(x.shape(), x.dtype(), x.device())).collect::<Result<Vec<_>, _>>()?;
         let v = vars.iter().map(|x| Var::zeros(x.shape(), x.dtype(), x.device())).collect::<Result<Vec<_>, _>>()?;
-        Ok(AdamW { params, vars, m, v, step_t: 0 })
+        Ok(AdamW { params, vars, m, v, step_t: 0, comm: dist::single() })
     }
 
-    /// One update from `grads`, after clipping their global L2 norm to `clip` (0 = no clipping).
-    /// Returns the norm before clipping.
+    /// Average the gradients over `comm`'s ranks before every update (data parallelism).
+    pub fn with_comm(mut self, comm: Arc<dyn Communicator>) -> AdamW {
+        self.comm = comm;
+        self
+    }
+
+    /// One update from `grads` averaged over the ranks, after clipping their global L2 norm to
+    /// `clip` (0 = no clipping). Returns the norm (of the averaged gradients) before clipping.
     pub fn step(&mut self, grads: &GradStore, clip: f64) -> candle_core::Result<f64> {
-        let gs: Vec<Option<Tensor>> = self.vars.iter().map(|x| grads.get(x).cloned()).collect();
+        let mut gs: Vec<Option<Tensor>> = self.vars.iter().map(|x| grads.get(x).cloned()).collect();
+        dist::reduce_grads(&*self.comm, &self.vars, &mut gs)?;
         let mut sq = 0f64;
         for g in gs.iter().flatten() {
             sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

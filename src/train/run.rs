@@ -25,7 +25,9 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::denoiser::{class_cond, Cond, Denoiser, ExactMixture, Mlp, MlpConfig};
+use super::dist::{DistConfig, DistReport};
 use super::dmd::{self, Phase};
+use super::memory::{self, PhaseMemory};
 use super::metrics::{self, Metrics};
 use super::mixture::{Mixture, MixtureConfig};
 use super::optim::{AdamW, ParamsAdamW};
@@ -124,6 +126,9 @@ pub struct LogLine {
     pub fake_loss: f64,
     pub gen_grad_norm: f64,
     pub seconds: f64,
+    /// On the last update of a phase: the phase's peak memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<PhaseMemory>,
 }
 
 /// The JSON half of a checkpoint.
@@ -139,6 +144,9 @@ pub struct CheckpointInfo {
     pub fake_opt_step: u64,
     pub recipe_sha256: String,
     pub teacher_sha256: String,
+    /// Data-parallel runs: every rank's RNG state, in rank order (`rng_state` is rank 0's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rng_states: Vec<u64>,
 }
 
 /// One expert in the manifest.
@@ -211,6 +219,8 @@ pub struct TrainOptions {
     pub stop_after: Option<u64>,
     /// Samples drawn for the final metrics (0: skip metrics and plots).
     pub eval_samples: usize,
+    /// This process's rank and how to reach the others (default: one rank).
+    pub dist: DistConfig,
 }
 
 /// Progress of a run, for a progress bar.
@@ -229,6 +239,12 @@ pub struct Summary {
     pub seconds: f64,
     pub resumed_from: Option<u64>,
     pub metrics: Option<Metrics>,
+    /// Peak memory of each phase this process ran.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub memory: Vec<PhaseMemory>,
+    /// Data-parallel runs: this rank and a digest of its trained weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dist: Option<DistReport>,
 }
 
 /// Human name of the method a recipe describes.
@@ -405,6 +421,8 @@ pub(crate) struct Updates<'a> {
     pub phases: usize,
     pub total: u64,
     pub resumed_from: Option<u64>,
+    /// Peak memory of the phases finished so far.
+    pub memory: Vec<PhaseMemory>,
 }
 
 impl Updates<'_> {
@@ -424,6 +442,8 @@ impl Updates<'_> {
         if !l.gen.is_finite() || !l.fake.is_finite() {
             return Err(Error::internal(format!("phase {p} step {done}: loss is not finite (gen {}, fake {})", l.gen, l.fake)));
         }
+        let mem = (done == n).then(|| memory::phase_end(p, &super::transformer::device()));
+        self.memory.extend(mem.clone());
         if r.train.log_every > 0 && (done % r.train.log_every == 0 || done == n) {
             let line = LogLine {
                 phase: p,
@@ -433,6 +453,7 @@ impl Updates<'_> {
                 fake_loss: l.fake,
                 gen_grad_norm: l.gen_grad_norm,
                 seconds: self.t0.elapsed().as_secs_f64(),
+                memory: mem,
             };
             let text = serde_json::to_string(&line).map_err(|e| Error::internal(e.to_string()))?;
             writeln!(self.log, "{text}").with_file(self.log_path)?;
@@ -457,6 +478,8 @@ impl Updates<'_> {
                 seconds: self.t0.elapsed().as_secs_f64(),
                 resumed_from: self.resumed_from,
                 metrics: None,
+                memory: self.memory.clone(),
+                dist: None,
             }));
         }
         Ok(None)
@@ -466,8 +489,12 @@ impl Updates<'_> {
 /// Train a recipe into `out`.
 pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on: &dyn Fn(&Event)) -> Result<Summary> {
     let t0 = Instant::now();
+    memory::start(&super::transformer::device());
     if !r.is_toy() {
         return super::transformer::train(r, recipe_text, out, opts, on);
+    }
+    if opts.dist.world_size > 1 {
+        return Err(Error::unsupported("data parallel training (WORLD_SIZE > 1) is for transformer recipes; the toy runs on one rank"));
     }
     let sched = r.schedule.build()?;
     let mix = Mixture::new(&r.mixture)?;
@@ -542,6 +569,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         phases: sched.phases.len(),
         total,
         resumed_from,
+        memory: Vec::new(),
     };
     let mut global: u64 = (0..start_phase).map(|p| r.updates(p)).sum::<u64>() + start_step;
     for p in start_phase..sched.phases.len() {
@@ -600,6 +628,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
                 fake_opt_step: fake_opt.step_t,
                 recipe_sha256: recipe_sha.clone(),
                 teacher_sha256: teacher_sha.clone(),
+                rng_states: Vec::new(),
             };
             write_json(&base.with_extension("json"), &info)?;
             prune_checkpoints(out, r.train.keep_checkpoints)
@@ -679,7 +708,17 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     } else {
         None
     };
-    Ok(Summary { run_dir: out.into(), completed: true, global_step: global, seconds: t0.elapsed().as_secs_f64(), resumed_from, metrics })
+    let memory = std::mem::take(&mut updates.memory);
+    Ok(Summary {
+        run_dir: out.into(),
+        completed: true,
+        global_step: global,
+        seconds: t0.elapsed().as_secs_f64(),
+        resumed_from,
+        metrics,
+        memory,
+        dist: None,
+    })
 }
 
 /// A finished run, opened for sampling.

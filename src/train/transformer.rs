@@ -26,6 +26,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::denoiser::{Cond, Denoiser};
+use super::dist;
 use super::dmd::{self, Phase, Views};
 use super::optim::{AdamW, ParamsAdamW};
 use super::recipe::{FakeKind, Recipe, ResolutionSpace, TransformerConfig};
@@ -688,6 +689,10 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     let tc = r.transformer.clone().ok_or_else(|| Error::usage(format!("recipe: model '{}' needs a [transformer] section", r.model)))?;
     let paths = teacher_paths(&tc)?;
     let device = device();
+    // Data parallelism: every rank trains its own batches from the same initial weights and
+    // averages the gradients (one rank: the communicator does nothing). Only rank 0 writes.
+    let comm = dist::connect(&opts.dist, &device)?;
+    let (rank, lead) = (comm.rank(), comm.rank() == 0);
     let dtype = parse_dtype(&tc.dtype)?;
     let sched = r.schedule.build()?;
     if !r.train.fake_reinit {
@@ -722,14 +727,16 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         b.set_null_text(emb.negative.clone());
         b.set_img_shape(geos[0].img_shape);
     }
-    let recipe_sha = run::prepare_run_dir(out, opts, recipe_text)?;
+    let recipe_sha = if lead { run::prepare_run_dir(out, opts, recipe_text)? } else { sha256_hex(recipe_text.as_bytes()) };
     let emb_file = if tc.embeddings.starts_with("random:") {
         let p = out.join("embeddings.safetensors");
-        let mut t = vec![("prompt_embeds".to_string(), emb.prompts.clone())];
-        if let Some(n) = &emb.negative {
-            t.push(("negative_prompt_embeds".to_string(), n.clone()));
+        if lead {
+            let mut t = vec![("prompt_embeds".to_string(), emb.prompts.clone())];
+            if let Some(n) = &emb.negative {
+                t.push(("negative_prompt_embeds".to_string(), n.clone()));
+            }
+            run::write_tensors(&p, &t, &[])?;
         }
-        run::write_tensors(&p, &t, &[])?;
         "embeddings.safetensors".to_string()
     } else {
         std::path::absolute(&tc.embeddings).unwrap_or_else(|_| PathBuf::from(&tc.embeddings)).display().to_string()
@@ -754,8 +761,9 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     };
     let fake_params = ParamsAdamW { lr: r.train.fake_lr, ..gen_params.clone() };
 
-    // Resume state.
-    let mut rng = Rng::new(r.seed);
+    // Resume state. Each rank draws its own batches (seed + rank; rank 0's stream is the
+    // one-rank run's).
+    let mut rng = Rng::new(r.seed.wrapping_add(rank as u64));
     let (mut start_phase, mut start_step, mut resumed_from) = (0, 0, None);
     let mut restored: Option<(CheckpointInfo, HashMap<String, Tensor>, PathBuf)> = None;
     if opts.resume {
@@ -764,14 +772,26 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
                 return Err(Error::inconsistent(&path, "checkpoint belongs to another recipe or teacher"));
             }
             let (t, _) = run::read_tensors(&path)?;
-            rng.state = info.rng_state;
+            rng.state = dist::resume_rng_state(&info, rank, r.seed);
             start_phase = info.phase;
             start_step = info.step;
             resumed_from = Some(info.global_step);
             restored = Some((info, t.into_iter().collect(), path));
         }
     }
-    let (mut log, log_path) = run::open_log(out, opts.resume, resumed_from.unwrap_or(0))?;
+    let at = comm.all_gather_u64(resumed_from.unwrap_or(u64::MAX)).map_err(ce)?;
+    if at.iter().any(|g| *g != at[0]) {
+        let say = |g: &u64| if *g == u64::MAX { "none".to_string() } else { format!("step {g}") };
+        return Err(Error::inconsistent(
+            out,
+            format!(
+                "the ranks found different checkpoints to resume from ({}): every rank must read the same run folder",
+                at.iter().map(say).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let (mut log, log_path) =
+        if lead { run::open_log(out, opts.resume, resumed_from.unwrap_or(0))? } else { (dist::null_file()?, PathBuf::new()) };
 
     let gen_base = |p: usize| expert_of(sched.sigmas[sched.phases[p].start], tc.expert_boundary);
     // Frozen generator experts of finished phases.
@@ -792,6 +812,14 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         phases: sched.phases.len(),
         total,
         resumed_from,
+        memory: Vec::new(),
+    };
+    let mut digests_done: Vec<String> = Vec::new();
+    let report = |d: &[String]| dist::DistReport {
+        rank,
+        world_size: comm.world_size(),
+        backend: comm.backend().to_string(),
+        weights_sha256: sha256_hex(d.join(",").as_bytes()),
     };
     let mut global: u64 = (0..start_phase).map(|p| r.updates(p)).sum::<u64>() + start_step;
     for p in start_phase..sched.phases.len() {
@@ -829,8 +857,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             fake_tr.extend(&format!("{e}."), tr);
             fakes.push(Some(f));
         }
-        let mut gen_opt = AdamW::new(gen_tr.vars.clone(), gen_params.clone()).map_err(ce)?;
-        let mut fake_opt = AdamW::new(fake_tr.vars.clone(), fake_params.clone()).map_err(ce)?;
+        let mut gen_opt = AdamW::new(gen_tr.vars.clone(), gen_params.clone()).map_err(ce)?.with_comm(comm.clone());
+        let mut fake_opt = AdamW::new(fake_tr.vars.clone(), fake_params.clone()).map_err(ce)?.with_comm(comm.clone());
         let mut first = 0;
         if let Some((info, t, path)) = restored.take() {
             if info.phase == p {
@@ -864,6 +892,10 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         let views = Views { gen: &gen, gen_frozen: &gen_frozen, fake: &fake_r, fake_frozen: &fake_fr };
         let n = r.updates(p);
         let save = |step: u64, global: u64, rng: &Rng, gen_opt: &AdamW, fake_opt: &AdamW| -> Result<()> {
+            let rng_states = comm.all_gather_u64(rng.state).map_err(ce)?;
+            if !lead {
+                return Ok(());
+            }
             let mut t = gen_tr.tensors("gen.");
             t.extend(fake_tr.tensors("fake."));
             t.extend(run::opt_tensors("gen_opt.", &gen_tr.names, gen_opt));
@@ -880,6 +912,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
                 fake_opt_step: fake_opt.step_t,
                 recipe_sha256: recipe_sha.clone(),
                 teacher_sha256: teacher_sha.clone(),
+                rng_states: if rng_states.len() > 1 { rng_states } else { Vec::new() },
             };
             run::write_json(&base.with_extension("json"), &info)?;
             run::prune_checkpoints(out, r.train.keep_checkpoints)
@@ -895,7 +928,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             global += 1;
             let done = step + 1;
             if let Some(stopped) = updates.after(p, done, n, global, &l, || save(done, global, &rng, &gen_opt, &fake_opt))? {
-                return Ok(stopped);
+                return Ok(Summary { dist: Some(report(&digests_done)), ..stopped });
             }
         }
         if first == n && n == 0 {
@@ -907,10 +940,23 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             ("phasekit.expert".to_string(), p.to_string()),
             ("phasekit.sigma_range".to_string(), format!("[{lo},{hi})")),
         ];
-        run::write_tensors(&run::expert_path(out, p), &gen.lora_file_tensors()?, &md)?;
+        let expert = gen.lora_file_tensors()?;
+        // The ranks took the same updates, so they hold the same expert: checked, not assumed.
+        let digest = dist::tensors_digest(&expert).map_err(ce)?;
+        let short = u64::from_str_radix(&digest[..16], 16).unwrap_or(0);
+        let all = comm.all_gather_u64(short).map_err(ce)?;
+        if all.iter().any(|d| *d != all[0]) {
+            return Err(Error::internal(format!("phase {p}: the ranks' experts differ after the phase (digests {all:x?})")));
+        }
+        digests_done.push(digest);
+        if lead {
+            run::write_tensors(&run::expert_path(out, p), &expert, &md)?;
+        }
         experts.push(gen_frozen);
     }
-    write_outputs(r, &tc, out, &sched, &paths, &digests, &recipe_sha, &geos[0], &emb_file, &gen_base, bases[0].family())?;
+    if lead {
+        write_outputs(r, &tc, out, &sched, &paths, &digests, &recipe_sha, &geos[0], &emb_file, &gen_base, bases[0].family())?;
+    }
     Ok(Summary {
         run_dir: out.into(),
         completed: true,
@@ -918,6 +964,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         seconds: t0.elapsed().as_secs_f64(),
         resumed_from,
         metrics: None,
+        memory: std::mem::take(&mut updates.memory),
+        dist: Some(report(&digests_done)),
     })
 }
 

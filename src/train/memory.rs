@@ -1,0 +1,146 @@
+//! Peak memory per phase: resident memory of the process (Linux `VmHWM`, reset at each phase
+//! start by writing `5` to `/proc/self/clear_refs`) and, in CUDA builds, device memory.
+//!
+//! When the reset is not permitted (or not Linux), the figure is the process's running peak and
+//! `peak_rss_scope` says `process` instead of `phase`. Runs sharing a process (quickstart's two
+//! runs side by side) share one figure.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+/// Memory of one phase (or of the part of it this process ran, after a resume).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseMemory {
+    pub phase: usize,
+    /// Peak resident set size in bytes (`VmHWM`); `None` where the system does not say.
+    pub peak_rss_bytes: Option<u64>,
+    /// `phase`: since the phase started (phase 0: since the run started, loading included);
+    /// `process`: since the process started (the reset was not permitted).
+    pub peak_rss_scope: String,
+    /// CUDA: bytes in use on the device at the phase end (all processes: total − free).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_used_bytes: Option<u64>,
+    /// CUDA: peak bytes allocated from the device's default memory pool during the phase (the
+    /// pool candle allocates from), reset at each phase start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_peak_bytes: Option<u64>,
+}
+
+static PHASE_SCOPED: AtomicBool = AtomicBool::new(false);
+
+/// Start a new measuring window (run start, each phase start): reset the resident peak and the
+/// device pool's peak where permitted.
+pub fn start(device: &Device) {
+    PHASE_SCOPED.store(reset_rss_peak(), Ordering::Relaxed);
+    device_reset_peak(device);
+}
+
+/// The window's figures for `phase`, then a new window for the next phase.
+pub fn phase_end(phase: usize, device: &Device) -> PhaseMemory {
+    let (device_used_bytes, device_peak_bytes) = device_memory(device);
+    let m = PhaseMemory {
+        phase,
+        peak_rss_bytes: status_kib("VmHWM:").map(|k| k * 1024),
+        peak_rss_scope: if PHASE_SCOPED.load(Ordering::Relaxed) { "phase" } else { "process" }.to_string(),
+        device_used_bytes,
+        device_peak_bytes,
+    };
+    start(device);
+    m
+}
+
+/// Current resident set size in bytes (`VmRSS`).
+pub fn current_rss() -> Option<u64> {
+    status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Reset `VmHWM` to the current RSS (Linux ≥ 4.0); false when not permitted.
+fn reset_rss_peak() -> bool {
+    std::fs::OpenOptions::new().write(true).open("/proc/self/clear_refs").and_then(|mut f| std::io::Write::write_all(&mut f, b"5")).is_ok()
+}
+
+#[cfg(feature = "cuda")]
+fn default_pool(d: &candle_core::CudaDevice) -> Option<candle_core::cuda::cudarc::driver::sys::CUmemoryPool> {
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().ok()?;
+    // SAFETY: the device handle comes from a live context.
+    unsafe { candle_core::cuda::cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }.ok()
+}
+
+#[cfg(feature = "cuda")]
+fn device_memory(device: &Device) -> (Option<u64>, Option<u64>) {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    let Device::Cuda(d) = device else { return (None, None) };
+    let used = d.cuda_stream().context().mem_get_info().ok().map(|(free, total)| (total - free) as u64);
+    let peak = default_pool(d).and_then(|pool| {
+        let mut v: u64 = 0;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t.
+        unsafe {
+            result::mem_pool::get_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut v as *mut u64 as *mut ::core::ffi::c_void,
+            )
+        }
+        .ok()
+        .map(|_| v)
+    });
+    (used, peak)
+}
+
+#[cfg(feature = "cuda")]
+fn device_reset_peak(device: &Device) {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    let Device::Cuda(d) = device else { return };
+    if let Some(pool) = default_pool(d) {
+        let mut zero: u64 = 0;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t and may be reset to zero.
+        let _ = unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut ::core::ffi::c_void,
+            )
+        };
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_memory(_: &Device) -> (Option<u64>, Option<u64>) {
+    (None, None)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_reset_peak(_: &Device) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peak_covers_an_allocation_of_the_phase() {
+        if current_rss().is_none() {
+            return; // not Linux
+        }
+        start(&Device::Cpu);
+        let before = current_rss().unwrap();
+        let v = vec![1u8; 64 << 20];
+        std::hint::black_box(&v);
+        let m = phase_end(3, &Device::Cpu);
+        drop(v);
+        assert_eq!(m.phase, 3);
+        let peak = m.peak_rss_bytes.unwrap();
+        assert!(peak >= before + (60 << 20), "peak {peak} before {before}");
+        assert!(m.peak_rss_scope == "phase" || m.peak_rss_scope == "process");
+        assert_eq!(m.device_used_bytes, None);
+    }
+}
