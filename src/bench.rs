@@ -292,15 +292,17 @@ fn ratio_line(name: &str, v: f64, base: &str, b: f64, target: f64) -> Line {
 pub fn render(lines: &[Line]) -> String {
     let mut s = String::new();
     for l in lines {
-        let base = l.baseline_value.map_or("n/a".into(), |b| format!("{b:.2}"));
-        let ratio = l.ratio.map_or("".into(), |r| format!("  ratio {r:.2}×"));
+        // Ratios of ratios (compression) need three decimals to show which side wins.
+        let d = if l.unit == "×" { 3 } else { 2 };
+        let base = l.baseline_value.map_or("n/a".into(), |b| format!("{b:.d$}"));
+        let ratio = l.ratio.map_or("".into(), |r| format!("  ratio {r:.d$}×"));
         let pass = match l.pass {
             Some(true) => "PASS",
             Some(false) => "MISS",
             None => "----",
         };
         s.push_str(&format!(
-            "{pass} {:<58} {:>9.2} {:<5} vs {} {}{ratio}  (target {}) {}\n",
+            "{pass} {:<58} {:>9.d$} {:<5} vs {} {}{ratio}  (target {}) {}\n",
             l.name, l.value, l.unit, l.baseline, base, l.target, l.note
         ));
     }

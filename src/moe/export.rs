@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::assemble::{commit, write_outputs, OutT, Src};
+use super::assemble::{commit, write_outputs, OutT, Src, WriteOpts};
 use super::format::{self, lora_part, LoraPart};
 use super::loader::MoeCheckpoint;
 use super::routing::{ExpertKind, Routing};
@@ -189,8 +189,14 @@ fn write_one(
     opts: &ExportOptions,
     progress: &Progress,
 ) -> Result<Vec<Written>> {
-    let (files, written, _) =
-        write_outputs(std::slice::from_ref(m.checkpoint()), tensors, path, None, opts.sidecar, progress, &mut |_| md.clone())?;
+    let (files, written, _) = write_outputs(
+        std::slice::from_ref(m.checkpoint()),
+        tensors,
+        path,
+        WriteOpts { shard_size: None, sidecar: opts.sidecar, sync: true },
+        progress,
+        &mut |_| md.clone(),
+    )?;
     commit(files, &written, opts.sidecar)?;
     Ok(written)
 }
