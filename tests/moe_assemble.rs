@@ -161,6 +161,7 @@ fn python_safe_open_and_docs_loader() {
         let sum: f64 = m.weight_names(e).iter().map(|n| m.weight_f32(e, n, false).unwrap().1.iter().map(|&x| x as f64).sum::<f64>()).sum();
         let py: f64 = parts[3].parse().unwrap();
         assert!((py - sum).abs() < 1e-6 * sum.abs().max(1.0), "{py} vs {sum}");
+        assert_eq!(parts[4], "base.", "a phasekit.moe/1 file has one base prefix");
     }
 }
 

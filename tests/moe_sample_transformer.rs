@@ -189,6 +189,21 @@ fn wan_two_teacher_experts_keep_each_lora_on_its_own_base() {
     md.iter_mut().filter(|(k, _)| k == "phasekit.moe.format").for_each(|(_, v)| *v = FORMAT_TAG.into());
     assert_eq!(MoeMeta::from_metadata(&md).unwrap_err().kind(), Kind::Malformed);
 
+    // The docs' Python loader (docs/moe-format.md §8) names each expert's base prefix.
+    if std::process::Command::new("python3").args(["-c", "import safetensors, numpy"]).output().is_ok_and(|o| o.status.success()) {
+        let doc = std::fs::read_to_string(repo().join("docs/moe-format.md")).unwrap();
+        let block = doc.split("<!-- loader:begin -->").nth(1).unwrap().split("<!-- loader:end -->").next().unwrap();
+        let script = d.path().join("loader.py");
+        std::fs::write(&script, block.split("```python").nth(1).unwrap().split("```").next().unwrap()).unwrap();
+        for (sigma, prefix) in [("1.0", "base."), ("0.3", "bases.1.")] {
+            let o = std::process::Command::new("python3").arg(&script).arg(&lora).arg(sigma).output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(String::from_utf8_lossy(&o.stdout).split_whitespace().nth(4), Some(prefix), "σ {sigma}");
+        }
+    } else {
+        println!("skipped the Python loader: python3 with safetensors and numpy not available");
+    }
+
     // Loader: without LoRA each expert's weight is its own base's; with it, base + delta,
     // which is exactly what --merge-lora stored.
     let file = |dir: &Path| trun::read_tensors(&dir.join("diffusion_pytorch_model.safetensors")).unwrap().0;
