@@ -126,6 +126,9 @@ enum Command {
 enum BenchCommand {
     /// Phased DMD and its baselines on the toy mixture over several seeds (writes docs/results.md tables).
     TrainToy(phasekit::train::cli::BenchTrainToyArgs),
+    /// Milliseconds per toy generator update (with its TTUR fake updates, one thread) vs the
+    /// same update in PyTorch on the CPU (`benches/toy_torch.py`, when python3 has torch).
+    ToyStep(phasekit::train::cli::BenchToyStepArgs),
     /// One full-width teacher block forward+backward on the CPU: GFLOP/s vs candle's matmul.
     Block(phasekit::model::bench::BlockArgs),
     /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
@@ -436,6 +439,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Forward(a) => phasekit::model::cli::run(&a, cli.json),
         Command::Bench(BenchCommand::Block(a)) => phasekit::model::bench::run(&a, cli.json),
         Command::Bench(BenchCommand::TrainToy(a)) => phasekit::train::cli::bench_train_toy(&a, cli.json, quiet),
+        Command::Bench(BenchCommand::ToyStep(a)) => phasekit::train::cli::bench_toy_step(&a, cli.json, quiet),
         Command::Verify { path } => {
             let r = phasekit::verify::verify(&path, quiet)?;
             if cli.json {

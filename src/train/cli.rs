@@ -1,4 +1,4 @@
-//! Commands: `train`, `sample`, `quickstart`, `bench train-toy`. Argument types (doc comments
+//! Commands: `train`, `sample`, `quickstart`, `bench train-toy`, `bench toy-step`. Argument types (doc comments
 //! are the help text) and one run function per command; `main.rs` only delegates.
 
 use std::io::IsTerminal;
@@ -123,6 +123,24 @@ pub struct BenchTrainToyArgs {
     /// Only these methods (comma-separated keys; default: all).
     #[arg(long)]
     pub only: Option<String>,
+}
+
+/// `phasekit bench toy-step`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchToyStepArgs {
+    /// Generator updates per side (split evenly over the 4 phases of `phased4`).
+    #[arg(long, default_value_t = 200)]
+    pub updates: u64,
+    /// First updates left out of the median (per side).
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// Flow-matching steps of the teacher the generator and fake start from (its quality does
+    /// not change the work an update does; `bench train-toy` uses 1500).
+    #[arg(long, default_value_t = 300)]
+    pub pretrain_steps: u64,
+    /// Skip the PyTorch comparison.
+    #[arg(long)]
+    pub no_python: bool,
 }
 
 fn bar(total: u64, quiet: bool) -> ProgressBar {
@@ -522,6 +540,62 @@ pub fn bench_train_toy(a: &BenchTrainToyArgs, json: bool, _quiet: bool) -> Resul
         print_json(&serde_json::json!({ "ok": true, "markdown": md }));
     } else {
         println!("{md}");
+    }
+    Ok(())
+}
+
+/// `phasekit bench toy-step`: ms per toy generator update (phased4 bench settings, one
+/// thread) against the PyTorch twin `benches/toy_torch.py` when `python3` has torch.
+pub fn bench_toy_step(a: &BenchToyStepArgs, json: bool, quiet: bool) -> Result<()> {
+    use super::speed;
+    use crate::bench::{render, Line};
+    super::single_threaded_kernels();
+    let log = |m: &str| {
+        if !json && !quiet {
+            eprintln!("{m}");
+        }
+    };
+    log(&format!("phasekit: {} toy generator updates (teacher pretraining {} steps first) ...", a.updates, a.pretrain_steps));
+    let t = speed::time_updates("phased4", a.updates, Some(a.pretrain_steps))?;
+    let ours = t.median_ms(a.warmup);
+    let r = &t.recipe;
+    let name = format!(
+        "toy generator update (phased4, batch {}, TTUR {}, MLP {}×{}, 1 thread)",
+        r.train.batch, r.train.ttur, r.mlp.width, r.mlp.depth
+    );
+    let mut line = Line {
+        name,
+        value: ours,
+        unit: "ms".into(),
+        baseline: "PyTorch CPU".into(),
+        baseline_value: None,
+        ratio: None,
+        target: "n/a".into(),
+        pass: None,
+        note: String::new(),
+    };
+    let median_of = |timed: usize, mean: f64| format!("median of {timed} after {} warm-up, mean {mean:.2} ms", a.warmup);
+    let ours_note = median_of(t.timed(a.warmup), t.mean_ms(a.warmup));
+    if a.no_python {
+        line.note = format!("skipped: --no-python; phasekit {ours_note}");
+    } else if !speed::python_has_torch() {
+        line.note = format!("skipped: torch not available (python3 -c \"import torch\" failed); phasekit {ours_note}");
+    } else {
+        log(&format!("PyTorch: the same {} updates (benches/toy_torch.py) ...", a.updates));
+        let p = speed::time_torch(r, a.updates, a.warmup)?;
+        line.baseline = format!("PyTorch {} CPU ({} thread)", p.torch, p.threads);
+        line.baseline_value = Some(p.ms_per_update_median);
+        line.ratio = Some(p.ms_per_update_median / ours);
+        line.note = format!(
+            "ratio = PyTorch ms / phasekit ms (> 1: phasekit faster); phasekit {ours_note}; PyTorch {}",
+            median_of(p.timed, p.ms_per_update_mean)
+        );
+    }
+    let lines = vec![line];
+    if json {
+        print_json(&lines);
+    } else {
+        print!("{}", render(&lines));
     }
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! teacher), [`denoiser`] (the interface the method talks to, and the MLP), [`dmd`] (generator
 //! and fake-score updates, every variant), [`optim`] (AdamW with visible state), [`recipe`]
 //! (TOML recipes), [`run`] (run folders, checkpoints, resume, experts, manifest), [`metrics`]
-//! (distances to the exact mixture), [`plot`] (PNG plots), [`cli`] (commands).
+//! (distances to the exact mixture), [`plot`] (PNG plots), [`speed`] (update timing and its
+//! PyTorch twin), [`cli`] (commands).
 //!
 //! Everything runs on the CPU in f32 with one seeded generator ([`Rng`]) whose state is part of
 //! every checkpoint, so a resumed run equals an uninterrupted one bit for bit.
@@ -23,6 +24,7 @@ pub mod recipe;
 pub mod routed;
 pub mod run;
 pub mod schedule;
+pub mod speed;
 pub mod transformer;
 
 use crate::error::Error;
