@@ -541,7 +541,15 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
         let v: Vec<f64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
         if v.len() == 2 {
             lines.push(line("pack ratio vs zipnn", ratio, "×", "zipnn (bfloat16)", Some(v[0]), Some(1.0), ""));
-            lines.push(line("pack speed vs zipnn", mbs(t_pack), "MB/s", "zipnn (bfloat16)", Some(v[1]), Some(1.0), "file to file, fsync'd, both"));
+            lines.push(line(
+                "pack speed vs zipnn",
+                mbs(t_pack),
+                "MB/s",
+                "zipnn (bfloat16)",
+                Some(v[1]),
+                Some(1.0),
+                "file to file, fsync'd, both",
+            ));
         } else {
             lines.push(line(
                 "pack vs zipnn",
