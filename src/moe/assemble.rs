@@ -992,13 +992,9 @@ fn stream_batch(cks: &[Checkpoint], tensors: &[OutT], batch: &[usize], sink: &mu
                 k += 1;
                 continue;
             };
-            let mut len = first.len;
-            k += 1;
-            while let Some((_, e)) = copy_of(k).filter(|(c, e)| *c == ck && e.file == first.file && e.offset == first.offset + len) {
-                len += e.len;
-                k += 1;
-            }
+            let (end, len) = crate::convert::source_run(k, |m| copy_of(m).map(|(c, e)| ((c, e.file), e.offset, e.len)));
             sink.copy_from(&cks[ck].files[first.file], first.offset, len)?;
+            k = end;
         }
         h.join().map_err(|_| Error::internal("hashing thread panicked"))
     })?;

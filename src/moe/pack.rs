@@ -130,9 +130,18 @@ fn join_planes(mode: Mode, p0: &[u8], p1: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// `(stored, payload)`: the compressed bytes, or the raw ones when compression did not shrink them.
+fn smaller_or_raw(data: &[u8], compressed: Vec<u8>) -> (bool, Vec<u8>) {
+    if compressed.len() >= data.len() {
+        (true, data.to_vec())
+    } else {
+        (false, compressed)
+    }
+}
+
 fn zstd_or_raw(data: &[u8], level: i32) -> Result<(bool, Vec<u8>)> {
     let c = zstd::bulk::compress(data, level).map_err(|e| Error::internal(format!("zstd: {e}")))?;
-    Ok(if c.len() >= data.len() { (true, data.to_vec()) } else { (false, c) })
+    Ok(smaller_or_raw(data, c))
 }
 
 /// bf16 planes hold skewed byte values with no long repeats: what pays is the entropy coder,
@@ -152,8 +161,7 @@ fn zstd_literals(data: &[u8]) -> Result<(bool, Vec<u8>)> {
     ] {
         c.set_parameter(p).map_err(err)?;
     }
-    let out = c.compress(data).map_err(err)?;
-    Ok(if out.len() >= data.len() { (true, data.to_vec()) } else { (false, out) })
+    Ok(smaller_or_raw(data, c.compress(data).map_err(err)?))
 }
 
 /// A plane that is close to random (bf16 sign+mantissa, f16 low bytes) is stored as it is
