@@ -2,7 +2,7 @@
 # The GPU checks, run on a CUDA machine from the repository root with a CUDA build of phasekit:
 #     scripts/check-cuda.sh build --release --features cuda
 #     PHASEKIT=target-cuda/release/phasekit scripts/gpu-check.sh [OUT_DIR]
-# 1. model parity on the GPU: forward on the tiny Wan2.2 (both layouts) and Qwen-Image fixtures
+# 1. model parity on the GPU: forward on the tiny Wan2.2 (both layouts), Wan2.2 TI2V (per-token timesteps) and Qwen-Image fixtures
 #    in f32 and bf16, relative L2 against diffusers' output;
 # 2. one full-width block forward+backward in bf16 (Wan2.2 5120/40 heads, Qwen-Image 3072/24
 #    heads) with `phasekit bench block` and with the PyTorch eager twin benches/block_torch.py
@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 PARITY="${PARITY:-1}"; TRAIN="${TRAIN:-1}"
 for dt in f32 bf16; do
     [ "$PARITY" = 1 ] || break
-    for m in wan22_t2v_tiny/diffusers wan22_t2v_tiny/original qwen_image_tiny/diffusers; do
+    for m in wan22_t2v_tiny/diffusers wan22_t2v_tiny/original wan22_ti2v_tiny/diffusers qwen_image_tiny/diffusers; do
         fx="${m%%/*}"
         "$B" --json forward --device "$DEV" --dtype "$dt" --model "$F/$m" --inputs "$F/$fx/forward.safetensors" --out "$OUT/fwd.safetensors" \
             | python3 -c "import json,sys; r=json.load(sys.stdin)['report']; r['fixture']='$m'; r['check']='parity'; print(json.dumps(r))" >> "$log" \

@@ -1,5 +1,6 @@
 //! Wan2.2 transformer parity with diffusers 0.42.1 on the tiny reference checkpoint, in every
-//! way the checkpoint can be stored, plus LoRA, gradients and gradient checkpointing.
+//! way the checkpoint can be stored, plus LoRA, gradients and gradient checkpointing; and on the
+//! tiny TI2V-shaped checkpoint with per-token timesteps `[B, S]` (`wan22_ti2v_tiny`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,15 @@ fn fixture(p: &str) -> PathBuf {
 
 fn inputs() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("forward.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The TI2V-shaped fixture (48 channels, per-token timesteps), from scripts/make-ti2v-fixture.py.
+fn ti2v(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan22_ti2v_tiny").join(p)
+}
+
+fn ti2v_inputs() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(ti2v("forward.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn run(m: &WanTransformer, i: &HashMap<String, Tensor>) -> Tensor {
@@ -140,14 +150,17 @@ fn lora_zero_is_bit_equal_merge_matches_and_grads_reach_adapters() {
 
 #[test]
 fn full_mode_grads_reach_every_parameter_and_checkpointing_matches() {
-    let i = inputs();
-    let mut m = WanTransformer::open(&fixture("diffusers"), DType::F32, &Device::Cpu).unwrap();
+    grads_and_checkpointing(&fixture("diffusers"), &inputs());
+}
+
+fn grads_and_checkpointing(model: &Path, i: &HashMap<String, Tensor>) {
+    let mut m = WanTransformer::open(model, DType::F32, &Device::Cpu).unwrap();
     let vars = m.trainable_vars(TrainMode::Full).unwrap();
     let names = m.params().len();
     assert!(vars.len() > names);
     let w = Tensor::randn(0f32, 1.0, i["output"].shape(), &Device::Cpu).unwrap();
     let loss = |o: &Tensor| (o * &w)?.sum_all();
-    let plain = loss(&run(&m, &i)).unwrap().backward().unwrap();
+    let plain = loss(&run(&m, i)).unwrap().backward().unwrap();
     let (state, ctx, aux) = m.prepare(&i["hidden_states"], &i["timestep"], &i["encoder_hidden_states"]).unwrap();
     assert_eq!(m.num_blocks(), 2);
     let ck = checkpointed_grads(&m, state, ctx, &aux, loss, &vars).unwrap();
@@ -270,4 +283,134 @@ fn denoiser_maps_sigma_to_timestep() {
     assert_eq!(e.dims(), &[3, 1, 24]);
     let v0 = m.velocity(&i["hidden_states"], &sigma, &m.null_cond(2).unwrap()).unwrap();
     assert_eq!(v0.dims(), i["hidden_states"].dims());
+}
+
+#[test]
+fn ti2v_per_token_timesteps_match_diffusers() {
+    let i = ti2v_inputs();
+    let (b, s) = i["timestep"].dims2().unwrap();
+    assert_eq!((b, s), (2, 3 * 2 * 3), "per-token timesteps over 3 latent frames of 2×3 patches");
+    let e = parity_of(&ti2v("diffusers"), DType::F32, &i);
+    eprintln!("wan ti2v per-token f32 rel L2 = {e:.3e}");
+    assert!(e < 1e-5, "{e}");
+    for dt in [DType::BF16, DType::F16] {
+        let e = parity_of(&ti2v("diffusers"), dt, &i);
+        eprintln!("wan ti2v per-token {dt:?} rel L2 = {e:.3e}");
+        assert!(e < 1e-2, "{dt:?}: {e}");
+    }
+}
+
+fn parity_of(model: &Path, dtype: DType, i: &HashMap<String, Tensor>) -> f64 {
+    let m = WanTransformer::open(model, dtype, &Device::Cpu).unwrap();
+    rel_l2(&run(&m, i), &i["output"]).unwrap()
+}
+
+/// `t [B]` → `[B, S]` with every token of sample `b` at `t[b]`.
+fn expand(t: &Tensor, s: usize) -> Tensor {
+    let b = t.dim(0).unwrap();
+    t.unsqueeze(1).unwrap().broadcast_as((b, s)).unwrap().contiguous().unwrap()
+}
+
+#[test]
+fn uniform_per_token_timestep_equals_batch_timestep_with_equal_gradients() {
+    let t2v = inputs();
+    let mut ti = ti2v_inputs();
+    // Both fixtures: [B, S] filled with each row's t against [B] = t.
+    ti.insert("timestep".into(), Tensor::new(&[875f32, 312.5], &Device::Cpu).unwrap());
+    for (model, i) in [(fixture("diffusers"), t2v), (ti2v("diffusers"), ti)] {
+        let mut m = WanTransformer::open(&model, DType::F32, &Device::Cpu).unwrap();
+        let vars = m.trainable_vars(TrainMode::Full).unwrap();
+        let x = &i["hidden_states"];
+        let (_, _, f, h, w) = x.dims5().unwrap();
+        let tb = i["timestep"].clone();
+        let ts = expand(&tb, f * (h / 2) * (w / 2));
+        let enc = &i["encoder_hidden_states"];
+        let a = m.forward(x, &tb, enc).unwrap();
+        let b = m.forward(x, &ts, enc).unwrap();
+        let e = rel_l2(&b, &a).unwrap();
+        eprintln!("{}: [B, S] uniform vs [B] rel L2 = {e:.3e}", model.display());
+        assert!(e < 1e-6, "{}: {e}", model.display());
+        // The same function of the weights, so the same gradients: the per-token path's
+        // gathers send every token's gradient back to its timestep's row.
+        let wt = Tensor::randn(0f32, 1.0, a.shape(), &Device::Cpu).unwrap();
+        let ga = (&a * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+        for (k, v) in vars.iter().enumerate() {
+            let (ga, gb) = (ga.get(v.as_tensor()).unwrap(), gb.get(v.as_tensor()).unwrap());
+            let e = rel_l2(gb, ga).unwrap();
+            assert!(e < 1e-5, "var {k} {:?}: [B, S] vs [B] gradient {e}", v.shape());
+        }
+    }
+}
+
+#[test]
+fn ti2v_full_mode_grads_and_checkpointing_with_per_token_timesteps() {
+    grads_and_checkpointing(&ti2v("diffusers"), &ti2v_inputs());
+}
+
+#[test]
+fn ti2v_lora_grads_reach_adapters_with_per_token_timesteps() {
+    let i = ti2v_inputs();
+    let mut m = WanTransformer::open(&ti2v("diffusers"), DType::F32, &Device::Cpu).unwrap();
+    let base = run(&m, &i);
+    m.attach_lora(&LoraConfig { rank: 4, alpha: 4.0, ..Default::default() }).unwrap();
+    assert_eq!(base.flatten_all().unwrap().to_vec1::<f32>().unwrap(), run(&m, &i).flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let vars = m.trainable_vars(TrainMode::Lora).unwrap();
+    let g = run(&m, &i).sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (k, v) in vars.iter().enumerate().filter(|(k, _)| k % 2 == 1) {
+        let s = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(s.is_finite() && s > 0.0, "up var {k}: |grad| = {s}");
+    }
+}
+
+#[test]
+fn wrong_timestep_shapes_are_errors() {
+    let i = ti2v_inputs();
+    let m = WanTransformer::open(&ti2v("diffusers"), DType::F32, &Device::Cpu).unwrap();
+    let (x, enc) = (&i["hidden_states"], &i["encoder_hidden_states"]);
+    let s = 18;
+    let z = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    for shape in
+        [vec![], vec![1], vec![3], vec![s], vec![1, s], vec![2, s + 1], vec![2, s - 1], vec![2, 1], vec![2, s, 1], vec![2, 3, 2, 3]]
+    {
+        let e = m.forward(x, &z(&shape), enc).err().unwrap_or_else(|| panic!("timestep {shape:?} was accepted"));
+        let msg = e.to_string();
+        assert!(msg.contains("timestep") && msg.contains("[2, 18]"), "{shape:?}: {msg}");
+    }
+    assert!(m.prepare(x, &z(&[2, 17]), enc).is_err());
+    assert!(m.forward(x, &z(&[2]), enc).is_ok() && m.forward(x, &z(&[2, s]), enc).is_ok());
+}
+
+#[test]
+fn cli_forward_per_token_timesteps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let forward = |inputs: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_phasekit"))
+            .args(["--json", "forward", "--model"])
+            .arg(ti2v("diffusers"))
+            .arg("--inputs")
+            .arg(inputs)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let st = forward(&ti2v("forward.safetensors"));
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(v["report"]["family"], "wan22");
+    assert_eq!(v["report"]["output_shape"], serde_json::json!([2, 48, 3, 4, 6]));
+    assert!(v["report"]["rel_l2"].as_f64().unwrap() < 1e-5, "{v}");
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert!(rel_l2(&got["output"], &ti2v_inputs()["output"]).unwrap() < 1e-5);
+    // A timestep that is neither [B] nor [B, S] is the inputs' fault: exit 6, no panic.
+    let mut i = ti2v_inputs();
+    i.insert("timestep".into(), Tensor::zeros((2, 17), DType::F32, &Device::Cpu).unwrap());
+    let bad = dir.path().join("bad.safetensors");
+    candle_core::safetensors::save(&i, &bad).unwrap();
+    let st = forward(&bad);
+    let text = format!("{}{}", String::from_utf8_lossy(&st.stdout), String::from_utf8_lossy(&st.stderr));
+    assert_eq!(st.status.code(), Some(6), "{text}");
+    assert!(text.contains("timestep") && !text.contains("panicked"), "{text}");
 }

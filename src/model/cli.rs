@@ -1,7 +1,8 @@
 //! `phasekit forward`: one forward pass of a teacher on saved inputs.
 //!
 //! Inputs use the reference conventions (`../shared/reference/README.md`): Wan `hidden_states
-//! [B, C, F, H, W]`, `timestep [B]` (0..1000), `encoder_hidden_states`; Qwen-Image packed
+//! [B, C, F, H, W]`, `timestep [B]` or per-token `[B, S]` (0..1000, TI2V-5B's `expand_timesteps`
+//! form), `encoder_hidden_states`; Qwen-Image packed
 //! `hidden_states [B, S, C]`, `encoder_hidden_states`, optional `encoder_hidden_states_mask`,
 //! `timestep [B]` (0..1) and `img_shapes` from `forward.json` beside the inputs or `--img-shapes`.
 

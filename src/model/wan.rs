@@ -5,6 +5,13 @@
 //! Linear to 6·dim; text Linear-GELU(tanh)-Linear) → blocks (modulated self-attention with
 //! RMSNorm over the whole inner dim on q/k and 3-D RoPE, affine-normed cross-attention,
 //! modulated GELU-tanh FFN) → modulated output norm, projection, unpatchify.
+//!
+//! The timestep is `[B]` (one per sample) or, as Wan2.2 TI2V-5B's pipelines pass it with
+//! `expand_timesteps`, `[B, S]`: one per patch token (the image-conditioned first latent frame
+//! gets 0). diffusers then embeds every token's timestep and modulates every token with its own
+//! `scale_shift_table + temb`. Here the condition embedder runs once per distinct timestep value
+//! (a TI2V step has two: 0 and t) and each token picks its row of that table ([`WanAux::token_rows`]);
+//! the values are the same, without a `[B, S, 6, dim]` tensor or `B·S` rows through `time_proj`.
 
 use std::path::Path;
 
@@ -149,9 +156,30 @@ impl WanBlock {
 
     /// `x [B, S, dim]`, `enc [B, L, dim]`, `tproj [B, 6, dim]`.
     pub fn forward(&self, x: &Tensor, enc: &Tensor, tproj: &Tensor, rope: &RopeTables, c: &WanConfig) -> Result<Tensor> {
+        self.forward_rows(x, enc, tproj, None, rope, c)
+    }
+
+    /// [`WanBlock::forward`] with per-token modulation when `rows` is given: `tproj [K, 6, dim]`
+    /// holds the projections of K distinct timesteps and `rows [B·S]` (u32) says which of them
+    /// each token takes, so token `n` is modulated with `scale_shift_table + tproj[rows[n]]`.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        enc: &Tensor,
+        tproj: &Tensor,
+        rows: Option<&Tensor>,
+        rope: &RopeTables,
+        c: &WanConfig,
+    ) -> Result<Tensor> {
         let dt = x.dtype();
         let m = self.scale_shift_table.broadcast_add(&tproj.to_dtype(self.scale_shift_table.dtype())?)?;
-        let g = |i: usize| m.narrow(1, i, 1);
+        let g = |i: usize| -> Result<Tensor> {
+            let v = m.narrow(1, i, 1)?;
+            match rows {
+                None => Ok(v),
+                Some(r) => per_token(&v, r, x),
+            }
+        };
         let (shift, scale, gate, c_shift, c_scale, c_gate) = (g(0)?, g(1)?, g(2)?, g(3)?, g(4)?, g(5)?);
         let h = modulate(&layer_norm(x, None, None, c.eps)?, &shift, &scale)?;
         let a = self.attn1.forward(&h, None, c.heads, c.eps, Some(rope))?;
@@ -180,6 +208,14 @@ impl WanBlock {
     }
 }
 
+/// `table [K, 1, dim]` → `[B, S, dim]` (the shape of `like`), row `rows[b·S + s]` for token `(b, s)`.
+fn per_token(table: &Tensor, rows: &Tensor, like: &Tensor) -> Result<Tensor> {
+    let (b, s, _) = like.dims3()?;
+    let t = table.squeeze(1)?.contiguous()?;
+    let dim = t.dim(1)?;
+    t.index_select(rows, 0)?.reshape((b, s, dim))
+}
+
 /// Non-differentiable per-call data: RoPE tables and the token grid.
 #[derive(Debug, Clone)]
 pub struct WanAux {
@@ -187,6 +223,10 @@ pub struct WanAux {
     pub batch: usize,
     /// Post-patch frames, height, width.
     pub grid: [usize; 3],
+    /// Per-token timesteps (`[B, S]`): for each of the `B·S` tokens (u32, batch-major), the row
+    /// of the context's `tproj` / `temb` (one row per distinct timestep value) that modulates it.
+    /// `None` for `[B]` timesteps, where row `b` modulates sample `b`.
+    pub token_rows: Option<Tensor>,
 }
 
 pub struct WanTransformer {
@@ -247,6 +287,12 @@ impl WanTransformer {
     }
 
     /// Patchify, embed condition and text: block state `[x]`, context `[enc, tproj, temb]`.
+    ///
+    /// `timestep` is `[B]`, or `[B, S]` with one timestep per patch token (`S = F/pt · H/ph ·
+    /// W/pw`, tokens in frame, row, column order, as diffusers flattens them); any other shape is
+    /// an error. With `[B]`, `tproj` is `[B, 6, dim]` and `temb` `[B, dim]`. With `[B, S]` they
+    /// hold one row per distinct timestep value (`[K, 6, dim]`, `[K, dim]`, in order of first
+    /// appearance) and `aux.token_rows` maps each token to its row.
     pub fn prepare(&self, x: &Tensor, timestep: &Tensor, enc: &Tensor) -> Result<(Vec<Tensor>, Vec<Tensor>, WanAux)> {
         let c = &self.cfg;
         let (b, ch, f, h, w) = x.dims5()?;
@@ -260,24 +306,36 @@ impl WanTransformer {
             );
         }
         let (fp, hp, wp) = (f / pt, h / ph, w / pw);
+        let seq = fp * hp * wp;
+        let token_t = match timestep.dims() {
+            [n] if *n == b => false,
+            [n, s] if *n == b && *s == seq => true,
+            d => candle_core::bail!(
+                "Wan timestep should be [B] = [{b}] or per-token [B, S] = [{b}, {seq}] (S = {fp}·{hp}·{wp} patch tokens of the \
+                 {:?} input), found {d:?}",
+                x.dims()
+            ),
+        };
         let patches = x
             .to_dtype(wide(self.dtype))?
             .reshape(vec![b, ch, fp, pt, hp, ph, wp, pw])?
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .contiguous()?
-            .reshape((b, fp * hp * wp, ch * pt * ph * pw))?;
+            .reshape((b, seq, ch * pt * ph * pw))?;
         // The residual stream stays in f32 (f64 for an f64 model) whatever the compute dtype.
         let hs = widen(&self.patch_embedding.forward(&patches)?)?;
-        let temb_in = timestep_embedding(timestep, c.freq_dim, true, 0.0, 1.0)?.to_dtype(wide(self.dtype))?;
+        let (t, token_rows) = if token_t { distinct_timesteps(timestep)? } else { (timestep.clone(), None) };
+        let k = t.elem_count();
+        let temb_in = timestep_embedding(&t, c.freq_dim, true, 0.0, 1.0)?.to_dtype(wide(self.dtype))?;
         let temb = self.time_2.forward(&silu(&self.time_1.forward(&temb_in)?)?)?;
-        let tproj = self.time_proj.forward(&silu(&temb)?)?.reshape((b, 6, c.dim()))?;
+        let tproj = self.time_proj.forward(&silu(&temb)?)?.reshape((k, 6, c.dim()))?;
         let e = self.text_2.forward(&gelu_tanh(&self.text_1.forward(&widen(enc)?)?)?)?;
         let rope = rope::wan(c.head_dim, fp, hp, wp, x.device())?;
-        Ok((vec![hs], vec![e, tproj, temb], WanAux { rope, batch: b, grid: [fp, hp, wp] }))
+        Ok((vec![hs], vec![e, tproj, temb], WanAux { rope, batch: b, grid: [fp, hp, wp], token_rows }))
     }
 
-    /// Full forward: `x [B, C, F, H, W]`, `timestep [B]` on 0..1000, `enc [B, L, text_dim]` →
-    /// `[B, out_channels, F, H, W]`.
+    /// Full forward: `x [B, C, F, H, W]`, `timestep [B]` or per-token `[B, S]` on 0..1000 (see
+    /// [`WanTransformer::prepare`]), `enc [B, L, text_dim]` → `[B, out_channels, F, H, W]`.
     pub fn forward(&self, x: &Tensor, timestep: &Tensor, enc: &Tensor) -> Result<Tensor> {
         let (mut state, ctx, aux) = self.prepare(x, timestep, enc)?;
         for i in 0..self.blocks.len() {
@@ -293,13 +351,17 @@ impl Staged for WanTransformer {
         self.blocks.len()
     }
     fn block(&self, i: usize, state: &[Tensor], ctx: &[Tensor], aux: &WanAux) -> Result<Vec<Tensor>> {
-        Ok(vec![self.blocks[i].forward(&state[0], &ctx[0], &ctx[1], &aux.rope, &self.cfg)?])
+        Ok(vec![self.blocks[i].forward_rows(&state[0], &ctx[0], &ctx[1], aux.token_rows.as_ref(), &aux.rope, &self.cfg)?])
     }
     fn finish(&self, state: &[Tensor], ctx: &[Tensor], aux: &WanAux) -> Result<Tensor> {
         let c = &self.cfg;
         let temb = ctx[2].to_dtype(self.scale_shift_table.dtype())?.unsqueeze(1)?;
         let m = self.scale_shift_table.broadcast_add(&temb)?;
         let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
+        let (shift, scale) = match &aux.token_rows {
+            None => (shift, scale),
+            Some(r) => (per_token(&shift, r, &state[0])?, per_token(&scale, r, &state[0])?),
+        };
         let h = modulate(&layer_norm(&state[0], None, None, c.eps)?, &shift, &scale)?;
         let out = self.proj_out.forward(&h)?;
         let [fp, hp, wp] = aux.grid;
@@ -313,6 +375,26 @@ impl Staged for WanTransformer {
             wp * pw,
         ))
     }
+}
+
+/// Per-token timesteps `[B, S]` → the distinct values `[K]` (f32, in order of first appearance)
+/// and, for each of the `B·S` tokens, the index of its value (`[B·S]`, u32).
+fn distinct_timesteps(timestep: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let tv = timestep.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut seen: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    let mut values: Vec<f32> = Vec::new();
+    let rows: Vec<u32> = tv
+        .iter()
+        .map(|&v| {
+            *seen.entry(v.to_bits()).or_insert_with(|| {
+                values.push(v);
+                values.len() as u32 - 1
+            })
+        })
+        .collect();
+    let n = rows.len();
+    let dev = timestep.device();
+    Ok((Tensor::from_vec(values, (seen.len(),), dev)?, Some(Tensor::from_vec(rows, (n,), dev)?)))
 }
 
 impl Parameters for WanTransformer {
