@@ -482,6 +482,8 @@ pub struct Sink<'a> {
     pos: u64,
     /// Whether the file position is past data that was skipped (a hole to materialise at the end).
     sparse_tail: bool,
+    /// Early writeback of durable outputs (see [`crate::writeback`]).
+    writeback: Option<crate::writeback::Writeback>,
 }
 
 const SINK_BUF: usize = 8 << 20;
@@ -509,6 +511,22 @@ impl<'a> Sink<'a> {
             progress,
             pos: 0,
             sparse_tail: false,
+            writeback: None,
+        }
+    }
+
+    /// Start the disk writing what the sink wrote while it goes on (for outputs that end with
+    /// an fsync: the fsync then waits only for the tail).
+    pub fn with_writeback(mut self, on: bool) -> Self {
+        self.writeback = if on { crate::writeback::Writeback::new(self.file) } else { None };
+        self
+    }
+
+    fn advanced(&mut self, n: u64) {
+        self.pos += n;
+        self.progress.inc(n);
+        if let Some(w) = &mut self.writeback {
+            w.written_to(self.pos);
         }
     }
 
@@ -567,8 +585,7 @@ impl<'a> Sink<'a> {
             start = end;
         }
         self.write_run(&buf[run_start..])?;
-        self.pos += buf.len() as u64;
-        self.progress.inc(buf.len() as u64);
+        self.advanced(buf.len() as u64);
         Ok(())
     }
 
@@ -603,8 +620,7 @@ impl<'a> Sink<'a> {
                 let gap = data - at;
                 self.file.seek(SeekFrom::Current(gap as i64)).with_file(&self.path)?;
                 self.sparse_tail = true;
-                self.pos += gap;
-                self.progress.inc(gap);
+                self.advanced(gap);
                 at = data;
                 continue;
             }
@@ -619,12 +635,10 @@ impl<'a> Sink<'a> {
                 // Not supported here (or nothing copied): fall back to writing from the map.
                 let bytes = &src.bytes()[at as usize..seg_end as usize];
                 self.file.write_all(bytes).with_file(&self.path)?;
-                self.pos += bytes.len() as u64;
-                self.progress.inc(bytes.len() as u64);
+                self.advanced(bytes.len() as u64);
                 at = seg_end;
             } else {
-                self.pos += n as u64;
-                self.progress.inc(n as u64);
+                self.advanced(n as u64);
                 at += n as u64;
             }
             self.sparse_tail = false;
@@ -857,7 +871,7 @@ fn write_one_safetensors(
     let (mut win_a, mut win_b) = (Vec::new(), Vec::new());
     let hash;
     {
-        let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress);
+        let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress).with_writeback(opts.sync);
         sink.write(&header.bytes)?;
         let order: Vec<&OutTensor> = header.order.iter().map(|t| &plan.tensors[by_name[t.name.as_str()]]).collect();
         write_packed(ck, &order, &mut sink, (&mut win_a, &mut win_b))?;
@@ -1025,7 +1039,7 @@ fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progres
     let (mut win_a, mut win_b) = (Vec::new(), Vec::new());
     let hash;
     {
-        let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress);
+        let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress).with_writeback(opts.sync);
         sink.write(&gp.header)?;
         let mut at = 0u64;
         for (i, t) in plan.tensors.iter().enumerate() {

@@ -215,7 +215,7 @@ fn write_file(
     }
     let tmp = out.temp_path().to_path_buf();
     {
-        let mut sink = Sink::new(out.file(), &tmp, false, progress);
+        let mut sink = Sink::new(out.file(), &tmp, false, progress).with_writeback(opts.sync);
         sink.write(&header.bytes)?;
         for p in &header.order {
             let i = by_name[p.name.as_str()];

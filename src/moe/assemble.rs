@@ -882,7 +882,7 @@ pub(crate) fn write_outputs(
         }
         let tmp = f.temp_path().to_path_buf();
         {
-            let mut sink = Sink::new(f.file(), &tmp, false, progress);
+            let mut sink = Sink::new(f.file(), &tmp, false, progress).with_writeback(sync);
             sink.write(&header.bytes)?;
             let mut batch: Vec<usize> = Vec::new();
             let mut owned = 0u64;
