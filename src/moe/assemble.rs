@@ -972,13 +972,26 @@ pub(crate) fn write_outputs(
 }
 
 /// Write a batch of tensors in order while hashing the same bytes on the other cores.
+///
+/// One thread (this one) writes; `threads − 1` others hash tensors, taking the next unhashed
+/// one from a shared counter, and the writer joins them once its copies are issued. The writer
+/// gets a core of its own: with hashing on every core (the rayon pool) the kernel copy shared its
+/// core with a hasher and took almost twice `cp`'s time on 2 cores (docs/performance.md).
 fn stream_batch(cks: &[Checkpoint], tensors: &[OutT], batch: &[usize], sink: &mut Sink, hashes: &mut Hashes) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
     let bufs: Vec<Cow<[u8]>> = batch.par_iter().map(|&i| materialize(cks, &tensors[i])).collect::<Result<_>>()?;
-    let digests = std::thread::scope(|s| -> Result<Vec<String>> {
-        let h = s.spawn(|| bufs.par_iter().map(|b| crate::hash::sha256_hex(b)).collect::<Vec<_>>());
+    let digests: Vec<std::sync::OnceLock<String>> = bufs.iter().map(|_| std::sync::OnceLock::new()).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let hash_rest = || loop {
+        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(b) = bufs.get(k) else { break };
+        let _ = digests[k].set(crate::hash::sha256_hex(b));
+    };
+    let hashers = rayon::current_num_threads().saturating_sub(1).clamp(1, bufs.len());
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..hashers).map(|_| s.spawn(hash_rest)).collect();
         // Plain copies that follow each other in one source file go to the kernel as one
         // copy_file_range (one call per tensor measured up to 30 % slower on ext4).
         let copy_of = |k: usize| match (&tensors[*batch.get(k)?].src, &bufs[k]) {
@@ -986,19 +999,32 @@ fn stream_batch(cks: &[Checkpoint], tensors: &[OutT], batch: &[usize], sink: &mu
             _ => None,
         };
         let mut k = 0;
-        while k < batch.len() {
-            let Some((ck, first)) = copy_of(k) else {
-                sink.write(&bufs[k])?;
-                k += 1;
-                continue;
-            };
-            let (end, len) = crate::convert::source_run(k, |m| copy_of(m).map(|(c, e)| ((c, e.file), e.offset, e.len)));
-            sink.copy_from(&cks[ck].files[first.file], first.offset, len)?;
-            k = end;
+        let written = (|| -> Result<()> {
+            while k < batch.len() {
+                let Some((ck, first)) = copy_of(k) else {
+                    sink.write(&bufs[k])?;
+                    k += 1;
+                    continue;
+                };
+                let (end, len) = crate::convert::source_run(k, |m| copy_of(m).map(|(c, e)| ((c, e.file), e.offset, e.len)));
+                sink.copy_from(&cks[ck].files[first.file], first.offset, len)?;
+                k = end;
+            }
+            Ok(())
+        })();
+        if written.is_err() {
+            // Stop the hashers early: nothing they compute will be used.
+            next.store(usize::MAX / 2, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            hash_rest();
         }
-        h.join().map_err(|_| Error::internal("hashing thread panicked"))
+        for w in workers {
+            w.join().map_err(|_| Error::internal("hashing thread panicked"))?;
+        }
+        written
     })?;
-    for (&i, d) in batch.iter().zip(digests) {
+    for ((&i, d), b) in batch.iter().zip(digests).zip(&bufs) {
+        let d = d.into_inner().unwrap_or_else(|| crate::hash::sha256_hex(b));
         hashes.insert(tensors[i].name.clone(), d);
         if let Src::Copy { ck, t } = &tensors[i].src {
             cks[*ck].release(&cks[*ck].tensors[*t]);
