@@ -491,7 +491,7 @@ const HOLE_GRAIN: usize = 64 << 10;
 /// Blocks at least this large are written without going through the buffer.
 const DIRECT_WRITE: usize = 1 << 20;
 /// Copies at least this long go through the kernel (`copy_file_range`); shorter ones through the buffer.
-const KERNEL_COPY_MIN: u64 = 1 << 20;
+pub(crate) const KERNEL_COPY_MIN: u64 = 1 << 20;
 /// Kernel copies are issued in calls that end on multiples of this many source bytes.
 const COPY_CALL: u64 = 64 << 20;
 /// Outputs that copy at least [`CONGRUENT_MIN_BYTES`] are laid out so that copied bytes sit at
@@ -499,7 +499,7 @@ const COPY_CALL: u64 = 64 << 20;
 /// between offsets that agree only modulo the 4 KiB page measured 25–40 % slower than between
 /// offsets that agree modulo 64 KiB, and splitting one contiguous copy into a call per tensor
 /// cost as much again; see docs/performance.md.
-const CONGRUENCE: u64 = 64 << 10;
+pub(crate) const CONGRUENCE: u64 = 64 << 10;
 
 impl<'a> Sink<'a> {
     pub fn new(file: &'a mut File, path: &Path, hash: bool, progress: &'a Progress) -> Self {
@@ -886,7 +886,7 @@ fn write_one_safetensors(
 }
 
 /// Copied bytes from which headers get padded for page-congruent copies.
-const CONGRUENT_MIN_BYTES: u64 = 64 << 20;
+pub(crate) const CONGRUENT_MIN_BYTES: u64 = 64 << 20;
 
 /// Extra header padding (a multiple of 8, below 4096) that puts the most copied bytes at the
 /// same offset within a page as in their source file, or `None` when the output copies less

@@ -467,3 +467,90 @@ fn pack_round_trip_is_bit_exact_and_checked() {
     assert!(!back2.exists());
     assert!(!o.panicked());
 }
+
+/// The data offsets of every tensor in a safetensors file, from its own header (independent of
+/// phasekit's parser): name → (dtype, absolute begin, absolute end).
+fn absolute_offsets(path: &Path) -> std::collections::BTreeMap<String, (String, u64, u64)> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = 8 + n as u64;
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let o = v["data_offsets"].as_array().unwrap();
+            (k.clone(), (v["dtype"].as_str().unwrap().to_string(), start + o[0].as_u64().unwrap(), start + o[1].as_u64().unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn large_copies_keep_their_source_offset_modulo_64k() {
+    let d = tempfile::tempdir().unwrap();
+    // Four experts of 17 MiB (68 MiB of copies: above the 64 MiB from which files are laid
+    // out for the kernel), each with a 12-byte F32 tensor first: packed one after another,
+    // every expert's run would sit at another offset modulo 64 KiB (and 8) than in its file.
+    let mut args = vec!["assemble".to_string()];
+    let mut sources = Vec::new();
+    for e in 0..4u64 {
+        let mut ts: Vec<T> = vec![("norm.bias".into(), "F32", vec![3], vec![e as u8 + 1; 12])];
+        for k in 0..17u64 {
+            let mut data = vec![0u8; 1 << 20];
+            data[..16].copy_from_slice(&[(e * 17 + k) as u8 + 1; 16]);
+            data[(1 << 20) - 1] = e as u8 + 7;
+            ts.push((format!("blocks.{k}.weight"), "BF16", vec![512, 1024], data));
+        }
+        let p = d.path().join(format!("e{e}.safetensors"));
+        write_st(&p, &ts);
+        args.extend(["--expert".into(), s(&p), "--sigma-range".into(), format!("{}:{}", e as f64 / 4.0, (e + 1) as f64 / 4.0)]);
+        sources.push(p);
+    }
+    let out = d.path().join("moe.safetensors");
+    args.extend(["--steps", "4", "--shift", "5", "-q", "-o"].map(String::from));
+    args.push(s(&out));
+    run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let got = absolute_offsets(&out);
+    let mut pads = 0;
+    for (e, src) in sources.iter().enumerate() {
+        for (name, (_, begin, end)) in absolute_offsets(src) {
+            let (_, b, en) = &got[&format!("experts.{e}.{name}")];
+            assert_eq!(en - b, end - begin, "{name}");
+            if end - begin >= 1 << 20 {
+                assert_eq!(b % 65536, begin % 65536, "expert {e} {name}: output offset {b}, source offset {begin}");
+            }
+        }
+    }
+    for (name, (dtype, b, e)) in &got {
+        if name.starts_with("padding.") {
+            pads += 1;
+            assert_eq!(dtype, "U8");
+            assert!(e - b < 65536);
+        }
+    }
+    assert!(pads >= 3, "the runs of the four experts need padding between them ({pads})");
+    // The bytes are the experts', verify and sha256sum accept the file, and readers skip the padding.
+    let o = run_ok(&["verify", &s(&out)]);
+    assert!(o.stdout.contains("72 tensors"), "{}", o.stdout);
+    let st = Command::new("sha256sum").arg("-c").arg("moe.safetensors.sha256").current_dir(d.path()).output().unwrap();
+    assert!(st.status.success());
+    let m = MoeCheckpoint::open(&out).unwrap();
+    for (e, src) in sources.iter().enumerate() {
+        let src = load(src);
+        assert_eq!(m.expert_params(e).len(), src.len());
+        for (n, _, _, data) in &src {
+            assert_eq!(m.expert_tensor(e, n).unwrap().bytes, &data[..], "{n}");
+        }
+    }
+    // A flipped bit in a padding tensor is caught.
+    let (_, b, _) = got.iter().find(|(n, _)| n.starts_with("padding.")).unwrap().1;
+    let mut bytes = std::fs::read(&out).unwrap();
+    bytes[*b as usize] ^= 0x10;
+    let bad = d.path().join("bad.safetensors");
+    std::fs::write(&bad, bytes).unwrap();
+    let o = run(&["verify", &s(&bad)]);
+    assert_ne!(o.code, Some(0));
+    assert!(o.both().contains("padding tensor"), "{}", o.both());
+}

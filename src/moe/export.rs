@@ -193,7 +193,7 @@ fn write_one(
         std::slice::from_ref(m.checkpoint()),
         tensors,
         path,
-        WriteOpts { shard_size: None, sidecar: opts.sidecar, sync: true },
+        WriteOpts { shard_size: None, sidecar: opts.sidecar, sync: true, pad: false },
         progress,
         &mut |_| md.clone(),
     )?;

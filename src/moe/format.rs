@@ -31,6 +31,12 @@ pub const KEY_SAMPLE: &str = "phasekit.moe.sample";
 pub const SHARED: &str = "shared.";
 pub const BASE: &str = "base.";
 pub const BASES: &str = "bases.";
+/// Padding tensors (`padding.<k>`, U8 zeros, shorter than 64 KiB): they keep the copied runs of
+/// a large file at their source offset modulo 64 KiB. Not in the hash table; `verify` checks
+/// that they are zero; loaders skip them.
+pub const PADDING: &str = "padding.";
+/// The longest padding tensor.
+pub const MAX_PADDING: u64 = (64 << 10) - 8;
 
 /// Where base `j` is stored: `base.` for 0, `bases.<j>.` otherwise.
 pub fn base_prefix(j: usize) -> String {

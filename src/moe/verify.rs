@@ -13,7 +13,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::format::{base_prefix, expert_prefix, lora_part, MoeMeta, BASE, KEY_DIGEST, KEY_FORMAT};
+use super::format::{base_prefix, expert_prefix, lora_part, MoeMeta, BASE, KEY_DIGEST, KEY_FORMAT, MAX_PADDING, PADDING};
 use super::routing::ExpertKind;
 use crate::error::{clean, Kind, Result};
 use crate::store::{Checkpoint, Encoding};
@@ -98,6 +98,21 @@ pub fn verify_checkpoint(ck: &Checkpoint) -> MoeReport {
         let mut in_header = BTreeSet::new();
         let mut work = Vec::new();
         for t in &ck.tensors {
+            if t.name.starts_with(PADDING) {
+                // Padding: U8 zeros below 64 KiB, not in the hash table (docs/moe-format.md §2).
+                let ok = t.encoding == Encoding::Dense(crate::dtype::DType::U8)
+                    && t.shape.len() == 1
+                    && t.len <= MAX_PADDING
+                    && !meta.tensors.contains_key(&t.name)
+                    && ck.bytes(t).iter().all(|&b| b == 0);
+                if !ok {
+                    fault(
+                        Kind::Integrity,
+                        format!("padding tensor '{}' is not {} bytes or fewer of U8 zeros", clean(&t.name), MAX_PADDING),
+                    );
+                }
+                continue;
+            }
             in_header.insert(t.name.as_str());
             let dt = match t.encoding {
                 Encoding::Dense(d) => d.as_str().to_string(),
