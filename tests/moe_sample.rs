@@ -177,13 +177,28 @@ fn sample_moe_refuses_bad_inputs_without_writing() {
     assert!(o.stderr.contains("--frames"), "{}", o.both());
     let o = run(&["sample", "--moe", &s(&moe), "--n", "2", "--cond", "random:2", "--out", &s(&smp)]);
     assert_eq!(o.code, Some(2), "toy with --cond: {}", o.both());
+    let o = run(&["sample", "--moe", &s(&moe), "--n", "2", "--cond-seed", "3", "--out", &s(&smp)]);
+    assert_eq!(o.code, Some(2), "toy with --cond-seed: {}", o.both());
     assert!(!smp.exists());
+    // The toy MLP samples in f32 only: a 16-bit --dtype is refused in one line, not ignored,
+    // from a checkpoint and from a run folder alike.
+    for (src, p) in [("--moe", &moe), ("--run", &out)] {
+        for dt in ["bf16", "f16"] {
+            let o = run(&["sample", src, &s(p), "--n", "2", "--dtype", dt, "--out", &s(&smp)]);
+            assert_eq!(o.code, Some(7), "{src} --dtype {dt}: {}", o.both());
+            assert!(o.stderr.contains(&format!("--dtype {dt}")) && o.stderr.contains("f32 only"), "{}", o.both());
+            assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.both());
+            assert!(!o.panicked() && !smp.exists(), "{}", o.both());
+        }
+    }
     let shape = ["--frames", "1", "--height", "4", "--width", "4"];
     run_ok(&[&["sample", "--moe", &s(&wmoe), "--n", "2", "--cond", "random:2", "--out", &s(&smp)][..], &shape[..]].concat());
     assert_eq!(samples(&smp).0, vec![2, 4, 1, 4, 4]);
     std::fs::remove_file(&smp).unwrap();
 
-    // The good checkpoint still samples.
-    run_ok(&["sample", "--moe", &s(&moe), "--n", "5", "--out", &s(&smp)]);
+    // The good checkpoint still samples (--dtype f32 is the toy's own, and --json reports it).
+    let o = run_ok(&["--json", "sample", "--moe", &s(&moe), "--n", "5", "--dtype", "f32", "--out", &s(&smp)]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["dtype"], "f32", "{}", o.both());
     assert!(smp.is_file());
 }

@@ -1,9 +1,10 @@
 //! Tiny Wan2.2 / Qwen-Image runs → `assemble --run` (LoRA experts, and `--merge-lora`) →
 //! `verify` → `sample --moe`: the routed checkpoint samples what `sample --run` samples, bit for
 //! bit with LoRA experts (the same adapters on the same base, the same Euler loop), and within a
-//! float-rounding tolerance when the LoRA is merged. A Wan2.2-A14B-like run with two different
-//! teacher experts keeps each generator LoRA on its own base through manifest, assembler,
-//! loader, merge and sampler.
+//! float-rounding tolerance when the LoRA is merged; `--dtype bf16|f16` stays within a measured
+//! bound of f32, and `--cond random:N` draws from `--cond-seed`, not from the noise seed. A
+//! Wan2.2-A14B-like run with two different teacher experts keeps each generator LoRA on its own
+//! base through manifest, assembler, loader, merge and sampler.
 
 mod common;
 
@@ -45,8 +46,13 @@ fn bits(t: &Tensor) -> Vec<u32> {
 
 /// `sample` with `args` into `dir/<name>.safetensors`, returning the latents.
 fn sample(dir: &Path, name: &str, args: &[&str]) -> Tensor {
+    sample_seed(dir, name, "5", args)
+}
+
+/// [`sample`] with noise seed `seed`.
+fn sample_seed(dir: &Path, name: &str, seed: &str, args: &[&str]) -> Tensor {
     let out = dir.join(format!("samples-{name}.safetensors"));
-    let mut v = vec!["sample", "--seed", "5", "--force"];
+    let mut v = vec!["sample", "--seed", seed, "--force"];
     v.extend_from_slice(args);
     let o = s(&out);
     v.extend(["--out", o.as_str()]);
@@ -103,7 +109,57 @@ fn round_trip(dir: &Path, r: &Recipe, dims: &[usize]) -> (PathBuf, PathBuf, Path
     let a = sample(dir, "run6", &[&["--run", &s(&out)][..], &c[..], &k[..]].concat());
     let b = sample(dir, "lora6", &[&["--moe", &s(&lora)][..], &c[..], &k[..]].concat());
     assert!(bits(&a) == bits(&b), "--steps 6 differs");
+    dtypes(dir, &r.name, &out, &lora, &merged, &cond, &by_lora, &by_merged);
     (out, lora, merged)
+}
+
+/// bf16 / f16 experts against f32, as relative L2 of the final latents (3 samples, 4 Euler
+/// steps, the sampler's state in f32). `--dtype` holds the weights in 16 bits and computes in f32
+/// (docs/models.md#dtype, as `forward --dtype`), so the error is that of rounding every weight
+/// once: at most 2⁻⁹ (bf16, 8 significant bits) or 2⁻¹² (f16, 11 bits) relative per weight,
+/// RMS about 1/√3 of that (1.1e-3, 1.4e-4), adding up incoherently through 2 blocks × 4 steps.
+/// Measured on the tiny runs (LoRA experts, merged experts; --run equals --moe bit for bit):
+///   bf16: Wan 2.0e-3 / 2.0e-3, two-base Wan 1.3e-3 / 1.6e-3, Qwen 3.3e-3 / 3.5e-3
+///   f16:  Wan 2.9e-4 / 3.2e-4, two-base Wan 2.1e-4 / 1.8e-4, Qwen 4.6e-4 / 4.3e-4
+/// the ~8× of their 3 mantissa bits apart. The bounds leave a ~3× margin over the largest
+/// measurement and stay far below a real fault (the LoRAs on the wrong base move the latents by
+/// 0.27, checked below).
+const BF16_TOL: f64 = 1e-2;
+const F16_TOL: f64 = 1.5e-3;
+
+/// `sample --dtype bf16|f16` through the LoRA and the merged checkpoint and the run folder: close
+/// to f32 within the bounds above, never bit-equal to it (the dtype is used), bf16 further than
+/// f16; `--run` and `--moe` still agree bit for bit in each dtype; the file and `--json` say
+/// which dtype computed.
+#[allow(clippy::too_many_arguments)]
+fn dtypes(dir: &Path, name: &str, run_dir: &Path, lora: &Path, merged: &Path, cond: &str, f32_lora: &Tensor, f32_merged: &Tensor) {
+    let c = ["--n", "3", "--cond", cond];
+    // --dtype f32 is the default.
+    let x = sample(dir, "lora-f32", &[&["--moe", &s(lora), "--dtype", "f32"][..], &c[..]].concat());
+    assert!(bits(&x) == bits(f32_lora), "--dtype f32 differs from the default");
+    let mut err = Vec::new();
+    for (dt, tol) in [("bf16", BF16_TOL), ("f16", F16_TOL)] {
+        let by_lora = sample(dir, &format!("lora-{dt}"), &[&["--moe", &s(lora), "--dtype", dt][..], &c[..]].concat());
+        let by_merged = sample(dir, &format!("merged-{dt}"), &[&["--moe", &s(merged), "--dtype", dt][..], &c[..]].concat());
+        let by_run = sample(dir, &format!("run-{dt}"), &[&["--run", &s(run_dir), "--dtype", dt][..], &c[..]].concat());
+        assert!(bits(&by_run) == bits(&by_lora), "{dt}: sample --moe (LoRA experts) differs from sample --run");
+        let (dl, dm) = (rel(&by_lora, f32_lora), rel(&by_merged, f32_merged));
+        eprintln!("{name}: {dt} vs f32, relative L2 {dl:.3e} (LoRA experts), {dm:.3e} (merged)");
+        for (d, what) in [(dl, "LoRA experts"), (dm, "merged")] {
+            assert!(d < tol, "{dt} ({what}) is {d} from f32 (bound {tol})");
+        }
+        assert!(bits(&by_lora) != bits(f32_lora) && bits(&by_merged) != bits(f32_merged), "{dt} computed what f32 computes");
+        err.push(dl);
+    }
+    assert!(err[0] > err[1], "bf16 ({}) should be further from f32 than f16 ({})", err[0], err[1]);
+    // The samples file and --json name the dtype.
+    let out = dir.join("samples-json.safetensors");
+    let o =
+        run_ok(&[&["--json", "sample", "--moe", &s(lora), "--dtype", "bf16", "--force"][..], &c[..], &["--out", &s(&out)][..]].concat());
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["dtype"], "bf16", "{}", o.both());
+    let (_, md) = trun::read_tensors(&out).unwrap();
+    assert!(md.iter().any(|(k, v)| k == "phasekit.dtype" && v == "bf16"), "{md:?}");
 }
 
 #[test]
@@ -121,8 +177,33 @@ fn wan_tiny_checkpoint_samples_what_the_run_samples() {
     assert_eq!(x.dims(), &[1, 4, 1, 8, 6]);
     let y = sample(d.path(), "bigrun", &["--run", &s(&out), "--n", "1", "--cond", &cond, "--height", "8", "--width", "6"]);
     assert!(bits(&x) == bits(&y));
-    // Bad inputs: no --cond, a shape the patch does not divide, conditions of the wrong width.
+    // --cond random:N draws from --cond-seed, not from the noise seed: with the recipe's seed
+    // (7) it is the run's own random:4 embeddings whatever --seed is, through --moe and --run.
+    let rnd = ["--n", "3", "--cond", "random:4", "--cond-seed", "7"];
+    let file = ["--n", "3", "--cond", cond.as_str()];
+    for seed in ["5", "6"] {
+        let a = sample_seed(d.path(), "rnd", seed, &[&["--moe", &s(&lora)][..], &rnd[..]].concat());
+        let b = sample_seed(d.path(), "file", seed, &[&["--moe", &s(&lora)][..], &file[..]].concat());
+        assert!(bits(&a) == bits(&b), "--seed {seed}: random:4 with --cond-seed 7 is not the run's embeddings");
+    }
+    let a = sample(d.path(), "rndrun", &[&["--run", &s(&out)][..], &rnd[..]].concat());
+    let b = sample(d.path(), "ownrun", &["--run", &s(&out), "--n", "3"]);
+    assert!(bits(&a) == bits(&b), "sample --run: random:4 with --cond-seed 7 is not the run's embeddings");
+    // The default --cond-seed is 0: other prompts than seed 7's, the same at any --seed.
+    let z = sample(d.path(), "rnd0", &["--moe", &s(&lora), "--n", "3", "--cond", "random:4"]);
+    let z0 = sample(d.path(), "rnd00", &["--moe", &s(&lora), "--n", "3", "--cond", "random:4", "--cond-seed", "0"]);
+    assert!(bits(&z) == bits(&z0), "--cond-seed does not default to 0");
+    assert!(bits(&z) != bits(&b), "--cond-seed 0 drew seed 7's prompts");
+    // --cond-seed seeds random:N only.
     let smp = d.path().join("bad.safetensors");
+    let (run_dir, moe, bad) = (s(&out), s(&lora), s(&smp));
+    for extra in [&["--cond", cond.as_str()][..], &[][..]] {
+        let src = if extra.is_empty() { ["--run", run_dir.as_str()] } else { ["--moe", moe.as_str()] };
+        let o = run(&[&["sample"][..], &src[..], extra, &["--cond-seed", "3", "--out", bad.as_str()][..]].concat());
+        assert_eq!(o.code, Some(2), "{}", o.both());
+        assert!(o.stderr.contains("--cond-seed") && !smp.exists(), "{}", o.both());
+    }
+    // Bad inputs: no --cond, a shape the patch does not divide, conditions of the wrong width.
     let o = run(&["sample", "--moe", &s(&lora), "--out", &s(&smp)]);
     assert_eq!(o.code, Some(2), "{}", o.both());
     let o = run(&["sample", "--moe", &s(&lora), "--cond", &cond, "--height", "3", "--out", &s(&smp)]);

@@ -14,6 +14,7 @@ use super::metrics::{self, Metrics};
 use super::recipe::Recipe;
 use super::run::{self, Event, LoadedMoe, LoadedRun, TrainOptions};
 use crate::error::{Error, IoContext, Kind, Result};
+use crate::model::cli::ComputeDtype;
 
 /// `phasekit train`.
 #[derive(Args, Debug, Clone)]
@@ -56,10 +57,23 @@ pub struct SampleArgs {
     #[arg(long, value_name = "FILE")]
     pub moe: Option<PathBuf>,
     /// Transformers: the prompt embeddings, a safetensors file with `prompt_embeds` [N, L, C]
-    /// (e.g. RUN_DIR/embeddings.safetensors, or the file the recipe names), or random:N. Sample
-    /// i takes prompt i mod N. Required with a transformer --moe; --run defaults to the run's.
+    /// (e.g. RUN_DIR/embeddings.safetensors, or the file the recipe names), or random:N (N
+    /// standard-normal prompts drawn from --cond-seed, never from --seed). Sample i takes prompt
+    /// i mod N. Required with a transformer --moe; --run defaults to the run's.
     #[arg(long, value_name = "FILE")]
     pub cond: Option<String>,
+    /// Transformers: seed of --cond random:N's prompts (default 0), independent of --seed, so
+    /// other noise seeds sample the same prompts. random:N with --cond-seed S draws the prompts a
+    /// recipe with `embeddings = "random:N"` and `seed = S` trained on (its
+    /// RUN_DIR/embeddings.safetensors).
+    #[arg(long, value_name = "SEED")]
+    pub cond_seed: Option<u64>,
+    /// Transformers: compute dtype of the experts, f32, bf16 or f16 (default: f32 for --moe; for
+    /// --run the dtype the run trained in). As `forward --dtype`: bf16 and f16 hold the weights
+    /// in 16 bits; activations, norms, softmax and LoRA adapters stay f32, and so do the
+    /// sampler's noise, latents and Euler updates. The toy samples in f32 only.
+    #[arg(long, value_enum)]
+    pub dtype: Option<ComputeDtype>,
     /// Transformers: latent frames (default: the run's, or the checkpoint's phasekit.moe.sample).
     #[arg(long)]
     pub frames: Option<usize>,
@@ -79,6 +93,7 @@ pub struct SampleArgs {
     /// Class of every sample (default: drawn from the class prior).
     #[arg(long)]
     pub class: Option<u32>,
+    /// Seed of the noise (and the toy's class draws); --cond random:N's prompts do not depend on it.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output safetensors file with tensor `samples` [N, d].
@@ -275,8 +290,14 @@ pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
     if !toy {
         return sample_transformer(a, source, key, json);
     }
-    if a.cond.is_some() || a.frames.is_some() || a.height.is_some() || a.width.is_some() {
-        return Err(Error::usage("--cond, --frames, --height and --width are for transformer runs and checkpoints"));
+    if let Some(d) = a.dtype.filter(|d| *d != ComputeDtype::F32) {
+        return Err(Error::unsupported(format!(
+            "--dtype {}: the toy MLP (toy-mlp) samples in f32 only; --dtype is for Wan2.2 and Qwen-Image runs and checkpoints",
+            dtype_name(d.dtype())
+        )));
+    }
+    if a.cond.is_some() || a.cond_seed.is_some() || a.frames.is_some() || a.height.is_some() || a.width.is_some() {
+        return Err(Error::usage("--cond, --cond-seed, --frames, --height and --width are for transformer runs and checkpoints"));
     }
     if a.n == 0 || a.steps == Some(0) {
         return Err(Error::usage("--n and --steps must be at least 1"));
@@ -302,7 +323,7 @@ pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
     run::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
     let m = metrics::evaluate(&x, &mixture, a.seed ^ 0x5EED);
     if json {
-        print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "metrics": m }));
+        print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "dtype": "f32", "metrics": m }));
     } else {
         println!("wrote {} samples → {}", a.n, a.out.display());
         println!("{}", table(&[(method, m)]));
@@ -322,38 +343,56 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
     if a.cond.as_deref() == Some("") {
         return Err(Error::usage("--cond is empty (a safetensors file with prompt_embeds, or random:N)"));
     }
+    // random:N draws its prompts from --cond-seed (default 0), never from the noise seed.
+    let cond_seed = match (a.cond_seed, a.cond.as_deref()) {
+        (Some(_), c) if !c.is_some_and(|c| c.starts_with("random:")) => {
+            return Err(Error::usage(
+                "--cond-seed is the seed of --cond random:N; it has no effect on a file of embeddings or on the run's own",
+            ))
+        }
+        (s, _) => s.unwrap_or(0),
+    };
     let dev = super::transformer::device();
     let shape = [a.frames, a.height, a.width];
-    let (x, family, steps) = if a.run.is_some() {
-        let run = TransformerRun::open(source, &dev)?;
-        let emb = a.cond.as_deref().map(|c| Embeddings::load(c, run.experts[0].text_dim(), a.seed, &dev)).transpose()?;
+    let (x, family, steps, dtype) = if a.run.is_some() {
+        let run = TransformerRun::open_as(source, a.dtype.map(|d| d.dtype()), &dev)?;
+        let emb = a.cond.as_deref().map(|c| Embeddings::load(c, run.experts[0].text_dim(), cond_seed, &dev)).transpose()?;
         let l = run.info.geometry.latent;
         let geo = latent_geometry(&run.experts[0], [0, 1, 2].map(|k| shape[k].unwrap_or(l[k])))?;
-        (run.sample_with(a.n, a.steps, a.seed, &geo, emb.as_ref().unwrap_or(&run.emb))?, run.info.family, run.info.steps)
+        let x = run.sample_with(a.n, a.steps, a.seed, &geo, emb.as_ref().unwrap_or(&run.emb))?;
+        (x, run.info.family, run.info.steps, run.dtype)
     } else {
-        let m = super::routed::RoutedTransformer::open(source, &dev)?;
+        let dtype = a.dtype.unwrap_or(ComputeDtype::F32).dtype();
+        let m = super::routed::RoutedTransformer::open(source, dtype, &dev)?;
         let cond = a.cond.as_deref().ok_or_else(|| {
             Error::usage(
                 "a transformer checkpoint needs --cond FILE: prompt embeddings (prompt_embeds [N, L, C]), e.g. RUN_DIR/embeddings.safetensors",
             )
         })?;
-        let emb = Embeddings::load(cond, m.text_dim(), a.seed, &dev)?;
+        let emb = Embeddings::load(cond, m.text_dim(), cond_seed, &dev)?;
         let geo = m.geometry(shape)?;
-        (m.sample(a.n, a.steps, a.seed, &geo, &emb)?, m.family, m.routing.steps as usize)
+        (m.sample(a.n, a.steps, a.seed, &geo, &emb)?, m.family, m.routing.steps as usize, dtype)
     };
+    let dtype = dtype_name(dtype);
     let md = vec![
         ("phasekit.format".to_string(), "phasekit-samples/1".to_string()),
         (key.to_string(), source.display().to_string()),
         ("phasekit.steps".to_string(), a.steps.unwrap_or(steps).to_string()),
         ("phasekit.layout".to_string(), if family == "qwen_image" { "packed [N, S, C]" } else { "[N, C, F, H, W]" }.to_string()),
+        ("phasekit.dtype".to_string(), dtype.clone()),
     ];
     run::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
     if json {
-        print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "shape": x.dims() }));
+        print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "shape": x.dims(), "dtype": dtype }));
     } else {
-        println!("wrote {} latents {:?} → {}", a.n, x.dims(), a.out.display());
+        println!("wrote {} latents {:?} ({dtype} experts) → {}", a.n, x.dims(), a.out.display());
     }
     Ok(())
+}
+
+/// `f32`, `bf16` or `f16`.
+fn dtype_name(d: candle_core::DType) -> String {
+    format!("{d:?}").to_lowercase()
 }
 
 /// A Markdown table of metrics.

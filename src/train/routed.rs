@@ -7,6 +7,10 @@
 //! is built once, and each LoRA expert is a view of its own base with the expert's adapters
 //! attached, exactly as the trainer computes it (so a run and its assembled checkpoint sample
 //! the same latents bit for bit). Tensors stay in the memory map until a module asks for one.
+//!
+//! The experts compute in f32, bf16 or f16 (`sample --dtype`): the weights (full experts and
+//! LoRA bases) are decoded to that dtype, the adapters stay f32, and the sampler's state (noise,
+//! latents, Euler updates) stays f32 whatever the experts' dtype.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -35,8 +39,10 @@ pub struct RoutedTransformer {
 }
 
 impl RoutedTransformer {
-    /// Open `path`; a checkpoint that is not of a transformer family is refused (exit 7).
-    pub fn open(path: &Path, device: &Device) -> Result<RoutedTransformer> {
+    /// Open `path` with the experts' weights held in `dtype` (f32, bf16 or f16; see
+    /// docs/models.md#dtype: activations and norms stay f32) and their LoRA adapters in f32, as
+    /// the trainer keeps them; a checkpoint that is not of a transformer family is refused (exit 7).
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<RoutedTransformer> {
         let m = MoeCheckpoint::open(path)?;
         let model = &m.meta().model;
         let family = match model.family.as_deref() {
@@ -50,7 +56,7 @@ impl RoutedTransformer {
         // The model of one parameter set (param → stored name), from its own mapping of the file.
         let weights = |params: &BTreeMap<String, String>| -> Result<Weights> {
             let entries = params.iter().map(|(p, s)| (p.clone(), index[s.as_str()])).collect();
-            Weights::from_entries(Checkpoint::open(path)?, entries, model.config.clone(), DType::F32, device)
+            Weights::from_entries(Checkpoint::open(path)?, entries, model.config.clone(), dtype, device)
         };
         let mut bases: HashMap<usize, (Weights, Net)> = HashMap::new();
         let mut experts = Vec::new();

@@ -422,7 +422,8 @@ pub const RANDOM_TOKENS: usize = 8;
 
 impl Embeddings {
     /// `random:N` (N prompts of [`RANDOM_TOKENS`] tokens and a negative, standard normal, from
-    /// `seed`) or a safetensors file.
+    /// `seed`: the recipe's seed when training, `sample --cond-seed` when sampling) or a
+    /// safetensors file (`seed` unused).
     pub fn load(spec: &str, dim: usize, seed: u64, dev: &Device) -> Result<Embeddings> {
         if let Some(n) = spec.strip_prefix("random:") {
             let n: usize = n
@@ -1109,20 +1110,33 @@ pub struct TransformerRun {
     pub info: RunInfo,
     pub experts: Vec<Net>,
     pub emb: Embeddings,
+    /// The dtype the base weights are held in (the run's `dtype`, or the one asked for).
+    pub dtype: DType,
 }
 
 impl TransformerRun {
+    /// Open `dir` with the base weights in the dtype the run trained in.
     pub fn open(dir: &Path, device: &Device) -> Result<TransformerRun> {
+        TransformerRun::open_as(dir, None, device)
+    }
+
+    /// Open `dir` with the base weights held in `dtype` (f32, bf16 or f16; `None`: the run's own
+    /// `dtype`). The LoRA experts stay f32, as the trainer keeps them.
+    pub fn open_as(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<TransformerRun> {
         let p = dir.join(INFO);
         let text = std::fs::read_to_string(&p).with_file(&p)?;
         let info: RunInfo = serde_json::from_str(&text).map_err(|e| Error::malformed(&p, e.to_string()))?;
+        let dtype = match dtype {
+            Some(d) => d,
+            None => parse_dtype(&info.dtype)?,
+        };
         let mut bases = Vec::new();
         for (i, t) in info.teachers.iter().enumerate() {
             if i == 1 && *t == info.teachers[0] {
                 let v = bases.first().map(Net::base_view).expect("first base");
                 bases.push(v);
             } else {
-                bases.push(Net::open_as(Path::new(t), parse_dtype(&info.dtype)?, device)?);
+                bases.push(Net::open_as(Path::new(t), dtype, device)?);
             }
         }
         let emb_path = dir.join(&info.embeddings);
@@ -1135,7 +1149,7 @@ impl TransformerRun {
             n.set_null_text(emb.negative.clone());
             experts.push(n.frozen_view());
         }
-        Ok(TransformerRun { info, experts, emb })
+        Ok(TransformerRun { info, experts, emb, dtype })
     }
 
     /// The expert routed for σ (its `[lo, hi)` holds σ; σ = 1 goes to the first).
