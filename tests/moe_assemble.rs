@@ -555,6 +555,11 @@ fn large_copies_keep_their_source_offset_modulo_64k() {
         let padded: u64 = got.iter().filter(|(n, _)| n.starts_with("padding.")).map(|(_, (_, b, e))| e - b).sum();
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("{} {padded} 0", got.len()));
     }
+    // pack / unpack keep the layout bit for bit (unpack checks the hashes and the padding).
+    let (pk, back) = (d.path().join("moe.pk"), d.path().join("back.safetensors"));
+    run_ok(&["pack", &s(&out), "-o", &s(&pk), "-q"]);
+    run_ok(&["unpack", &s(&pk), "-o", &s(&back), "-q"]);
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&out).unwrap(), "unpack changed the file");
     // A flipped bit in a padding tensor is caught.
     let (_, b, _) = got.iter().find(|(n, _)| n.starts_with("padding.")).unwrap().1;
     let mut bytes = std::fs::read(&out).unwrap();
