@@ -207,3 +207,65 @@ fn every_recipe_parses_and_transformer_recipes_without_a_teacher_fail_naming_it(
     assert_eq!(e.kind(), Kind::Malformed);
     assert!(Recipe::parse("[schedule]\nsteps = 4\nphases = [1, 3]\n", Path::new("x.toml")).is_err());
 }
+
+/// `schedule.rollout = "x0-renoise"` (DMD2's rule): the run records it as its solver, `sample
+/// --run` steps by it (x̂₀ = x − σ·v, then fresh noise to the next σ, from the sampling seed's
+/// generator after the classes), an assembled checkpoint samples the same bits, and Euler
+/// recipes serialise without the field (their recipe text and digests are unchanged).
+#[test]
+fn x0_renoise_rollout_is_recorded_and_sampled_by_its_rule() {
+    use candle_core::Tensor;
+    use phasekit::train::denoiser::{class_cond, Denoiser};
+    use phasekit::train::dmd;
+    use phasekit::train::run::LoadedMoe;
+    use phasekit::train::schedule::Rollout;
+    setup();
+    let d = tempfile::tempdir().unwrap();
+    let euler = tiny(&[4], 4);
+    assert!(!euler.to_toml().contains("rollout"), "an Euler recipe's text has no rollout field");
+    let mut r = euler.clone();
+    r.schedule.sgts = true;
+    r.schedule.rollout = Rollout::X0Renoise;
+    let text = r.to_toml();
+    assert!(text.contains("rollout = \"x0-renoise\""), "{text}");
+    assert_eq!(Recipe::parse(&text, Path::new("x.toml")).unwrap(), r);
+    let out = d.path().join("run");
+    run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    let run = LoadedRun::open(&out).unwrap();
+    assert_eq!(run.manifest.solver, "x0-renoise");
+    assert!(run.manifest.method.contains("x0-renoise"), "{}", run.manifest.method);
+    let (n, seed) = (200, 7);
+    let got = run.sample(n, None, seed, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // The rule by hand.
+    let mut rng = Rng::new(seed);
+    let mut x = dmd::noise(&mut rng, n, &[2]).unwrap();
+    let cond = class_cond(run.mixture.sample_classes(n, &mut rng)).unwrap();
+    let sig = &run.manifest.sigmas;
+    for i in 0..sig.len() - 1 {
+        let v = run.experts[0].velocity(&x, &Tensor::full(sig[i] as f32, n, x.device()).unwrap(), &cond).unwrap();
+        let x0 = (&x - (v * sig[i]).unwrap()).unwrap();
+        x = if sig[i + 1] > 0.0 {
+            let eps = dmd::noise(&mut rng, n, &[2]).unwrap();
+            ((x0 * (1.0 - sig[i + 1])).unwrap() + (eps * sig[i + 1]).unwrap()).unwrap()
+        } else {
+            x0
+        };
+    }
+    assert!(got == x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "sample --run does not follow x0-renoise");
+    // Not Euler: the same experts stepped by Euler give other samples.
+    let mut as_euler = LoadedRun::open(&out).unwrap();
+    as_euler.manifest.solver = "euler".into();
+    assert!(as_euler.sample(n, None, seed, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap() != got);
+    // The assembled checkpoint carries the solver and samples the same bits.
+    let moe = d.path().join("dmd2.safetensors");
+    phasekit::moe::assemble::assemble_run(&out, &moe, false).unwrap();
+    let lm = LoadedMoe::open(&moe).unwrap();
+    assert_eq!(lm.routing.solver, "x0-renoise");
+    assert!(lm.sample(n, None, seed, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap() == got);
+    // An unknown solver is refused, not sampled by Euler.
+    as_euler.manifest.solver = "heun".into();
+    assert_eq!(as_euler.sample(n, None, seed, None).unwrap_err().kind(), Kind::Unsupported);
+    // Transformer recipes roll out with Euler only.
+    let e = Recipe::parse("model = \"qwen-image\"\n[schedule]\nrollout = \"x0-renoise\"\n", Path::new("x.toml")).unwrap_err();
+    assert!(e.to_string().contains("toy only"), "{e}");
+}

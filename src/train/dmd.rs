@@ -12,15 +12,20 @@
 //! `((1−s)²t + (1−t)s²)/((1−s)²σ_{t|s})·ε − x_s/(1−s)` weighted by `clamp(1/σ²_{t|s}, 0, 10)·σ²_{t|s}`.
 //!
 //! Baselines are settings of the same code: one-step DMD (`steps = 1`), DMD2 (one phase with
-//! SGTS over all steps, one fake fed by every truncation point), vanilla few-step DMD (one
-//! phase, `backprop = all`), the naive fake target `ε − x_s`, disjoint re-noise intervals.
+//! SGTS over all steps, one fake fed by every truncation point, `rollout = x0-renoise`),
+//! vanilla few-step DMD (one phase, `backprop = all`), the naive fake target `ε − x_s`, disjoint
+//! re-noise intervals.
+//!
+//! `rollout = x0-renoise` replaces every Euler step above (the rollouts without gradient and the
+//! jump to the boundary) by DMD2's rule: `x̂₀ = x − t·v`, then `(1 − t')·x̂₀ + t'·ε` with fresh
+//! noise from the run's generator (`x̂₀` itself at `t' = 0`).
 
 use candle_core::{Device, Tensor};
 
 use super::denoiser::{guided, Cond, Denoiser, Mlp};
 use super::optim::AdamW;
 use super::recipe::{Backprop, FakeObjective, FakeSamples, ScheduleConfig, TrainConfig};
-use super::schedule::{shift, transition, unshift, Schedule};
+use super::schedule::{shift, transition, unshift, Rollout, Schedule};
 use super::Rng;
 
 type CResult<T> = candle_core::Result<T>;
@@ -41,6 +46,51 @@ pub fn rollout(by_step: &[&dyn Denoiser], sigmas: &[f64], from: usize, to: usize
     let mut x = x;
     for i in from..to {
         x = euler(by_step[i], &x, sigmas[i], sigmas[i + 1], cond)?;
+    }
+    Ok(x)
+}
+
+/// The x̂₀ rule's move from a clean estimate to level `to`: `(1 − to)·x̂₀ + to·ε` with fresh
+/// noise from `rng`, or `x̂₀` itself (no noise drawn) at `to = 0`.
+pub fn renoise_x0(x0: &Tensor, to: f64, rng: &mut Rng) -> CResult<Tensor> {
+    if to <= 0.0 {
+        return Ok(x0.clone());
+    }
+    let eps = noise_on(rng, x0.dim(0)?, &x0.dims()[1..], x0.device())?;
+    (x0 * (1.0 - to))? + (eps * to)?
+}
+
+/// One step of `rule` from `from` to `to`: [`euler`] (no noise drawn), or predict
+/// `x̂₀ = x − from·v` and [`renoise_x0`] it to `to`.
+pub fn step(d: &dyn Denoiser, x: &Tensor, from: f64, to: f64, cond: &Cond, rule: Rollout, rng: &mut Rng) -> CResult<Tensor> {
+    match rule {
+        Rollout::Euler => euler(d, x, from, to, cond),
+        Rollout::X0Renoise => {
+            let sig = Tensor::full(from as f32, x.dim(0)?, x.device())?;
+            let v = d.velocity(x, &sig, cond)?;
+            renoise_x0(&(x - (v * from)?)?, to, rng)
+        }
+    }
+}
+
+/// [`rollout`] by `rule`; Euler draws nothing from `rng`, so it is [`rollout`] exactly.
+#[allow(clippy::too_many_arguments)]
+pub fn rollout_with(
+    by_step: &[&dyn Denoiser],
+    sigmas: &[f64],
+    from: usize,
+    to: usize,
+    x: Tensor,
+    cond: &Cond,
+    rule: Rollout,
+    rng: &mut Rng,
+) -> CResult<Tensor> {
+    if rule == Rollout::Euler {
+        return rollout(by_step, sigmas, from, to, x, cond);
+    }
+    let mut x = x;
+    for i in from..to {
+        x = step(by_step[i], &x, sigmas[i], sigmas[i + 1], cond, rule, rng)?;
     }
     Ok(x)
 }
@@ -159,7 +209,8 @@ impl Phase<'_> {
         let cond = (self.sample_cond)(rng, n)?;
         let steps = self.by_step(frozen);
         let sig = &self.sched.sigmas;
-        let x = rollout(&steps, sig, 0, a, z, &cond)?;
+        let rule = self.scfg.rollout;
+        let x = rollout_with(&steps, sig, 0, a, z, &cond, rule, rng)?;
         let g = if grad { gen } else { frozen };
         if self.scfg.backprop == Backprop::All {
             let mut x = x;
@@ -167,17 +218,24 @@ impl Phase<'_> {
             for (i, t) in sig.iter().enumerate().take(b).skip(a) {
                 let v = g.velocity(&x, &Tensor::full(*t as f32, n, self.device)?, &cond)?;
                 x0 = (&x - (&v * *t)?)?;
-                x = (&x + (v * (sig[i + 1] - t))?)?;
+                x = match rule {
+                    Rollout::Euler => (&x + (v * (sig[i + 1] - t))?)?,
+                    Rollout::X0Renoise => renoise_x0(&x0, sig[i + 1], rng)?,
+                };
             }
             return Ok(Generated { xs: x, x0, cond });
         }
         let full = for_fake && self.scfg.fake_samples == FakeSamples::Full;
         let j = if self.scfg.sgts && !full { a + rng.below(b - a) } else { b - 1 };
-        let x = rollout(&steps, sig, a, j, x, &cond)?;
+        let x = rollout_with(&steps, sig, a, j, x, &cond, rule, rng)?;
         let tj = sig[j];
         let v = g.velocity(&x, &Tensor::full(tj as f32, n, self.device)?, &cond)?;
-        let xs = (&x + (&v * (s - tj))?)?;
         let x0 = (&x - (&v * tj)?)?;
+        let xs = match rule {
+            Rollout::Euler => (&x + (&v * (s - tj))?)?,
+            // DMD2: the gradient step predicts x̂₀; a phase ending at s > 0 re-noises it to s.
+            Rollout::X0Renoise => renoise_x0(&x0, s, rng)?,
+        };
         Ok(Generated { xs, x0, cond })
     }
 

@@ -13,7 +13,7 @@ use super::mixture::Mixture;
 use super::optim::{AdamW, ParamsAdamW};
 use super::recipe::{FakeObjective, Recipe, TeacherKind};
 use super::run::{self, TrainOptions};
-use super::schedule::{transition, Renoise};
+use super::schedule::{transition, Renoise, Rollout};
 use super::{ce, dmd, Rng};
 use crate::error::{IoContext, Result};
 
@@ -36,6 +36,7 @@ pub fn methods() -> Vec<Method> {
         Method { key: "phased2-sgts", base: PHASED2, tweak: |_| {} },
         Method { key: "vanilla4", base: VANILLA, tweak: |_| {} },
         Method { key: "dmd2", base: DMD2, tweak: |_| {} },
+        Method { key: "dmd2-euler", base: DMD2, tweak: |r| r.schedule.rollout = Rollout::Euler },
         Method { key: "onestep", base: ONESTEP, tweak: |_| {} },
         Method { key: "phased4-naive", base: PHASED4, tweak: |r| r.train.fake_objective = FakeObjective::Naive },
         Method { key: "phased4-disjoint", base: PHASED4, tweak: |r| r.schedule.renoise = Renoise::Disjoint },

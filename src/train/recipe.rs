@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::denoiser::MlpConfig;
 use super::mixture::MixtureConfig;
-use super::schedule::{Renoise, Schedule};
+use super::schedule::{Renoise, Rollout, Schedule};
 use crate::error::{Error, IoContext, Result};
 
 /// A whole recipe.
@@ -120,6 +120,13 @@ pub struct ScheduleConfig {
     /// Which samples train the fake score: `sgts` (the same truncated rollouts that the
     /// generator update uses, as DMD2's code does) or `full` (always the phase's last step).
     pub fake_samples: FakeSamples,
+    /// How the generator's steps before the gradient step run, and how a run is sampled:
+    /// `euler` (deterministic Euler, the paper's solver) or `x0-renoise` (predict x̂₀ = x − σ·v and
+    /// re-noise it to the next step's σ with fresh noise, as DMD2's code trains and samples; the
+    /// gradient step of a phase ending at s > 0 re-noises its x̂₀ to s the same way). Recorded as
+    /// the run's `solver`, which `sample --run` and assembled checkpoints follow. Toy only.
+    #[serde(skip_serializing_if = "Rollout::is_euler")]
+    pub rollout: Rollout,
 }
 
 impl Default for ScheduleConfig {
@@ -132,6 +139,7 @@ impl Default for ScheduleConfig {
             backprop: Backprop::Last,
             renoise: Renoise::Nested,
             fake_samples: FakeSamples::Sgts,
+            rollout: Rollout::Euler,
         }
     }
 }
@@ -364,6 +372,9 @@ impl Recipe {
         }
         if self.schedule.backprop == Backprop::All && self.schedule.sgts {
             return Err(Error::usage("recipe: schedule.backprop = \"all\" and schedule.sgts exclude each other"));
+        }
+        if !self.schedule.rollout.is_euler() && !self.is_toy() {
+            return Err(Error::usage("recipe: schedule.rollout = \"x0-renoise\" is implemented for the toy only (transformer runs roll out and sample with Euler)"));
         }
         match self.model.as_str() {
             "toy" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan2.2-ti2v-5b" | "qwen-image" => Ok(()),

@@ -32,7 +32,7 @@ use super::metrics::{self, Metrics};
 use super::mixture::{Mixture, MixtureConfig};
 use super::optim::{AdamW, ParamsAdamW};
 use super::recipe::{Recipe, TeacherKind};
-use super::schedule::Schedule;
+use super::schedule::{Rollout, Schedule};
 use super::{ce, Rng};
 use crate::atomic::{self, AtomicFile};
 use crate::error::{Error, IoContext, Kind, Result};
@@ -270,6 +270,12 @@ pub fn method_name(r: &Recipe, s: &Schedule) -> String {
     }
     if r.schedule.renoise == Renoise::Disjoint {
         m.push_str(", disjoint intervals");
+    }
+    if r.schedule.rollout == Rollout::X0Renoise {
+        m.push_str(", x0-renoise steps");
+    } else if r.schedule.sgts && s.phases.len() == 1 && n > 1 {
+        // DMD2's own code steps by x̂₀ + fresh noise; say when this one does not.
+        m.push_str(", Euler steps");
     }
     m
 }
@@ -676,7 +682,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         method: method_name(r, &sched),
         steps: sched.steps(),
         shift: sched.shift,
-        solver: "euler".into(),
+        solver: r.schedule.rollout.solver().into(),
         sigmas: sched.sigmas.clone(),
         timesteps: sched.sigmas.iter().map(|s| s * 1000.0).collect(),
         inference_guidance: 1.0,
@@ -776,15 +782,30 @@ impl LoadedRun {
         Ok(self.trajectory(n, steps, seed, class)?.pop().expect("at least one state"))
     }
 
-    /// States at every σ of the grid (`[0]` is the noise, the last is the sample).
+    /// States at every σ of the grid (`[0]` is the noise, the last is the sample), stepped by the
+    /// run's `solver`.
     pub fn trajectory(&self, n: usize, steps: Option<usize>, seed: u64, class: Option<u32>) -> Result<Vec<Tensor>> {
-        euler_trajectory(&self.experts, &|s| self.route(s), &self.mixture, &self.sigmas(steps), n, seed, class)
+        let rule = solver_rule(&self.manifest.solver, &self.dir)?;
+        routed_trajectory(&self.experts, &|s| self.route(s), &self.mixture, &self.sigmas(steps), n, seed, class, rule)
     }
 }
 
-/// The routed Euler sampler shared by run folders and routed checkpoints: noise and classes
-/// from `seed`, then one Euler step per interval of `sig`, each by the expert `route(σ)` picks.
-fn euler_trajectory(
+/// The step rule a manifest's `solver` names (`euler`, `x0-renoise`); others are refused (exit 7).
+fn solver_rule(solver: &str, path: &Path) -> Result<Rollout> {
+    Rollout::from_solver(solver).ok_or_else(|| {
+        Error::at(
+            Kind::Unsupported,
+            path,
+            format!("solver '{}' is not one the toy sampler runs (euler, x0-renoise)", crate::error::clean(solver)),
+        )
+    })
+}
+
+/// The routed sampler shared by run folders and routed checkpoints: noise and classes from
+/// `seed`, then one step of `rule` per interval of `sig`, each by the expert `route(σ)` picks
+/// (`x0-renoise` draws each step's fresh noise from the same generator, after the classes).
+#[allow(clippy::too_many_arguments)]
+fn routed_trajectory(
     experts: &[Mlp],
     route: &dyn Fn(f64) -> usize,
     mixture: &Mixture,
@@ -792,6 +813,7 @@ fn euler_trajectory(
     n: usize,
     seed: u64,
     class: Option<u32>,
+    rule: Rollout,
 ) -> Result<Vec<Tensor>> {
     let mut rng = Rng::new(seed);
     let z = dmd::noise(&mut rng, n, &[mixture.dim]).map_err(ce)?;
@@ -803,7 +825,7 @@ fn euler_trajectory(
     let mut out = vec![z.clone()];
     let mut x = z;
     for i in 0..sig.len() - 1 {
-        x = dmd::euler(&experts[route(sig[i])], &x, sig[i], sig[i + 1], &cond).map_err(ce)?;
+        x = dmd::step(&experts[route(sig[i])], &x, sig[i], sig[i + 1], &cond, rule, &mut rng).map_err(ce)?;
         out.push(x.clone());
     }
     Ok(out)
@@ -928,8 +950,10 @@ impl LoadedMoe {
         Ok(self.trajectory(n, steps, seed, class)?.pop().expect("at least one state"))
     }
 
+    /// States at every σ of the grid, stepped by the stored routing's `solver`.
     pub fn trajectory(&self, n: usize, steps: Option<usize>, seed: u64, class: Option<u32>) -> Result<Vec<Tensor>> {
-        euler_trajectory(&self.experts, &|s| self.route(s), &self.mixture, &self.sigmas(steps), n, seed, class)
+        let rule = solver_rule(&self.routing.solver, &self.path)?;
+        routed_trajectory(&self.experts, &|s| self.route(s), &self.mixture, &self.sigmas(steps), n, seed, class, rule)
     }
 }
 

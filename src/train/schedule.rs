@@ -42,6 +42,42 @@ pub enum Renoise {
     Disjoint,
 }
 
+/// How the generator moves from one step's level to the next (training rollouts and sampling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rollout {
+    /// Deterministic Euler `x_{t'} = x_t + (t' − t)·v` (the Phased DMD paper's solver).
+    #[default]
+    Euler,
+    /// Predict `x̂₀ = x_t − t·v`, then re-noise it to the next level with fresh Gaussian noise,
+    /// `x_{t'} = (1 − t')·x̂₀ + t'·ε` (`x̂₀` itself at `t' = 0`): DMD2's `sample_backward` and its
+    /// few-step inference (an LCM-style scheduler).
+    X0Renoise,
+}
+
+impl Rollout {
+    pub fn is_euler(&self) -> bool {
+        *self == Rollout::Euler
+    }
+
+    /// The `solver` name a run manifest records for this rule.
+    pub fn solver(&self) -> &'static str {
+        match self {
+            Rollout::Euler => "euler",
+            Rollout::X0Renoise => "x0-renoise",
+        }
+    }
+
+    /// The rule a manifest's `solver` names.
+    pub fn from_solver(name: &str) -> Option<Rollout> {
+        match name {
+            "euler" => Some(Rollout::Euler),
+            "x0-renoise" => Some(Rollout::X0Renoise),
+            _ => None,
+        }
+    }
+}
+
 /// One phase: the steps `[start, end)` of the step list that expert `index` owns.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Phase {
