@@ -46,6 +46,96 @@ pub struct ModelReport {
     pub gguf: Option<serde_json::Value>,
     /// fp8 scale conventions found (`scale_weight`, `weight_scale`, `scaled_fp8` marker).
     pub fp8_scales: Vec<String>,
+    /// A phasekit MoE checkpoint's routing and storage, read from its metadata.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeSummary>,
+}
+
+/// One expert of a MoE checkpoint as `inspect` shows it.
+#[derive(Debug, Serialize)]
+pub struct MoeExpertStat {
+    pub name: String,
+    pub kind: &'static str,
+    pub sigma_lo: f64,
+    pub sigma_hi: f64,
+    pub timesteps: Vec<f64>,
+    /// The base a LoRA expert applies to (0 = `base.`).
+    pub base: Option<usize>,
+    /// Parameters the expert resolves to (its own, shared and aliased tensors).
+    pub params: usize,
+    /// Bytes stored under its own `experts.<i>.` prefix.
+    pub own_bytes: u64,
+}
+
+/// What `inspect` reports about a `phasekit.moe` checkpoint (docs/moe-format.md).
+#[derive(Debug, Serialize)]
+pub struct MoeSummary {
+    pub format: String,
+    pub family: Option<String>,
+    pub variant: Option<String>,
+    pub steps: u32,
+    pub shift: f64,
+    pub solver: String,
+    pub guidance: f64,
+    pub experts: Vec<MoeExpertStat>,
+    pub shared_tensors: usize,
+    pub shared_bytes: u64,
+    pub aliases: usize,
+    pub base_tensors: usize,
+    pub base_bytes: u64,
+    pub padding_tensors: usize,
+    pub padding_bytes: u64,
+    pub digest: String,
+}
+
+/// The MoE summary of `ck`, or `None` when it is not a (readable) MoE checkpoint: `verify`
+/// is the command that explains a broken one.
+fn moe_summary(ck: &Checkpoint) -> Option<MoeSummary> {
+    use crate::moe::format::{expert_prefix, MoeMeta, BASE, BASES, PADDING, SHARED};
+    if !crate::moe::verify::is_moe(ck) {
+        return None;
+    }
+    let meta = MoeMeta::from_metadata(&ck.metadata).ok()?;
+    let stored =
+        |pre: &str| -> (usize, u64) { ck.tensors.iter().filter(|t| t.name.starts_with(pre)).fold((0, 0), |(n, b), t| (n + 1, b + t.len)) };
+    let (shared_tensors, shared_bytes) = stored(SHARED);
+    let (b0, b0_bytes) = stored(BASE);
+    let (bn, bn_bytes) = stored(BASES);
+    let (padding_tensors, padding_bytes) = stored(PADDING);
+    let experts = meta
+        .routing
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(i, e)| MoeExpertStat {
+            name: e.name.clone(),
+            kind: e.kind.as_str(),
+            sigma_lo: e.sigma_lo,
+            sigma_hi: e.sigma_hi,
+            timesteps: e.timesteps.clone(),
+            base: e.base,
+            params: meta.expert_tensors(i).len(),
+            own_bytes: stored(&expert_prefix(i)).1,
+        })
+        .collect();
+    Some(MoeSummary {
+        format: meta.tag().to_string(),
+        family: meta.model.family.clone().or(meta.model.kind.clone()),
+        variant: meta.model.variant.clone(),
+        steps: meta.routing.steps,
+        shift: meta.routing.shift,
+        solver: meta.routing.solver.clone(),
+        guidance: meta.routing.guidance,
+        experts,
+        shared_tensors,
+        shared_bytes,
+        aliases: meta.aliases.len(),
+        base_tensors: b0 + bn,
+        base_bytes: b0_bytes + bn_bytes,
+        padding_tensors,
+        padding_bytes,
+        digest: meta.digest.clone(),
+    })
 }
 
 pub fn inspect_checkpoint(role: &str, ck: &Checkpoint) -> ModelReport {
@@ -101,6 +191,7 @@ pub fn inspect_checkpoint(role: &str, ck: &Checkpoint) -> ModelReport {
         config: ck.config.as_ref().map(|c| c.json.clone()),
         gguf,
         fp8_scales: fp8,
+        moe: moe_summary(ck),
     }
 }
 
@@ -134,6 +225,48 @@ fn params(n: u64) -> String {
     }
 }
 
+fn render_moe(m: &MoeSummary) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "moe:        {}, {} experts, {} steps, shift {}, {} solver, CFG {}\n",
+        m.format,
+        m.experts.len(),
+        m.steps,
+        m.shift,
+        m.solver,
+        m.guidance
+    ));
+    s.push_str("  #  name             kind  σ range          timesteps              params  own data\n");
+    for (i, e) in m.experts.iter().enumerate() {
+        let ts: Vec<String> = e.timesteps.iter().map(|t| if t.fract() == 0.0 { format!("{t:.0}") } else { format!("{t:.1}") }).collect();
+        let kind = match e.base {
+            Some(b) if b > 0 => format!("{} (base {b})", e.kind),
+            _ => e.kind.to_string(),
+        };
+        s.push_str(&format!(
+            "  {i:<2} {:<16} {kind:<5} [{:.3}, {:.3})  {:<22} {:>6}  {}\n",
+            e.name,
+            e.sigma_lo,
+            e.sigma_hi,
+            ts.join(", "),
+            e.params,
+            human(e.own_bytes)
+        ));
+    }
+    s.push_str(&format!(
+        "  shared: {} tensors ({}), {} aliases; base: {} tensors ({}); padding: {} tensors ({})\n",
+        m.shared_tensors,
+        human(m.shared_bytes),
+        m.aliases,
+        m.base_tensors,
+        human(m.base_bytes),
+        m.padding_tensors,
+        human(m.padding_bytes)
+    ));
+    s.push_str(&format!("digest:     {}\n", m.digest));
+    s
+}
+
 /// Human-readable text for one model.
 pub fn render(r: &ModelReport) -> String {
     let mut s = String::new();
@@ -143,6 +276,15 @@ pub fn render(r: &ModelReport) -> String {
     s.push_str(&format!("path:       {}\n", r.path));
     s.push_str(&format!("format:     {}\n", r.format));
     match &r.detection {
+        _ if r.moe.is_some() => {
+            let m = r.moe.as_ref().expect("checked");
+            let model = match (&m.family, &m.variant) {
+                (Some(f), Some(v)) => format!("{f} — {v}"),
+                (Some(f), None) => f.clone(),
+                _ => "not recorded".into(),
+            };
+            s.push_str(&format!("family:     {model} (phasekit MoE checkpoint)\n"));
+        }
         Some(d) => {
             s.push_str(&format!("family:     {} — {}\n", d.family, d.variant));
             let prefix = if d.prefix.is_empty() { String::new() } else { format!(" (prefix '{}')", d.prefix) };
@@ -168,11 +310,23 @@ pub fn render(r: &ModelReport) -> String {
     if let Some(t) = r.index_total_size {
         s.push_str(&format!("index total_size: {t}\n"));
     }
+    if let Some(m) = &r.moe {
+        s.push_str(&render_moe(m));
+    }
     if !r.metadata.is_empty() {
         s.push_str("metadata:\n");
+        let mut folded = 0;
         for (k, v) in &r.metadata {
+            // A MoE file's own keys are summarised above (`--json` has them whole).
+            if r.moe.is_some() && k.starts_with("phasekit.moe.") {
+                folded += 1;
+                continue;
+            }
             let v = crate::error::clean(v);
             s.push_str(&format!("  {k}: {v}\n"));
+        }
+        if folded > 0 {
+            s.push_str(&format!("  ({folded} phasekit.moe.* keys: summarised above; whole with --json)\n"));
         }
     }
     if let Some(g) = &r.gguf {

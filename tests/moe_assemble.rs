@@ -555,6 +555,19 @@ fn large_copies_keep_their_source_offset_modulo_64k() {
         let padded: u64 = got.iter().filter(|(n, _)| n.starts_with("padding.")).map(|(_, (_, b, e))| e - b).sum();
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), format!("{} {padded} 0", got.len()));
     }
+    // inspect summarises the routing and where the bytes are, padding included.
+    let o = run_ok(&["inspect", &s(&out)]);
+    assert!(o.stdout.contains("phasekit.moe/1, 4 experts, 4 steps, shift 5"), "{}", o.stdout);
+    let j: serde_json::Value = serde_json::from_str(&run_ok(&["inspect", "--json", &s(&out)]).stdout).unwrap();
+    let padded: u64 = got.iter().filter(|(n, _)| n.starts_with("padding.")).map(|(_, (_, b, e))| e - b).sum();
+    assert_eq!(j["moe"]["padding_tensors"], pads);
+    assert_eq!(j["moe"]["padding_bytes"], padded);
+    let experts = j["moe"]["experts"].as_array().unwrap();
+    assert_eq!(experts.len(), 4);
+    for e in experts {
+        assert_eq!(e["params"], 18);
+        assert_eq!(e["own_bytes"], 17 * (1 << 20) + 12);
+    }
     // pack / unpack keep the layout bit for bit (unpack checks the hashes and the padding).
     let (pk, back) = (d.path().join("moe.pk"), d.path().join("back.safetensors"));
     run_ok(&["pack", &s(&out), "-o", &s(&pk), "-q"]);
