@@ -213,6 +213,7 @@ pub fn pack(input: &Path, output: &Path, level: i32, force: bool, quiet: bool) -
     let progress = if quiet { Progress::hidden() } else { Progress::bytes(src.len, "pack", false) };
     let mut out = AtomicFile::create(output)?;
     let tmp = out.temp_path().to_path_buf();
+    let mut wb = crate::writeback::Writeback::new(out.file());
     let mut w = std::io::BufWriter::with_capacity(8 << 20, out.file());
     let mut head = MAGIC.to_vec();
     head.extend_from_slice(&src.len.to_le_bytes());
@@ -243,12 +244,17 @@ pub fn pack(input: &Path, output: &Path, level: i32, force: bool, quiet: bool) -
         if let (Some(f), Some(l)) = (win.first(), win.last()) {
             src.release(f.0 as u64, (l.1 - f.0) as u64);
         }
+        if let Some(wb) = &mut wb {
+            // What the buffer still holds is not in the file yet.
+            wb.written_to(written - w.buffer().len() as u64);
+        }
     }
     w.write_all(&[END]).with_file(&tmp)?;
     w.write_all(&(chunks.len() as u64).to_le_bytes()).with_file(&tmp)?;
     written += 9;
     w.flush().with_file(&tmp)?;
     drop(w);
+    drop(wb);
     out.commit()?;
     progress.finish();
     Ok(PackReport {
@@ -338,6 +344,7 @@ pub fn unpack(input: &Path, output: &Path, force: bool, quiet: bool) -> Result<P
     let total = u64::from_le_bytes(head[8..16].try_into().expect("8"));
     let progress = if quiet { Progress::hidden() } else { Progress::bytes(total, "unpack", false) };
     let mut out = AtomicFile::create(output)?;
+    let mut wb = crate::writeback::Writeback::new(out.file());
     let tmp = out.temp_path().to_path_buf();
     let window = rayon::current_num_threads().max(1) * 4;
     let (mut chunks, mut got) = (0u64, 0u64);
@@ -394,6 +401,9 @@ pub fn unpack(input: &Path, output: &Path, force: bool, quiet: bool) -> Result<P
             got += raw.len() as u64;
             progress.inc(raw.len() as u64);
         }
+        if let Some(wb) = &mut wb {
+            wb.written_to(got);
+        }
         chunks += batch.len() as u64;
         if ended {
             break;
@@ -407,6 +417,7 @@ pub fn unpack(input: &Path, output: &Path, force: bool, quiet: bool) -> Result<P
         return Err(Error::malformed(input, "trailing bytes after the end record"));
     }
     out.flush().with_file(&tmp)?;
+    drop(wb);
     // A MoE checkpoint is checked against its own tensor hashes before it appears.
     let mut verified = None;
     if let Ok(ck) = crate::store::Checkpoint::open(&tmp) {
