@@ -13,7 +13,8 @@
 //!    at its source offset modulo 64 KiB), then data streams straight from the maps into a
 //!    temporary file (`copy_file_range` for plain copies, casts and LoRA merges in bounded
 //!    windows) while the sha256 of every tensor is computed from the same bytes on the other
-//!    cores. Durable outputs start their writeback as they are written (`crate::writeback`). The header is then rewritten in place
+//!    cores; durable outputs start their writeback as they are written (`crate::writeback`).
+//!    The header is then rewritten in place
 //!    with the real hashes and digest (same length), the file synced and renamed; the
 //!    `<file>.sha256` sidecar is written last. Any error leaves nothing under the final name.
 
@@ -1122,20 +1123,18 @@ fn stream_batch(cks: &[Checkpoint], tensors: &[OutT], batch: &[usize], sink: &mu
         let workers: Vec<_> = (0..hashers).map(|_| s.spawn(hash_rest)).collect();
         // Plain copies that follow each other in one source file go to the kernel as one
         // copy_file_range (one call per tensor measured up to 30 % slower on ext4).
-        let copy_of = |k: usize| match (&tensors[*batch.get(k)?].src, &bufs[k]) {
-            (Src::Copy { ck, t }, Cow::Borrowed(_)) => Some((*ck, &cks[*ck].tensors[*t])),
-            _ => None,
-        };
+        // (Exactly the tensors `materialize` borrows from the map.)
+        let copy_of = |k: usize| kernel_source(cks, &tensors[*batch.get(k)?]);
         let mut k = 0;
         let written = (|| -> Result<()> {
             while k < batch.len() {
-                let Some((ck, first)) = copy_of(k) else {
+                let Some((ck, file, offset, _)) = copy_of(k) else {
                     sink.write(&bufs[k])?;
                     k += 1;
                     continue;
                 };
-                let (end, len) = crate::convert::source_run(k, |m| copy_of(m).map(|(c, e)| ((c, e.file), e.offset, e.len)));
-                sink.copy_from(&cks[ck].files[first.file], first.offset, len)?;
+                let (end, len) = crate::convert::source_run(k, |m| copy_of(m).map(|(c, f, o, l)| ((c, f), o, l)));
+                sink.copy_from(&cks[ck].files[file], offset, len)?;
                 k = end;
             }
             Ok(())
@@ -1151,9 +1150,9 @@ fn stream_batch(cks: &[Checkpoint], tensors: &[OutT], batch: &[usize], sink: &mu
         }
         written
     })?;
-    for ((&i, d), b) in batch.iter().zip(digests).zip(&bufs) {
-        let d = d.into_inner().unwrap_or_else(|| crate::hash::sha256_hex(b));
-        hashes.insert(tensors[i].name.clone(), d);
+    for (&i, d) in batch.iter().zip(digests) {
+        // The writer hashed whatever the workers had not taken before joining them.
+        hashes.insert(tensors[i].name.clone(), d.into_inner().expect("every tensor hashed"));
         if let Src::Copy { ck, t } = &tensors[i].src {
             cks[*ck].release(&cks[*ck].tensors[*t]);
         }
