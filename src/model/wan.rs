@@ -24,7 +24,7 @@ use super::rope::{self, RopeTables};
 use super::weights::{candle_err, Weights};
 use super::{Param, Parameters};
 use crate::error::{Error, Kind};
-use crate::train::denoiser::{Cond, Denoiser};
+use crate::train::denoiser::{Cond, Denoiser, ImageMode};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WanConfig {
@@ -419,9 +419,49 @@ impl Parameters for WanTransformer {
 impl Denoiser for WanTransformer {
     /// `x [B, C, F, H, W]`, σ ∈ [0, 1] → timestep 1000σ.
     fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
-        let Cond::Embedding(e) = cond else { candle_core::bail!("the Wan transformer takes text-embedding conditions") };
         let t = (sigma.to_dtype(DType::F32)? * 1000.0)?;
-        self.forward(x, &t, e)?.to_dtype(x.dtype())
+        match cond {
+            Cond::Embedding(e) => self.forward(x, &t, e)?.to_dtype(x.dtype()),
+            Cond::Image { text, image, mode: ImageMode::Channels } => {
+                let (c, cc) = (x.dim(1)?, image.dim(1)?);
+                if c + cc != self.cfg.in_channels || image.dims()[2..] != x.dims()[2..] {
+                    candle_core::bail!(
+                        "image condition {:?} does not fit latents {:?}: the model takes {} channels",
+                        image.dims(),
+                        x.dims(),
+                        self.cfg.in_channels
+                    );
+                }
+                let input = Tensor::cat(&[x, &image.to_dtype(x.dtype())?], 1)?;
+                self.forward(&input, &t, text)?.to_dtype(x.dtype())
+            }
+            Cond::Image { text, image, mode: ImageMode::FirstFrame } => {
+                let (b, _, f, h, w) = x.dims5()?;
+                let [pt, ph, pw] = self.cfg.patch;
+                if image.dims() != [b, x.dim(1)?, 1, h, w] || pt != 1 {
+                    candle_core::bail!(
+                        "first-frame image {:?} does not fit latents {:?} (patch {:?})",
+                        image.dims(),
+                        x.dims(),
+                        self.cfg.patch
+                    );
+                }
+                // The pipeline's per-token timesteps: the first frame's tokens 0, the others t.
+                let (frame, tokens) = ((h / ph) * (w / pw), f * (h / ph) * (w / pw));
+                let mut per = Vec::with_capacity(b * tokens);
+                for tb in t.to_vec1::<f32>()? {
+                    per.extend((0..tokens).map(|i| if i < frame { 0.0 } else { tb }));
+                }
+                let per = Tensor::from_vec(per, (b, tokens), x.device())?;
+                let v = self.forward(&cond.fill_fixed(x)?, &per, text)?.to_dtype(x.dtype())?;
+                // No velocity on the given frame: it is not generated.
+                if f == 1 {
+                    return v.zeros_like();
+                }
+                Tensor::cat(&[&v.narrow(2, 0, 1)?.zeros_like()?, &v.narrow(2, 1, f - 1)?], 2)
+            }
+            Cond::Class(_) => candle_core::bail!("the Wan transformer takes text-embedding conditions"),
+        }
     }
     fn null_cond(&self, n: usize) -> Result<Cond> {
         let e = match &self.null_text {

@@ -356,10 +356,13 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
     let shape = [a.frames, a.height, a.width];
     let (x, family, steps, dtype) = if a.run.is_some() {
         let run = TransformerRun::open_as(source, a.dtype.map(|d| d.dtype()), &dev)?;
-        let emb = a.cond.as_deref().map(|c| Embeddings::load(c, run.experts[0].text_dim(), cond_seed, &dev)).transpose()?;
         let l = run.info.geometry.latent;
         let geo = latent_geometry(&run.experts[0], [0, 1, 2].map(|k| shape[k].unwrap_or(l[k])))?;
-        let x = run.sample_with(a.n, a.steps, a.seed, &geo, emb.as_ref().unwrap_or(&run.emb))?;
+        let task = Some(run.info.task);
+        let emb = a.cond.as_deref().map(|c| Embeddings::load(c, &run.experts[0], geo.latent, task, cond_seed, &dev)).transpose()?;
+        let emb = emb.as_ref().unwrap_or(&run.emb);
+        emb.check_latent(&run.experts[0], geo.latent).map_err(Error::usage)?;
+        let x = run.sample_with(a.n, a.steps, a.seed, &geo, emb)?;
         (x, run.info.family, run.info.steps, run.dtype)
     } else {
         let dtype = a.dtype.unwrap_or(ComputeDtype::F32).dtype();
@@ -369,8 +372,8 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
                 "a transformer checkpoint needs --cond FILE: prompt embeddings (prompt_embeds [N, L, C]), e.g. RUN_DIR/embeddings.safetensors",
             )
         })?;
-        let emb = Embeddings::load(cond, m.text_dim(), cond_seed, &dev)?;
         let geo = m.geometry(shape)?;
+        let emb = Embeddings::load(cond, &m.experts[0], geo.latent, None, cond_seed, &dev)?;
         (m.sample(a.n, a.steps, a.seed, &geo, &emb)?, m.family, m.routing.steps as usize, dtype)
     };
     let dtype = dtype_name(dtype);

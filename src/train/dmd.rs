@@ -117,6 +117,20 @@ fn row(v: &[f64], dev: &Device) -> CResult<Tensor> {
     Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), v.len(), dev)
 }
 
+/// Per-sample mean `[B]` of `x [B, …]` over the part of each sample the generator makes: all
+/// of it, or every latent frame but the first when `cond` gives that frame ([`Cond::free_mask`];
+/// the velocities there are 0, so only losses and the normaliser need to leave it out).
+fn sample_mean(x: &Tensor, cond: &Cond) -> CResult<Tensor> {
+    match cond.free_mask(x)? {
+        None => x.flatten_from(1)?.mean(1),
+        Some(m) => {
+            let f = x.dim(2)?;
+            let free = x.dims()[1..].iter().product::<usize>() / f * (f - 1);
+            x.broadcast_mul(&m)?.flatten_from(1)?.sum(1)? / free.max(1) as f64
+        }
+    }
+}
+
 /// `[n, 1, …, 1]` of rank `rank` from per-sample values (broadcasts against a batch).
 fn bcol(v: &[f64], rank: usize, dev: &Device) -> CResult<Tensor> {
     let mut shape = vec![v.len()];
@@ -282,7 +296,7 @@ impl Phase<'_> {
             FakeObjective::Naive => ((&eps - &xs)?, vec![1.0; n]),
         };
         let pred = fake.velocity(&xt, &row(&t, self.device)?, &gb.cond)?;
-        let per = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let per = sample_mean(&(pred - target)?.sqr()?, &gb.cond)?;
         let loss = (per * row(&w, self.device)?)?.mean_all()?;
         let grads = loss.backward()?;
         opt.step(&grads, self.tcfg.grad_clip)?;
@@ -308,8 +322,9 @@ impl Phase<'_> {
         let vf = frozen_fake.velocity(&xt, &tr, &gb.cond)?.detach();
         let x0t = (&xt - vt.broadcast_mul(&tc)?)?;
         let x0f = (&xt - vf.broadcast_mul(&tc)?)?;
-        // DMD2's per-sample normaliser mean|x̂₀ − x̂₀_teacher| over every non-batch dimension.
-        let norm = (gb.x0.detach() - &x0t)?.abs()?.flatten_from(1)?.mean_keepdim(1)?;
+        // DMD2's per-sample normaliser mean|x̂₀ − x̂₀_teacher| over every non-batch dimension
+        // (over the generated part: a given first frame is no part of the sample).
+        let norm = sample_mean(&(gb.x0.detach() - &x0t)?.abs()?, &gb.cond)?;
         let norm = norm.clamp(self.tcfg.norm_min as f32, f32::MAX)?;
         let mut shape = vec![n];
         shape.extend(std::iter::repeat_n(1, gb.xs.rank() - 1));

@@ -281,6 +281,18 @@ pub struct TransformerConfig {
     /// Storage dtype of the shared base weights: `f32`, `bf16` or `f16`. Activations, adapters,
     /// full-parameter fakes and optimiser states stay f32.
     pub dtype: String,
+    /// `t2v` (text only) or `i2v` (every prompt comes with a first-frame image condition,
+    /// `image_condition` in the embeddings file); default by model: `i2v` for
+    /// `wan2.2-i2v-a14b`, `t2v` otherwise. `wan2.2-ti2v-5b` takes either.
+    pub task: Option<Task>,
+}
+
+/// What a transformer run generates from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    T2v,
+    I2v,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,6 +328,7 @@ impl Default for TransformerConfig {
             fake_lora_alpha: 64.0,
             lora_targets: Vec::new(),
             dtype: "f32".into(),
+            task: None,
         }
     }
 }
@@ -377,8 +390,27 @@ impl Recipe {
             return Err(Error::usage("recipe: schedule.rollout = \"x0-renoise\" is implemented for the toy only (transformer runs roll out and sample with Euler)"));
         }
         match self.model.as_str() {
-            "toy" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan2.2-ti2v-5b" | "qwen-image" => Ok(()),
-            m => Err(Error::usage(format!("recipe: unknown model '{}'", crate::error::clean(m)))),
+            "toy" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan2.2-ti2v-5b" | "qwen-image" => {}
+            m => return Err(Error::usage(format!("recipe: unknown model '{}'", crate::error::clean(m)))),
+        }
+        let task = self.transformer.as_ref().and_then(|t| t.task);
+        match (self.model.as_str(), task) {
+            ("wan2.2-i2v-a14b", Some(Task::T2v)) => {
+                Err(Error::usage("recipe: wan2.2-i2v-a14b generates from an image: task = \"t2v\" does not fit it"))
+            }
+            ("wan2.2-t2v-a14b" | "qwen-image", Some(Task::I2v)) => {
+                Err(Error::usage(format!("recipe: {} takes no image condition: task = \"i2v\" does not fit it", self.model)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The transformer task: the recipe's `task`, or by model (`i2v` for I2V-A14B).
+    pub fn task(&self) -> Task {
+        match self.transformer.as_ref().and_then(|t| t.task) {
+            Some(t) => t,
+            None if self.model == "wan2.2-i2v-a14b" => Task::I2v,
+            None => Task::T2v,
         }
     }
 

@@ -25,11 +25,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::denoiser::{Cond, Denoiser};
+use super::denoiser::{Cond, Denoiser, ImageMode};
 use super::dist;
 use super::dmd::{self, Phase, Views};
 use super::optim::{AdamW, ParamsAdamW};
-use super::recipe::{FakeKind, Recipe, ResolutionSpace, TransformerConfig};
+use super::recipe::{FakeKind, Recipe, ResolutionSpace, Task, TransformerConfig};
 use super::run::{self, CheckpointInfo, Event, Summary, TrainOptions};
 use super::schedule::{shift, Schedule};
 use super::{ce, Rng};
@@ -91,6 +91,25 @@ impl Net {
         match self {
             Net::Wan(m) => m.cfg.in_channels,
             Net::Qwen(m, _) => m.cfg.in_channels,
+        }
+    }
+
+    /// Channels of the velocity (and of the generated latent).
+    pub fn out_channels(&self) -> usize {
+        match self {
+            Net::Wan(m) => m.cfg.out_channels,
+            Net::Qwen(m, _) => m.cfg.out_channels,
+        }
+    }
+
+    /// How the model takes an image condition: Wan with extra input channels (I2V-A14B) by
+    /// concatenation, Wan with equal channels (TI2V-5B) as its first latent frame; Qwen-Image
+    /// takes none.
+    pub fn image_mode(&self) -> Option<ImageMode> {
+        match self {
+            Net::Wan(m) if m.cfg.in_channels > m.cfg.out_channels => Some(ImageMode::Channels),
+            Net::Wan(_) => Some(ImageMode::FirstFrame),
+            Net::Qwen(..) => None,
         }
     }
 
@@ -392,11 +411,7 @@ impl Denoiser for Routed<'_> {
         let mut parts = Vec::new();
         for (idx, high) in [(&hi, true), (&lo, false)] {
             let it = Tensor::new(idx.as_slice(), dev)?;
-            let c = match cond {
-                Cond::Embedding(e) => Cond::Embedding(e.index_select(&it, 0)?),
-                Cond::Class(c) => Cond::Class(c.index_select(&it, 0)?),
-            };
-            parts.push(self.pick(high)?.velocity(&x.index_select(&it, 0)?, &sigma.index_select(&it, 0)?, &c)?);
+            parts.push(self.pick(high)?.velocity(&x.index_select(&it, 0)?, &sigma.index_select(&it, 0)?, &cond.select(&it)?)?);
         }
         // Back to the batch order.
         let order: Vec<u32> = hi.iter().chain(&lo).copied().collect();
@@ -411,20 +426,44 @@ impl Denoiser for Routed<'_> {
     }
 }
 
-/// Precomputed text conditions: `prompt_embeds [N, L, C]`, optional `negative_prompt_embeds [1, L', C]`.
+/// Precomputed conditions: `prompt_embeds [N, L, C]`, optional `negative_prompt_embeds [1, L', C]`
+/// and, for image-to-video, `image_condition` (one per prompt; see [`ImageMode`] for its shape).
 pub struct Embeddings {
     pub prompts: Tensor,
     pub negative: Option<Tensor>,
+    /// Per-prompt image conditions `[N, …]` and how the model takes them.
+    pub image: Option<(Tensor, ImageMode)>,
 }
 
 /// Tokens per prompt of `random:N` embeddings.
 pub const RANDOM_TOKENS: usize = 8;
 
+/// The name of the image conditions in an embeddings file.
+pub const IMAGE_CONDITION: &str = "image_condition";
+
 impl Embeddings {
     /// `random:N` (N prompts of [`RANDOM_TOKENS`] tokens and a negative, standard normal, from
-    /// `seed`: the recipe's seed when training, `sample --cond-seed` when sampling) or a
-    /// safetensors file (`seed` unused).
-    pub fn load(spec: &str, dim: usize, seed: u64, dev: &Device) -> Result<Embeddings> {
+    /// `seed`: the recipe's seed when training, `sample --cond-seed` when sampling; with an image
+    /// condition per prompt for image-to-video) or a safetensors file (`seed` unused).
+    ///
+    /// `task`: `Some(I2v)` needs an image condition per prompt, `Some(T2v)` refuses a file that
+    /// has them, `None` decides by the model and the file (a model with extra input channels,
+    /// I2V-A14B, needs them; otherwise they are used when the file has them). `latent` is the
+    /// latent size `[frames, height, width]` the conditions must fit (and random ones are drawn at).
+    pub fn load(spec: &str, net: &Net, latent: [usize; 3], task: Option<Task>, seed: u64, dev: &Device) -> Result<Embeddings> {
+        let dim = net.text_dim();
+        let mode = net.image_mode();
+        let wants = |has_image: bool| -> Result<bool> {
+            match (task, mode) {
+                (Some(Task::I2v), None) => Err(Error::usage("the model takes no image condition (task i2v)")),
+                (Some(Task::I2v), Some(_)) | (None, Some(ImageMode::Channels)) => Ok(true),
+                (Some(Task::T2v), Some(ImageMode::Channels)) => {
+                    Err(Error::usage("the model has image-condition input channels (I2V): it cannot run text-to-video"))
+                }
+                (None, _) => Ok(has_image && mode.is_some()),
+                (Some(Task::T2v), _) => Ok(false),
+            }
+        };
         if let Some(n) = spec.strip_prefix("random:") {
             let n: usize = n
                 .parse()
@@ -434,7 +473,11 @@ impl Embeddings {
             let mut rng = Rng::new(seed ^ 0xE3BE_DD16);
             let p = Tensor::from_vec(rng.normals_f32(n * RANDOM_TOKENS * dim), (n, RANDOM_TOKENS, dim), dev).map_err(ce)?;
             let q = Tensor::from_vec(rng.normals_f32(RANDOM_TOKENS * dim), (1, RANDOM_TOKENS, dim), dev).map_err(ce)?;
-            return Ok(Embeddings { prompts: p, negative: Some(q) });
+            let image = match (wants(false)?, mode) {
+                (true, Some(m)) => Some((random_image(net, m, n, latent, &mut rng, dev)?, m)),
+                _ => None,
+            };
+            return Ok(Embeddings { prompts: p, negative: Some(q), image });
         }
         if spec.is_empty() {
             return Err(Error::usage("recipe: [transformer] embeddings is empty (a safetensors file or random:N)"));
@@ -454,17 +497,101 @@ impl Embeddings {
             Some(x) => Some(x.to_device(dev).map_err(ce)?),
             None => None,
         };
-        Ok(Embeddings { prompts: prompts.to_device(dev).map_err(ce)?, negative })
+        let given = t.get(IMAGE_CONDITION);
+        let image = match (wants(given.is_some()).map_err(|e| e.with_path(path))?, given, mode) {
+            (true, Some(x), Some(m)) => Some((x.to_dtype(DType::F32).and_then(|x| x.to_device(dev)).map_err(ce)?, m)),
+            (true, None, _) => {
+                return Err(Error::inconsistent(
+                    path,
+                    format!("has no '{IMAGE_CONDITION}': image-to-video needs one per prompt (docs/recipes.md, Image-to-video)"),
+                ))
+            }
+            (false, Some(_), _) if task == Some(Task::T2v) => {
+                return Err(Error::inconsistent(
+                    path,
+                    format!("has '{IMAGE_CONDITION}' but the run is text-to-video: set [transformer] task = \"i2v\" to use it"),
+                ))
+            }
+            _ => None,
+        };
+        let e = Embeddings { prompts: prompts.to_device(dev).map_err(ce)?, negative, image };
+        if let Some((x, _)) = &e.image {
+            if x.dim(0).map_err(ce)? != e.count() {
+                return Err(Error::inconsistent(
+                    path,
+                    format!("{IMAGE_CONDITION} has {} rows for {} prompts", x.dim(0).map_err(ce)?, e.count()),
+                ));
+            }
+        }
+        e.check_latent(net, latent).map_err(|m| Error::inconsistent(path, m))?;
+        Ok(e)
     }
 
     pub fn count(&self) -> usize {
         self.prompts.dims()[0]
     }
 
-    /// Conditions of prompts `idx`.
-    pub fn cond(&self, idx: &[u32]) -> CResult<Cond> {
-        Ok(Cond::Embedding(self.prompts.index_select(&Tensor::new(idx, self.prompts.device())?, 0)?))
+    /// Whether the image conditions fit `net` at latent size `latent` (an explanation if not).
+    pub fn check_latent(&self, net: &Net, latent: [usize; 3]) -> std::result::Result<(), String> {
+        let Some((x, mode)) = &self.image else { return Ok(()) };
+        let [f, h, w] = latent;
+        let want = match mode {
+            ImageMode::Channels => vec![self.count(), net.in_channels() - net.out_channels(), f, h, w],
+            ImageMode::FirstFrame => vec![self.count(), net.in_channels(), 1, h, w],
+        };
+        if x.dims() != want.as_slice() {
+            return Err(format!("{IMAGE_CONDITION} is {:?}; at latent size {latent:?} the model needs {want:?}", x.dims()));
+        }
+        Ok(())
     }
+
+    /// Conditions of prompts `idx` (with their images for image-to-video).
+    pub fn cond(&self, idx: &[u32]) -> CResult<Cond> {
+        let it = Tensor::new(idx, self.prompts.device())?;
+        let text = self.prompts.index_select(&it, 0)?;
+        Ok(match &self.image {
+            None => Cond::Embedding(text),
+            Some((x, mode)) => Cond::Image { text, image: x.index_select(&it, 0)?, mode: *mode },
+        })
+    }
+
+    /// The tensors of an embeddings file holding these conditions.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut t = vec![("prompt_embeds".to_string(), self.prompts.clone())];
+        if let Some(n) = &self.negative {
+            t.push(("negative_prompt_embeds".to_string(), n.clone()));
+        }
+        if let Some((x, _)) = &self.image {
+            t.push((IMAGE_CONDITION.to_string(), x.clone()));
+        }
+        t
+    }
+}
+
+/// `n` random image conditions for `net` at latent size `latent`: standard-normal image latents
+/// and, for [`ImageMode::Channels`], the pipeline's first-frame mask in front (its mask channels
+/// 1 on the first latent frame, 0 on the others).
+fn random_image(net: &Net, mode: ImageMode, n: usize, latent: [usize; 3], rng: &mut Rng, dev: &Device) -> Result<Tensor> {
+    let [f, h, w] = latent;
+    let (c, out) = (net.in_channels(), net.out_channels());
+    let t = match mode {
+        ImageMode::FirstFrame => Tensor::from_vec(rng.normals_f32(n * c * h * w), (n, c, 1, h, w), dev),
+        ImageMode::Channels => {
+            let masks = (c - out).checked_sub(out).filter(|m| *m > 0).ok_or_else(|| {
+                Error::usage(format!("the model's {c} input channels are not {out} latent + mask + {out} image channels"))
+            })?;
+            let lat = Tensor::from_vec(rng.normals_f32(n * out * f * h * w), (n, out, f, h, w), dev).map_err(ce)?;
+            let mut m = vec![0f32; n * masks * f * h * w];
+            for (i, v) in m.iter_mut().enumerate() {
+                if (i / (h * w)) % f == 0 {
+                    *v = 1.0;
+                }
+            }
+            let m = Tensor::from_vec(m, (n, masks, f, h, w), dev).map_err(ce)?;
+            Tensor::cat(&[&m, &lat], 1)
+        }
+    };
+    t.map_err(ce)
 }
 
 /// Latent geometry of a run: the shape of one sample and (Qwen) the packed image shape.
@@ -526,7 +653,7 @@ pub fn latent_geometry(net: &Net, latent: [usize; 3]) -> Result<Geometry> {
             if f == 0 || f % pt != 0 || h % ph != 0 || w % pw != 0 || h == 0 || w == 0 {
                 return Err(Error::usage(format!("latent size {latent:?} does not divide by the patch {:?}", m.cfg.patch)));
             }
-            Ok(Geometry { item: vec![m.cfg.in_channels, f, h, w], latent, img_shape: [f, h / ph, w / pw] })
+            Ok(Geometry { item: vec![m.cfg.out_channels, f, h, w], latent, img_shape: [f, h / ph, w / pw] })
         }
         Net::Qwen(m, _) => {
             let p = m.cfg.patch;
@@ -628,6 +755,9 @@ pub struct RunInfo {
     pub expert_boundary: Option<f64>,
     /// Embeddings file the conditions come from (`RUN_DIR/embeddings.safetensors` for `random:N`).
     pub embeddings: String,
+    /// Text- or image-to-video (runs written before the field: text).
+    #[serde(default = "t2v")]
+    pub task: Task,
     pub geometry: Geometry,
     pub steps: usize,
     pub shift: f64,
@@ -639,6 +769,10 @@ pub struct RunInfo {
     pub experts: Vec<RunExpert>,
     /// Notes (e.g. why `manifest.json` has no base).
     pub notes: Vec<String>,
+}
+
+fn t2v() -> Task {
+    Task::T2v
 }
 
 fn f32_name() -> String {
@@ -723,7 +857,11 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         return Err(Error::inconsistent(&paths[1], "the two teacher experts are different model families"));
     }
     let (geos, geo_w) = geometries(r, &tc, &bases[0])?;
-    let emb = Embeddings::load(&tc.embeddings, bases[0].text_dim(), r.seed, &device)?;
+    let task = r.task();
+    let emb = Embeddings::load(&tc.embeddings, &bases[0], geos[0].latent, Some(task), r.seed, &device)?;
+    for g in &geos {
+        emb.check_latent(&bases[0], g.latent).map_err(|m| Error::usage(format!("recipe: resolutions: {m}")))?;
+    }
     for b in bases.iter_mut() {
         b.set_null_text(emb.negative.clone());
         b.set_img_shape(geos[0].img_shape);
@@ -732,11 +870,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     let emb_file = if tc.embeddings.starts_with("random:") {
         let p = out.join("embeddings.safetensors");
         if lead {
-            let mut t = vec![("prompt_embeds".to_string(), emb.prompts.clone())];
-            if let Some(n) = &emb.negative {
-                t.push(("negative_prompt_embeds".to_string(), n.clone()));
-            }
-            run::write_tensors(&p, &t, &[])?;
+            run::write_tensors(&p, &emb.tensors(), &[])?;
         }
         "embeddings.safetensors".to_string()
     } else {
@@ -1066,6 +1200,7 @@ fn write_outputs(
         teachers: paths.iter().map(|p| abs(p).display().to_string()).collect(),
         expert_boundary: tc.expert_boundary,
         embeddings: emb_file.to_string(),
+        task: r.task(),
         geometry: geo.clone(),
         steps: sched.steps(),
         shift: sched.shift,
@@ -1140,7 +1275,7 @@ impl TransformerRun {
             }
         }
         let emb_path = dir.join(&info.embeddings);
-        let emb = Embeddings::load(&emb_path.display().to_string(), bases[0].text_dim(), 0, device)?;
+        let emb = Embeddings::load(&emb_path.display().to_string(), &bases[0], info.geometry.latent, Some(info.task), 0, device)?;
         let mut experts = Vec::new();
         for e in &info.experts {
             let mut n = bases.get(e.base).ok_or_else(|| Error::malformed(&p, "expert base index out of range"))?.base_view();
@@ -1194,11 +1329,18 @@ pub fn sample_latents(
     }
     let dev = emb.prompts.device().clone();
     let mut rng = Rng::new(seed);
-    let mut x = dmd::noise_on(&mut rng, n, &geo.item, &dev).map_err(ce)?;
+    let z = dmd::noise_on(&mut rng, n, &geo.item, &dev).map_err(ce)?;
     let idx: Vec<u32> = (0..n).map(|i| (i % emb.count()) as u32).collect();
-    let cond = emb.cond(&idx).map_err(ce)?;
+    sample_from(experts, route, sigmas, z, &emb.cond(&idx).map_err(ce)?)
+}
+
+/// [`sample_latents`] from the noise `z` and conditions `cond` (one per sample): Euler over
+/// `sigmas`, step `i` by `experts[route(sigmas[i])]`; a first-frame image condition is written
+/// over the result's first frame at the end, as diffusers' pipeline does.
+pub fn sample_from(experts: &[Net], route: &dyn Fn(f64) -> usize, sigmas: &[f64], z: Tensor, cond: &Cond) -> Result<Tensor> {
+    let mut x = z;
     for i in 0..sigmas.len() - 1 {
-        x = dmd::euler(&experts[route(sigmas[i])], &x, sigmas[i], sigmas[i + 1], &cond).map_err(ce)?;
+        x = dmd::euler(&experts[route(sigmas[i])], &x, sigmas[i], sigmas[i + 1], cond).map_err(ce)?;
     }
-    Ok(x)
+    cond.fill_fixed(&x).map_err(ce)
 }
