@@ -371,3 +371,35 @@ pub fn flow_matching_loss(model: &Mlp, x0: &Tensor, cond: &Cond, rng: &mut Rng) 
 pub fn sample(by_step: &[&dyn Denoiser], sigmas: &[f64], z: Tensor, cond: &Cond) -> CResult<Tensor> {
     rollout(by_step, sigmas, 0, sigmas.len() - 1, z, cond)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::denoiser::ImageMode;
+
+    #[test]
+    fn a_given_first_frame_is_left_out_of_per_sample_means() {
+        // [B = 2, C = 2, F = 3, H = 1, W = 2]; frame 0 holds values the mean must not see.
+        let mut v = Vec::new();
+        for b in 0..2 {
+            for _c in 0..2 {
+                for f in 0..3 {
+                    for w in 0..2 {
+                        v.push(if f == 0 { 1e6 } else { (b * 10 + f * 2 + w) as f32 });
+                    }
+                }
+            }
+        }
+        let x = Tensor::from_vec(v, (2, 2, 3, 1, 2), &Device::Cpu).unwrap();
+        let text = Tensor::zeros((2, 1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let image = Tensor::zeros((2, 2, 1, 1, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let first = Cond::Image { text: text.clone(), image: image.clone(), mode: ImageMode::FirstFrame };
+        // Frames 1 and 2 of sample b hold b·10 + {2, 3, 4, 5}: mean b·10 + 3.5.
+        assert_eq!(sample_mean(&x, &first).unwrap().to_vec1::<f32>().unwrap(), vec![3.5, 13.5]);
+        // Text-only and channel conditions generate every frame: the plain mean.
+        let plain = x.flatten_from(1).unwrap().mean(1).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(sample_mean(&x, &Cond::Embedding(text.clone())).unwrap().to_vec1::<f32>().unwrap(), plain);
+        let ch = Cond::Image { text, image, mode: ImageMode::Channels };
+        assert_eq!(sample_mean(&x, &ch).unwrap().to_vec1::<f32>().unwrap(), plain);
+    }
+}
