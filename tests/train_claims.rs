@@ -37,11 +37,21 @@ fn teacher(dir: &Path, seed: u64) -> (std::path::PathBuf, Mixture) {
     (f, mix)
 }
 
+/// A budget override for the sweep (`CLAIMS_UPDATES`, `CLAIMS_BATCH`), else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 /// Train method `key` at the claims' budget and evaluate it as the bench does.
 fn train(key: &str, seed: u64, dir: &Path, teacher: &Path, mix: &Mixture) -> Metrics {
+    train_at(key, seed, dir, teacher, mix, env_or("CLAIMS_UPDATES", UPDATES), env_or("CLAIMS_BATCH", BATCH))
+}
+
+/// [`train`] at `updates` generator updates of batch `batch`.
+fn train_at(key: &str, seed: u64, dir: &Path, teacher: &Path, mix: &Mixture, updates: u64, batch: usize) -> Metrics {
     let m = methods().into_iter().find(|m| m.key == key).unwrap();
-    let mut r = recipe_for(&m, seed, UPDATES, teacher).unwrap();
-    r.train.batch = BATCH;
+    let mut r = recipe_for(&m, seed, updates, teacher).unwrap();
+    r.train.batch = batch;
     r.train.log_every = 0;
     let out = dir.join(format!("{key}-{seed}"));
     run::train(&r, &r.to_toml(), &out, &TrainOptions::default(), &|_| {}).unwrap();
@@ -80,8 +90,7 @@ fn show(keys: &[&str], ms: &[Metrics]) -> String {
 /// it beat one-step DMD on 4 of those 6 seeds, which is why claim 2 was not asserted before.
 /// Not asserted, because they do not hold reliably at this budget (docs/results.md): the
 /// within-mode-spread half of claim 3 (Phased DMD 1.18–1.29, DMD2 1.24–1.56 at 400 updates:
-/// both over-disperse), and claim 4 (nested beat disjoint intervals on 4 of 4 seeds, but by as
-/// little as 0.0001, inside the metric's noise).
+/// both over-disperse). Claim 4 has its own test below, at a larger budget.
 #[test]
 fn claims_2_3_and_5_phased_dmd_beats_dmd2_which_is_no_better_than_one_step() {
     let keys = ["phased4", "dmd2", "onestep"];
@@ -96,12 +105,39 @@ fn claims_2_3_and_5_phased_dmd_beats_dmd2_which_is_no_better_than_one_step() {
     assert!(phased.modes_covered as f64 >= 0.95 * phased.modes as f64, "claim 5: {all}");
 }
 
+/// Generator updates of the claim-4 runs (same batch): the over-dispersion of disjoint intervals
+/// shows once Phased DMD has trained past its own (at 400 updates both sit at spread 1.17–1.30).
+const UPDATES_4: u64 = 1000;
+
+/// Claim 4 on seed 0: with disjoint re-noise intervals the student over-disperses inside the
+/// modes; with reverse-nested ones its within-mode spread is lower (closer to the mixture's 1).
+///
+/// Sweep at 1000 updates, batch 128, seeds 0–5: spread nested 1.10–1.19, disjoint 1.16–1.25,
+/// disjoint higher by 0.05–0.10 on every seed (seed 0: 1.16 vs 1.22); energy distance nested lower
+/// on 6 of 6. At 2000 updates and batch 256 over 20 seeds (docs/results.md) the gap is 1.02 vs
+/// 1.14, nested closer to 1 on 20 of 20. The energy distance is not asserted: over 20 seeds it
+/// favours nested on only 11 (disjoint fails badly on a few seeds rather than on all).
+#[test]
+fn claim_4_reverse_nested_intervals_keep_the_modes_tighter_than_disjoint_ones() {
+    setup();
+    let keys = ["phased4", "phased4-disjoint"];
+    let d = tempfile::tempdir().unwrap();
+    let (t, mix) = teacher(d.path(), 0);
+    let ms: Vec<Metrics> = std::thread::scope(|sc| {
+        let hs: Vec<_> = keys.iter().map(|k| sc.spawn(|| train_at(k, 0, d.path(), &t, &mix, UPDATES_4, BATCH))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all = show(&keys, &ms);
+    eprintln!("claim 4: {all}");
+    assert!(ms[1].spread > ms[0].spread + 0.025, "claim 4: {all}");
+}
+
 /// Seed sweep for choosing the budget and margins: prints every method's metrics per seed.
 #[test]
 #[ignore = "minutes in release; run by hand to re-check the margins"]
 fn sweep() {
     // CLAIMS_KEYS=dmd2,onestep picks the methods (default: the four below); CLAIMS_SEEDS the
-    // number of seeds (default 4).
+    // number of seeds (default 4); CLAIMS_UPDATES and CLAIMS_BATCH the budget (default 400, 128).
     let keys_env = std::env::var("CLAIMS_KEYS").unwrap_or_else(|_| "phased4,dmd2,onestep,phased4-disjoint".into());
     let keys: Vec<&str> = keys_env.split(',').map(str::trim).collect();
     let seeds: u64 = std::env::var("CLAIMS_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
