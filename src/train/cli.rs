@@ -59,7 +59,9 @@ pub struct SampleArgs {
     /// Transformers: the prompt embeddings, a safetensors file with `prompt_embeds` [N, L, C]
     /// (e.g. RUN_DIR/embeddings.safetensors, or the file the recipe names), or random:N (N
     /// standard-normal prompts drawn from --cond-seed, never from --seed). Sample i takes prompt
-    /// i mod N. Required with a transformer --moe; --run defaults to the run's.
+    /// i mod N. Required with a transformer --moe; --run defaults to the run's. Image-to-video
+    /// (Wan2.2): the file's `image_condition` gives sample i the image of prompt i mod N (required
+    /// for I2V-A14B; docs/recipes.md, Image-to-video).
     #[arg(long, value_name = "FILE")]
     pub cond: Option<String>,
     /// Transformers: seed of --cond random:N's prompts (default 0), independent of --seed, so
