@@ -87,6 +87,8 @@ fn wan_tiny_two_phase_runs_assembles_verifies_and_samples() {
         let up: f32 = t.iter().filter(|(n, _)| n.ends_with(".lora_up.weight")).flat_map(|(_, v)| v.iter().map(|x| x.abs())).sum();
         assert!(up > 0.0, "expert {k}: LoRA up is still zero");
     }
+    // The loss curves, as a PNG.
+    assert!(std::fs::read(out.join("plots/losses.png")).unwrap().starts_with(b"\x89PNG\r\n\x1a\n"));
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["format"], "phasekit.run/1");
     assert_eq!(m["base"], "base.safetensors");

@@ -193,7 +193,12 @@ pub fn run_plots(run: &LoadedRun, dir: &Path, seed: u64) -> Result<()> {
         .collect();
     let png = scatter_panels(&panels, 3.5).png();
     atomic::write_file(&dir.join("samples.png"), &png)?;
-    let log = run.dir.join("log.jsonl");
+    loss_plot(&run.dir, dir)
+}
+
+/// `dir/losses.png`: the loss curves of the run in `run_dir` (its `log.jsonl`), for any model.
+pub fn loss_plot(run_dir: &Path, dir: &Path) -> Result<()> {
+    let log = run_dir.join("log.jsonl");
     let lines: Vec<LogLine> = std::fs::read_to_string(&log).with_file(&log)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     atomic::write_file(&dir.join("losses.png"), &loss_curves(&lines).png())
 }

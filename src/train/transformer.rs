@@ -1091,6 +1091,9 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     }
     if lead {
         write_outputs(r, &tc, out, &sched, &paths, &digests, &recipe_sha, &geos[0], &emb_file, &gen_base, bases[0].family())?;
+        let plots = out.join("plots");
+        std::fs::create_dir_all(&plots).with_file(&plots)?;
+        super::plot::loss_plot(out, &plots)?;
     }
     Ok(Summary {
         run_dir: out.into(),
