@@ -44,21 +44,12 @@ SEED = 0
 B, L, FRAMES = 2, 7, 9  # 9 frames -> 3 latent frames
 STEPS, SHIFT = 3, 5.0
 
-I2V_CONFIG = dict(
-    patch_size=[1, 2, 2],
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=36,
-    out_channels=16,
-    text_dim=24,
-    freq_dim=32,
-    ffn_dim=48,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=64,
-)
+
+
+def config_of(folder: str) -> dict:
+    """The model config saved in a fixture's diffusers folder (without diffusers' own keys)."""
+    with open(os.path.join(folder, "diffusers", "config.json")) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
 
 def randomize(model: torch.nn.Module, std: float) -> None:
@@ -135,9 +126,11 @@ def main() -> None:
     meta_common = {"diffusers": diffusers.__version__, "torch": torch.__version__, "seed": SEED}
 
     # --- I2V-A14B shape: channel concatenation -------------------------------------------------
+    # The TI2V fixture's tiny config (make-ti2v-fixture.py) with I2V-A14B's channels.
+    i2v_config = {**config_of(os.path.join(ROOT, "wan22_ti2v_tiny")), "in_channels": 36, "out_channels": 16}
     out = os.path.join(ROOT, "wan22_i2v_tiny")
     os.makedirs(out, exist_ok=True)
-    model = WanTransformer3DModel(**I2V_CONFIG).eval()
+    model = WanTransformer3DModel(**i2v_config).eval()
     randomize(model, 0.2)
     model.save_pretrained(os.path.join(out, "diffusers"), safe_serialization=True)
     hs = torch.randn(B, 36, 3, 4, 6)
@@ -156,15 +149,13 @@ def main() -> None:
     with torch.no_grad():
         pmeta = run_pipeline(model, vae, False, 32, 48, 16, out)
     with open(os.path.join(out, "forward.json"), "w") as f:
-        json.dump({"model": "WanTransformer3DModel", **meta_common, "config": I2V_CONFIG, "timestep": [875.0, 312.5], **pmeta}, f, indent=2)
+        json.dump({"model": "WanTransformer3DModel", **meta_common, "config": i2v_config, "timestep": [875.0, 312.5], **pmeta}, f, indent=2)
         f.write("\n")
     print(f"wrote {out}")
 
     # --- TI2V-5B shape: first latent frame replaced, per-token timesteps --------------------------
     out = os.path.join(ROOT, "wan22_ti2v_tiny")
-    with open(os.path.join(out, "diffusers", "config.json")) as f:
-        cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    model = WanTransformer3DModel(**cfg).eval()
+    model = WanTransformer3DModel(**config_of(out)).eval()
     model.load_state_dict(load_file(os.path.join(out, "diffusers", "diffusion_pytorch_model.safetensors")))
     vae = AutoencoderKLWan(
         base_dim=3,
