@@ -2,7 +2,8 @@
 # The GPU checks, run on a CUDA machine from the repository root with a CUDA build of phasekit:
 #     scripts/check-cuda.sh build --release --features cuda
 #     PHASEKIT=target-cuda/release/phasekit scripts/gpu-check.sh [OUT_DIR]
-# 1. model parity on the GPU: forward on the tiny Wan2.2 (both layouts), Wan2.2 TI2V (per-token timesteps) and Qwen-Image fixtures
+# 1. model parity on the GPU: forward on the tiny Wan2.2 (both layouts), Wan2.2 TI2V (per-token timesteps), I2V-A14B-shaped
+#    (36 channels in) and Qwen-Image fixtures; tiny training runs (T2V, I2V, Qwen-Image)
 #    in f32 and bf16, relative L2 against diffusers' output;
 # 2. one full-width block forward+backward in bf16 (Wan2.2 5120/40 heads, Qwen-Image 3072/24
 #    heads) with `phasekit bench block` and with the PyTorch eager twin benches/block_torch.py
@@ -14,13 +15,14 @@ DEV="${DEVICE:-cuda}"   # DEVICE=cpu BENCH=0 tries the script without a GPU
 BENCH="${BENCH:-1}"
 OUT="${1:-.}"
 F=tests/fixtures
+mkdir -p "$OUT"
 log="$OUT/gpu-check.jsonl"
 : > "$log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 PARITY="${PARITY:-1}"; TRAIN="${TRAIN:-1}"
 for dt in f32 bf16; do
     [ "$PARITY" = 1 ] || break
-    for m in wan22_t2v_tiny/diffusers wan22_t2v_tiny/original wan22_ti2v_tiny/diffusers qwen_image_tiny/diffusers; do
+    for m in wan22_t2v_tiny/diffusers wan22_t2v_tiny/original wan22_ti2v_tiny/diffusers wan22_i2v_tiny/diffusers qwen_image_tiny/diffusers; do
         fx="${m%%/*}"
         "$B" --json forward --device "$DEV" --dtype "$dt" --model "$F/$m" --inputs "$F/$fx/forward.safetensors" --out "$OUT/fwd.safetensors" \
             | python3 -c "import json,sys; r=json.load(sys.stdin)['report']; r['fixture']='$m'; r['check']='parity'; print(json.dumps(r))" >> "$log" \
@@ -30,7 +32,7 @@ done
 rm -f "$OUT/fwd.safetensors"
 # 2. a tiny Wan2.2 Phased DMD run (2 phases, LoRA generator, routed fakes) on the GPU, then
 #    assembled and verified like any run.
-for rec in wan2.2-tiny-2phase qwen-image-tiny; do
+for rec in wan2.2-tiny-2phase wan2.2-i2v-tiny-2phase qwen-image-tiny; do
     [ "$TRAIN" = 1 ] || break
     rm -rf "/tmp/run-$rec" "/tmp/moe-$rec.safetensors"
     "$B" --json train --device "$DEV" --recipe "recipes/$rec.toml" --out "/tmp/run-$rec" \
@@ -38,6 +40,7 @@ for rec in wan2.2-tiny-2phase qwen-image-tiny; do
         || echo "{\"check\":\"train\",\"recipe\":\"$rec\",\"failed\":true}" >> "$log"
 done
 if [ "$TRAIN" = 1 ]; then
+    rm -f /tmp/moe-wan.safetensors
     "$B" assemble --run /tmp/run-wan2.2-tiny-2phase -o /tmp/moe-wan.safetensors --quiet && "$B" verify /tmp/moe-wan.safetensors --quiet \
         && echo '{"check":"assemble+verify","ok":true}' >> "$log" || echo '{"check":"assemble+verify","failed":true}' >> "$log"
 fi
