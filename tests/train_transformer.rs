@@ -377,3 +377,67 @@ fn a_bf16_base_trains_f32_adapters_and_resumes_bit_identically() {
     let smp = d.path().join("s.safetensors");
     run_ok(&["sample", "--run", &s(&full), "--n", "2", "--out", &s(&smp)]);
 }
+
+/// Prompts of different lengths padded to one: a file's `prompt_embeds_mask` reaches Qwen-Image
+/// (padded tokens masked, as its pipeline does); Wan2.2's pipeline attends to zero padding, so a
+/// Wan file may carry a mask only over zeros.
+#[test]
+fn prompt_masks_reach_qwen_and_wan_accepts_only_zero_padding() {
+    setup();
+    let dev = Device::Cpu;
+    let d = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(5);
+    // Prompt 0 has 6 tokens, prompt 1 has 4; both padded to 9 with junk.
+    let a = Tensor::from_vec(rng.normals_f32(6 * 24), (1, 6, 24), &dev).unwrap();
+    let b = Tensor::from_vec(rng.normals_f32(4 * 24), (1, 4, 24), &dev).unwrap();
+    let junk = |k: usize, rng: &mut Rng| Tensor::from_vec(rng.normals_f32(k * 24), (1, k, 24), &dev).unwrap();
+    let pa = Tensor::cat(&[&a, &junk(3, &mut rng)], 1).unwrap();
+    let pb = Tensor::cat(&[&b, &junk(5, &mut rng)], 1).unwrap();
+    let prompts = Tensor::cat(&[&pa, &pb], 0).unwrap();
+    let mask = Tensor::new(&[[1i64, 1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0]], &dev).unwrap();
+    let neg = Tensor::cat(&[&junk(2, &mut rng), &junk(1, &mut rng)], 1).unwrap();
+    let neg_mask = Tensor::new(&[[1i64, 1, 0]], &dev).unwrap();
+    let file = d.path().join("qwen-emb.safetensors");
+    let t = vec![
+        ("prompt_embeds".to_string(), prompts.clone()),
+        ("prompt_embeds_mask".to_string(), mask.clone()),
+        ("negative_prompt_embeds".to_string(), neg.clone()),
+        ("negative_prompt_embeds_mask".to_string(), neg_mask),
+    ];
+    // Written as the pipeline's tensors are saved: the masks stay int64.
+    candle_core::safetensors::save(&t.into_iter().collect::<std::collections::HashMap<_, _>>(), &file).unwrap();
+    let q = tests_dir("fixtures/qwen_image_tiny/diffusers");
+    let net = Net::open(&q, &dev).unwrap();
+    let emb = phasekit::train::transformer::Embeddings::load(&s(&file), &net, [1, 4, 4], None, 0, &dev).unwrap();
+    assert_eq!(emb.negative.as_ref().unwrap().dims(), &[1, 2, 24], "the negative is cut to its 2 tokens");
+    net.set_img_shape([1, 2, 2]);
+    let x = Tensor::from_vec(rng.normals_f32(2 * 4 * 16), (2, 4, 16), &dev).unwrap();
+    let sigma = Tensor::new(&[0.7f32, 0.3], &dev).unwrap();
+    let masked = net.velocity(&x, &sigma, &emb.cond(&[0, 1]).unwrap()).unwrap();
+    for (i, p) in [(0usize, &a), (1, &b)] {
+        let one = net.velocity(&x.narrow(0, i, 1).unwrap(), &sigma.narrow(0, i, 1).unwrap(), &Cond::Embedding(p.clone())).unwrap();
+        let e = phasekit::model::rel_l2(&masked.narrow(0, i, 1).unwrap(), &one).unwrap();
+        assert!(e < 1e-5, "prompt {i}: padded + mask vs unpadded: {e:.2e}");
+    }
+    // Unmasked, the junk changes the result: the mask is what makes the two equal.
+    let unmasked = net.velocity(&x, &sigma, &Cond::Embedding(prompts.clone())).unwrap();
+    assert!(phasekit::model::rel_l2(&unmasked, &masked).unwrap() > 1e-3);
+    // A Qwen-Image run trains on the file.
+    let (mut r, text) = recipe("qwen-image-tiny.toml");
+    r.transformer.as_mut().unwrap().embeddings = s(&file);
+    r.train.updates_per_phase = 1;
+    assert!(run::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap().completed);
+    // Wan: junk under the mask is refused (naming the file), zero padding is taken as the pipeline does.
+    let wan = Net::open(&tests_dir("fixtures/wan22_t2v_tiny/diffusers"), &dev).unwrap();
+    let e = phasekit::train::transformer::Embeddings::load(&s(&file), &wan, [1, 4, 4], None, 0, &dev).err().unwrap();
+    assert_eq!(e.kind(), Kind::Inconsistent);
+    assert!(e.to_string().contains("qwen-emb.safetensors") && e.to_string().contains("prompt_embeds_mask"), "{e}");
+    let keep = mask.to_dtype(candle_core::DType::F32).unwrap().unsqueeze(2).unwrap();
+    let zeroed = prompts.broadcast_mul(&keep).unwrap();
+    let wfile = d.path().join("wan-emb.safetensors");
+    let wt: std::collections::HashMap<String, Tensor> =
+        [("prompt_embeds".to_string(), zeroed), ("prompt_embeds_mask".to_string(), mask)].into();
+    candle_core::safetensors::save(&wt, &wfile).unwrap();
+    let w = phasekit::train::transformer::Embeddings::load(&s(&wfile), &wan, [1, 4, 4], None, 0, &dev).unwrap();
+    assert!(w.mask.is_none() && matches!(w.cond(&[0]).unwrap(), Cond::Embedding(_)));
+}

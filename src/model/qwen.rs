@@ -343,8 +343,10 @@ impl Parameters for QwenImageTransformer {
 impl Denoiser for QwenImageTransformer {
     /// `x [B, S, in]` packed latents of shape `img_shape`; σ ∈ [0, 1] is the timestep itself.
     fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> Result<Tensor> {
-        let Cond::Embedding(e) = cond else { candle_core::bail!("the Qwen-Image transformer takes text-embedding conditions") };
-        self.forward(x, e, None, &sigma.to_dtype(DType::F32)?, self.img_shape)?.to_dtype(x.dtype())
+        let Some((e, mask)) = cond.text_and_mask() else {
+            candle_core::bail!("the Qwen-Image transformer takes text-embedding conditions")
+        };
+        self.forward(x, e, mask, &sigma.to_dtype(DType::F32)?, self.img_shape)?.to_dtype(x.dtype())
     }
     fn null_cond(&self, n: usize) -> Result<Cond> {
         let e = match &self.null_text {

@@ -460,7 +460,9 @@ impl Denoiser for WanTransformer {
                 }
                 Tensor::cat(&[&v.narrow(2, 0, 1)?.zeros_like()?, &v.narrow(2, 1, f - 1)?], 2)
             }
-            Cond::Class(_) => candle_core::bail!("the Wan transformer takes text-embedding conditions"),
+            Cond::Class(_) | Cond::Masked { .. } => {
+                candle_core::bail!("the Wan transformer takes text-embedding conditions without a mask (its pipeline zero-pads prompts)")
+            }
         }
     }
     fn null_cond(&self, n: usize) -> Result<Cond> {

@@ -19,6 +19,9 @@ pub enum Cond {
     Embedding(Tensor),
     /// Text embeddings `[B, L, C]` and an image condition (Wan2.2 image-to-video), taken as `mode` says.
     Image { text: Tensor, image: Tensor, mode: ImageMode },
+    /// Text embeddings `[B, L, C]` padded to one length, with their key mask `[B, L]` (f32, 1 for a
+    /// token, 0 for padding) as Qwen-Image's pipeline passes `encoder_hidden_states_mask`.
+    Masked { text: Tensor, mask: Tensor },
 }
 
 /// How a Wan2.2 model takes its first-frame image (as diffusers' `WanImageToVideoPipeline` does).
@@ -43,7 +46,17 @@ impl Cond {
             Cond::Image { text, image, mode } => {
                 Cond::Image { text: text.index_select(idx, 0)?, image: image.index_select(idx, 0)?, mode: *mode }
             }
+            Cond::Masked { text, mask } => Cond::Masked { text: text.index_select(idx, 0)?, mask: mask.index_select(idx, 0)? },
         })
+    }
+
+    /// Text embeddings and their key mask, for a text-only condition (`Embedding` or `Masked`).
+    pub fn text_and_mask(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match self {
+            Cond::Embedding(e) => Some((e, None)),
+            Cond::Masked { text, mask } => Some((text, Some(mask))),
+            _ => None,
+        }
     }
 
     /// The negative of this condition for guidance: `null`'s text (or class) with this

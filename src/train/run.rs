@@ -77,6 +77,40 @@ pub fn read_tensors(path: &Path) -> Result<(NamedTensors, Vec<(String, String)>)
     Ok((out, h.metadata.unwrap_or_default()))
 }
 
+/// [`read_tensors`] for condition files written by other tools (diffusers pipelines, numpy): float
+/// tensors of any castable dtype (F16, BF16, F64, fp8) and integer or bool tensors (masks), all
+/// returned as f32. Integers beyond 2^24 lose precision; a mask's 0 and 1 do not.
+pub fn read_tensors_f32(path: &Path) -> Result<(NamedTensors, Vec<(String, String)>)> {
+    use crate::DType as D;
+    let bytes = std::fs::read(path).with_file(path)?;
+    let h = st::parse(path, &bytes)?;
+    let mut out = Vec::new();
+    for r in &h.tensors {
+        let b = &bytes[(h.data_start + r.begin) as usize..(h.data_start + r.end) as usize];
+        let v: Vec<f32> = match r.dtype {
+            d if d.is_castable_float() => {
+                let mut v = vec![0f32; b.len() / d.size().unwrap_or(1).max(1)];
+                crate::cast::decode_f32(d, b, &mut v, 1.0).map_err(|e| e.with_path(path))?;
+                v
+            }
+            D::Bool | D::U8 => b.iter().map(|x| *x as f32).collect(),
+            D::I8 => b.iter().map(|x| *x as i8 as f32).collect(),
+            D::I16 => b.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as f32).collect(),
+            D::U16 => b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as f32).collect(),
+            D::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect(),
+            D::U32 => b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect(),
+            D::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect(),
+            D::U64 => b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect(),
+            d => {
+                return Err(Error::unsupported(format!("tensor '{}' is {d}, which phasekit cannot read as numbers", r.name)).with_path(path))
+            }
+        };
+        let shape: Vec<usize> = r.shape.iter().map(|d| *d as usize).collect();
+        out.push((r.name.clone(), Tensor::from_vec(v, shape, &Device::Cpu).map_err(ce)?));
+    }
+    Ok((out, h.metadata.unwrap_or_default()))
+}
+
 pub(crate) fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::internal(e.to_string()))?;
     atomic::write_file(path, format!("{text}\n").as_bytes())

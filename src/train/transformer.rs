@@ -326,8 +326,10 @@ impl Denoiser for Net {
         match self {
             Net::Wan(m) => m.velocity(x, sigma, cond),
             Net::Qwen(m, shape) => {
-                let Cond::Embedding(e) = cond else { candle_core::bail!("the Qwen-Image transformer takes text-embedding conditions") };
-                m.forward(x, e, None, &sigma.to_dtype(DType::F32)?, shape.get())?.to_dtype(x.dtype())
+                let Some((e, mask)) = cond.text_and_mask() else {
+                    candle_core::bail!("the Qwen-Image transformer takes text-embedding conditions")
+                };
+                m.forward(x, e, mask, &sigma.to_dtype(DType::F32)?, shape.get())?.to_dtype(x.dtype())
             }
         }
     }
@@ -433,6 +435,9 @@ pub struct Embeddings {
     pub negative: Option<Tensor>,
     /// Per-prompt image conditions `[N, …]` and how the model takes them.
     pub image: Option<(Tensor, ImageMode)>,
+    /// Qwen-Image: the key mask `[N, L]` (f32) of prompts padded to one length
+    /// (`prompt_embeds_mask`, as the pipeline returns it).
+    pub mask: Option<Tensor>,
 }
 
 /// Tokens per prompt of `random:N` embeddings.
@@ -477,13 +482,13 @@ impl Embeddings {
                 (true, Some(m)) => Some((random_image(net, m, n, latent, &mut rng, dev)?, m)),
                 _ => None,
             };
-            return Ok(Embeddings { prompts: p, negative: Some(q), image });
+            return Ok(Embeddings { prompts: p, negative: Some(q), image, mask: None });
         }
         if spec.is_empty() {
             return Err(Error::usage("recipe: [transformer] embeddings is empty (a safetensors file or random:N)"));
         }
         let path = Path::new(spec);
-        let (t, _) = run::read_tensors(path)?;
+        let (t, _) = run::read_tensors_f32(path)?;
         let t: HashMap<String, Tensor> = t.into_iter().collect();
         let prompts = t.get("prompt_embeds").ok_or_else(|| Error::inconsistent(path, "has no tensor 'prompt_embeds' [N, L, C]"))?;
         let ok = |x: &Tensor, one: bool| x.rank() == 3 && x.dims()[2] == dim && x.dims()[0] > 0 && (!one || x.dims()[0] == 1);
@@ -514,7 +519,19 @@ impl Embeddings {
             }
             _ => None,
         };
-        let e = Embeddings { prompts: prompts.to_device(dev).map_err(ce)?, negative, image };
+        let mask = prompt_mask(net, &t, prompts, path)?;
+        let negative = match (negative, t.get("negative_prompt_embeds_mask")) {
+            (Some(n), Some(m)) => {
+                Some(trim_to_mask(&n, m).map_err(|msg| Error::inconsistent(path, format!("negative_prompt_embeds_mask: {msg}")))?)
+            }
+            (n, _) => n,
+        };
+        let e = Embeddings {
+            prompts: prompts.to_device(dev).map_err(ce)?,
+            negative,
+            image,
+            mask: mask.map(|m| m.to_device(dev)).transpose().map_err(ce)?,
+        };
         if let Some((x, _)) = &e.image {
             if x.dim(0).map_err(ce)? != e.count() {
                 return Err(Error::inconsistent(
@@ -549,9 +566,10 @@ impl Embeddings {
     pub fn cond(&self, idx: &[u32]) -> CResult<Cond> {
         let it = Tensor::new(idx, self.prompts.device())?;
         let text = self.prompts.index_select(&it, 0)?;
-        Ok(match &self.image {
-            None => Cond::Embedding(text),
-            Some((x, mode)) => Cond::Image { text, image: x.index_select(&it, 0)?, mode: *mode },
+        Ok(match (&self.image, &self.mask) {
+            (Some((x, mode)), _) => Cond::Image { text, image: x.index_select(&it, 0)?, mode: *mode },
+            (None, Some(m)) => Cond::Masked { text, mask: m.index_select(&it, 0)? },
+            (None, None) => Cond::Embedding(text),
         })
     }
 
@@ -564,8 +582,55 @@ impl Embeddings {
         if let Some((x, _)) = &self.image {
             t.push((IMAGE_CONDITION.to_string(), x.clone()));
         }
+        if let Some(m) = &self.mask {
+            t.push(("prompt_embeds_mask".to_string(), m.clone()));
+        }
         t
     }
+}
+
+/// `prompt_embeds_mask [N, L]` of a file, as f32 0/1: used by Qwen-Image (whose pipeline masks
+/// padded prompt tokens); for Wan2.2, whose pipeline zero-pads prompts and attends to them, only a
+/// mask whose padded positions hold zeros is accepted, and then not used.
+fn prompt_mask(net: &Net, t: &HashMap<String, Tensor>, prompts: &Tensor, path: &Path) -> Result<Option<Tensor>> {
+    let Some(m) = t.get("prompt_embeds_mask") else { return Ok(None) };
+    let bad = |msg: String| Error::inconsistent(path, format!("prompt_embeds_mask: {msg}"));
+    let (n, l) = (prompts.dim(0).map_err(ce)?, prompts.dim(1).map_err(ce)?);
+    if m.dims() != [n, l] {
+        return Err(bad(format!("is {:?}, prompt_embeds needs [{n}, {l}]", m.dims())));
+    }
+    let m = m.to_dtype(DType::F32).map_err(ce)?;
+    let v = m.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(ce)?;
+    if v.iter().any(|x| *x != 0.0 && *x != 1.0) {
+        return Err(bad("holds values other than 0 and 1".into()));
+    }
+    if let Some(r) = v.chunks(l).position(|row| row.iter().all(|x| *x == 0.0)) {
+        return Err(bad(format!("row {r} masks every token")));
+    }
+    match net {
+        Net::Qwen(..) => Ok(Some(m)),
+        Net::Wan(_) => {
+            let pad = prompts.broadcast_mul(&(1.0 - &m).map_err(ce)?.unsqueeze(2).map_err(ce)?).map_err(ce)?;
+            let max = pad.abs().and_then(|x| x.max_all()).and_then(|x| x.to_scalar::<f32>()).map_err(ce)?;
+            if max != 0.0 {
+                return Err(bad(
+                    "masks tokens that are not zeros; Wan2.2's pipeline pads prompts with zeros and attends to them (no mask)".into(),
+                ));
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// A one-prompt embedding `[1, L, C]` cut to its tokens by a mask `[1, L]` of leading ones.
+fn trim_to_mask(e: &Tensor, m: &Tensor) -> std::result::Result<Tensor, String> {
+    let l = e.dim(1).map_err(|x| x.to_string())?;
+    let v = m.to_dtype(DType::F32).and_then(|x| x.flatten_all()).and_then(|x| x.to_vec1::<f32>()).map_err(|x| x.to_string())?;
+    let k = v.iter().take_while(|x| **x == 1.0).count();
+    if v.len() != l || k == 0 || v[k..].iter().any(|x| *x != 0.0) {
+        return Err(format!("must be [1, {l}] with leading ones then zeros"));
+    }
+    e.narrow(1, 0, k).map_err(|x| x.to_string())
 }
 
 /// `n` random image conditions for `net` at latent size `latent`: standard-normal image latents
