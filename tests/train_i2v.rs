@@ -79,9 +79,9 @@ fn check_pipeline(name: &str, mode: ImageMode) {
     let z = &p["latents"];
     let latent = [z.dim(2).unwrap(), z.dim(3).unwrap(), z.dim(4).unwrap()];
     let mut net = net;
-    let emb = Embeddings::load(&s(&embeddings_file(name, d.path())), &net, latent, Some(Task::I2v), 0, &Device::Cpu).unwrap();
+    let emb = Embeddings::load(&s(&embeddings_file(name, d.path())), &net, &[latent], Some(Task::I2v), 0, &Device::Cpu).unwrap();
     net.set_null_text(emb.negative.clone());
-    let cond = emb.cond(&[0, 1]).unwrap();
+    let cond = emb.cond(&[0, 1], latent).unwrap();
     assert!(matches!(cond, Cond::Image { mode: m, .. } if m == mode));
     let sigmas: Vec<f64> = values(&p["sigmas"]).into_iter().map(f64::from).collect();
     let out = sample_from(std::slice::from_ref(&net), &|_| 0, &sigmas, z.clone(), &cond).unwrap();
@@ -268,19 +268,80 @@ fn image_conditions_that_do_not_fit_are_clear_errors() {
     let p = pipeline("wan22_i2v_tiny");
     let text_only = d.path().join("text.safetensors");
     run::write_tensors(&text_only, &[("prompt_embeds".into(), p["prompt_embeds"].clone())], &[]).unwrap();
-    let err = Embeddings::load(&s(&text_only), &net, [3, 4, 6], None, 0, &dev).err().unwrap();
+    let err = Embeddings::load(&s(&text_only), &net, &[[3, 4, 6]], None, 0, &dev).err().unwrap();
     assert!(err.to_string().contains("text.safetensors") && err.to_string().contains(IMAGE_CONDITION), "{err}");
     let wrong = d.path().join("wrong.safetensors");
     let c = p["condition"].narrow(1, 0, 16).unwrap();
     run::write_tensors(&wrong, &[("prompt_embeds".into(), p["prompt_embeds"].clone()), (IMAGE_CONDITION.into(), c)], &[]).unwrap();
-    let err = Embeddings::load(&s(&wrong), &net, [3, 4, 6], None, 0, &dev).err().unwrap();
+    let err = Embeddings::load(&s(&wrong), &net, &[[3, 4, 6]], None, 0, &dev).err().unwrap();
     assert!(err.to_string().contains("[2, 20, 3, 4, 6]"), "{err}");
-    assert!(Embeddings::load(&s(&file), &net, [3, 4, 6], Some(Task::T2v), 0, &dev).is_err());
-    assert!(Embeddings::load(&s(&file), &net, [3, 4, 6], None, 0, &dev).unwrap().image.is_some());
+    assert!(Embeddings::load(&s(&file), &net, &[[3, 4, 6]], Some(Task::T2v), 0, &dev).is_err());
+    assert!(Embeddings::load(&s(&file), &net, &[[3, 4, 6]], None, 0, &dev).unwrap().image.is_some());
     // Recipes: a text-only model cannot take task = "i2v", nor the I2V model "t2v".
     let bad = d.path().join("bad.toml");
     let base = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes/qwen-image-tiny.toml")).unwrap();
     std::fs::write(&bad, base.replace("[transformer]", "[transformer]\ntask = \"i2v\"")).unwrap();
     let e = Recipe::load(&bad).err().unwrap();
     assert!(e.to_string().contains("task"), "{e}");
+}
+
+/// Several training resolutions: one image-condition set per latent size (the same images
+/// prepared at each size), drawn with the resolution; TI2V's first-frame images serve any frame count.
+#[test]
+fn image_to_video_trains_at_several_latent_sizes() {
+    setup();
+    let d = tempfile::tempdir().unwrap();
+    let (mut r, text) = recipe("wan2.2-i2v-tiny-2phase.toml");
+    let t = r.transformer.as_mut().unwrap();
+    t.resolutions = vec![[3, 4, 6], [3, 4, 4], [1, 4, 6]];
+    t.resolution_weights = vec![1.0, 1.0, 1.0];
+    r.train.updates_per_phase = 4;
+    let out = d.path().join("run");
+    assert!(train(&r, &text, &out, TrainOptions::default()).completed);
+    let (e, _) = run::read_tensors(&out.join("embeddings.safetensors")).unwrap();
+    let mut sets: Vec<(String, Vec<usize>)> =
+        e.iter().filter(|(n, _)| n.starts_with(IMAGE_CONDITION)).map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+    sets.sort();
+    assert_eq!(
+        sets,
+        vec![
+            (format!("{IMAGE_CONDITION}.1x4x6"), vec![4, 20, 1, 4, 6]),
+            (format!("{IMAGE_CONDITION}.3x4x4"), vec![4, 20, 3, 4, 4]),
+            (format!("{IMAGE_CONDITION}.3x4x6"), vec![4, 20, 3, 4, 6]),
+        ]
+    );
+    // Each trained size samples from its own set; a size no set fits is a clear error.
+    for (f, w) in [(3, 4), (1, 6)] {
+        let smp = d.path().join(format!("s{f}{w}.safetensors"));
+        run_ok(&["sample", "--run", &s(&out), "--n", "2", "--frames", &f.to_string(), "--width", &w.to_string(), "--out", &s(&smp)]);
+        let (t, _) = run::read_tensors(&smp).unwrap();
+        assert_eq!(t[0].1.dims(), &[2, 16, f, 4, w]);
+    }
+    let o = common::run(&["sample", "--run", &s(&out), "--n", "2", "--frames", "2", "--out", &s(&d.path().join("x.safetensors"))]);
+    assert_ne!(o.code, Some(0));
+    assert!(o.stderr.contains("no image_condition fits latent size [2, 4, 6]"), "{}", o.stderr);
+    // A file whose one set fits only one of two resolutions is refused before training.
+    let file = embeddings_file("wan22_i2v_tiny", d.path());
+    let t = r.transformer.as_mut().unwrap();
+    t.embeddings = s(&file);
+    t.resolutions = vec![[3, 4, 6], [3, 4, 4]];
+    t.resolution_weights = vec![];
+    let e = run::train(&r, &text, &d.path().join("bad"), &TrainOptions::default(), &|_| {}).unwrap_err();
+    assert!(e.to_string().contains("latent size [3, 4, 4]"), "{e}");
+    // TI2V: first-frame images fit every frame count of a height and width: one set for both.
+    let (mut r, text) = recipe("wan2.2-tiny-2phase.toml");
+    r.model = "wan2.2-ti2v-5b".into();
+    let t = r.transformer.as_mut().unwrap();
+    t.checkpoint = s(&fixture("wan22_ti2v_tiny", "diffusers"));
+    t.experts = vec![];
+    t.expert_boundary = None;
+    t.phase1_t_range = None;
+    t.resolutions = vec![[3, 4, 6], [1, 4, 6]];
+    t.task = Some(Task::I2v);
+    r.train.updates_per_phase = 2;
+    let out = d.path().join("ti2v");
+    assert!(train(&r, &text, &out, TrainOptions::default()).completed);
+    let (e, _) = run::read_tensors(&out.join("embeddings.safetensors")).unwrap();
+    let names: Vec<&String> = e.iter().map(|(n, _)| n).filter(|n| n.starts_with(IMAGE_CONDITION)).collect();
+    assert_eq!(names, vec![IMAGE_CONDITION]);
 }

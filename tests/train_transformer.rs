@@ -169,7 +169,7 @@ fn with_no_updates_and_no_guidance_the_generator_is_the_teacher() {
     let mut rng = Rng::new(3);
     let x = Tensor::from_vec(rng.normals_f32(2 * 4 * 16), (2, 4, 1, 4, 4), &dev).unwrap();
     let sig = Tensor::new(&[0.95f32, 0.5], &dev).unwrap();
-    let cond = run.emb.cond(&[0, 1]).unwrap();
+    let cond = run.emb.cond(&[0, 1], [1, 4, 4]).unwrap();
     let want = teacher.velocity(&x, &sig, &cond).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for e in &run.experts {
         let got = e.velocity(&x, &sig, &cond).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -408,12 +408,12 @@ fn prompt_masks_reach_qwen_and_wan_accepts_only_zero_padding() {
     candle_core::safetensors::save(&t.into_iter().collect::<std::collections::HashMap<_, _>>(), &file).unwrap();
     let q = tests_dir("fixtures/qwen_image_tiny/diffusers");
     let net = Net::open(&q, &dev).unwrap();
-    let emb = phasekit::train::transformer::Embeddings::load(&s(&file), &net, [1, 4, 4], None, 0, &dev).unwrap();
+    let emb = phasekit::train::transformer::Embeddings::load(&s(&file), &net, &[[1, 4, 4]], None, 0, &dev).unwrap();
     assert_eq!(emb.negative.as_ref().unwrap().dims(), &[1, 2, 24], "the negative is cut to its 2 tokens");
     net.set_img_shape([1, 2, 2]);
     let x = Tensor::from_vec(rng.normals_f32(2 * 4 * 16), (2, 4, 16), &dev).unwrap();
     let sigma = Tensor::new(&[0.7f32, 0.3], &dev).unwrap();
-    let masked = net.velocity(&x, &sigma, &emb.cond(&[0, 1]).unwrap()).unwrap();
+    let masked = net.velocity(&x, &sigma, &emb.cond(&[0, 1], [1, 4, 4]).unwrap()).unwrap();
     for (i, p) in [(0usize, &a), (1, &b)] {
         let one = net.velocity(&x.narrow(0, i, 1).unwrap(), &sigma.narrow(0, i, 1).unwrap(), &Cond::Embedding(p.clone())).unwrap();
         let e = phasekit::model::rel_l2(&masked.narrow(0, i, 1).unwrap(), &one).unwrap();
@@ -429,7 +429,7 @@ fn prompt_masks_reach_qwen_and_wan_accepts_only_zero_padding() {
     assert!(run::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap().completed);
     // Wan: junk under the mask is refused (naming the file), zero padding is taken as the pipeline does.
     let wan = Net::open(&tests_dir("fixtures/wan22_t2v_tiny/diffusers"), &dev).unwrap();
-    let e = phasekit::train::transformer::Embeddings::load(&s(&file), &wan, [1, 4, 4], None, 0, &dev).err().unwrap();
+    let e = phasekit::train::transformer::Embeddings::load(&s(&file), &wan, &[[1, 4, 4]], None, 0, &dev).err().unwrap();
     assert_eq!(e.kind(), Kind::Inconsistent);
     assert!(e.to_string().contains("qwen-emb.safetensors") && e.to_string().contains("prompt_embeds_mask"), "{e}");
     let keep = mask.to_dtype(candle_core::DType::F32).unwrap().unsqueeze(2).unwrap();
@@ -438,6 +438,6 @@ fn prompt_masks_reach_qwen_and_wan_accepts_only_zero_padding() {
     let wt: std::collections::HashMap<String, Tensor> =
         [("prompt_embeds".to_string(), zeroed), ("prompt_embeds_mask".to_string(), mask)].into();
     candle_core::safetensors::save(&wt, &wfile).unwrap();
-    let w = phasekit::train::transformer::Embeddings::load(&s(&wfile), &wan, [1, 4, 4], None, 0, &dev).unwrap();
-    assert!(w.mask.is_none() && matches!(w.cond(&[0]).unwrap(), Cond::Embedding(_)));
+    let w = phasekit::train::transformer::Embeddings::load(&s(&wfile), &wan, &[[1, 4, 4]], None, 0, &dev).unwrap();
+    assert!(w.mask.is_none() && matches!(w.cond(&[0], [1, 4, 4]).unwrap(), Cond::Embedding(_)));
 }

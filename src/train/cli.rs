@@ -361,7 +361,7 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
         let l = run.info.geometry.latent;
         let geo = latent_geometry(&run.experts[0], [0, 1, 2].map(|k| shape[k].unwrap_or(l[k])))?;
         let task = Some(run.info.task);
-        let emb = a.cond.as_deref().map(|c| Embeddings::load(c, &run.experts[0], geo.latent, task, cond_seed, &dev)).transpose()?;
+        let emb = a.cond.as_deref().map(|c| Embeddings::load(c, &run.experts[0], &[geo.latent], task, cond_seed, &dev)).transpose()?;
         let emb = emb.as_ref().unwrap_or(&run.emb);
         emb.check_latent(&run.experts[0], geo.latent).map_err(Error::usage)?;
         let x = run.sample_with(a.n, a.steps, a.seed, &geo, emb)?;
@@ -375,7 +375,7 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
             )
         })?;
         let geo = m.geometry(shape)?;
-        let emb = Embeddings::load(cond, &m.experts[0], geo.latent, None, cond_seed, &dev)?;
+        let emb = Embeddings::load(cond, &m.experts[0], &[geo.latent], None, cond_seed, &dev)?;
         (m.sample(a.n, a.steps, a.seed, &geo, &emb)?, m.family, m.routing.steps as usize, dtype)
     };
     let dtype = dtype_name(dtype);

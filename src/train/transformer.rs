@@ -429,12 +429,14 @@ impl Denoiser for Routed<'_> {
 }
 
 /// Precomputed conditions: `prompt_embeds [N, L, C]`, optional `negative_prompt_embeds [1, L', C]`
-/// and, for image-to-video, `image_condition` (one per prompt; see [`ImageMode`] for its shape).
+/// and, for image-to-video, `image_condition` (one per prompt; see [`ImageMode`] for its shape),
+/// or one such tensor per training latent size (`image_condition.<anything>`, e.g.
+/// `image_condition.21x60x104`), the same images prepared at each size.
 pub struct Embeddings {
     pub prompts: Tensor,
     pub negative: Option<Tensor>,
-    /// Per-prompt image conditions `[N, …]` and how the model takes them.
-    pub image: Option<(Tensor, ImageMode)>,
+    /// Per-prompt image conditions: one set `[N, …]` per latent size, and how the model takes them.
+    pub image: Option<(Vec<Tensor>, ImageMode)>,
     /// Qwen-Image: the key mask `[N, L]` (f32) of prompts padded to one length
     /// (`prompt_embeds_mask`, as the pipeline returns it).
     pub mask: Option<Tensor>,
@@ -453,9 +455,9 @@ impl Embeddings {
     ///
     /// `task`: `Some(I2v)` needs an image condition per prompt, `Some(T2v)` refuses a file that
     /// has them, `None` decides by the model and the file (a model with extra input channels,
-    /// I2V-A14B, needs them; otherwise they are used when the file has them). `latent` is the
-    /// latent size `[frames, height, width]` the conditions must fit (and random ones are drawn at).
-    pub fn load(spec: &str, net: &Net, latent: [usize; 3], task: Option<Task>, seed: u64, dev: &Device) -> Result<Embeddings> {
+    /// I2V-A14B, needs them; otherwise they are used when the file has them). `latents` are the
+    /// latent sizes `[frames, height, width]` the conditions must fit (random ones are drawn at each).
+    pub fn load(spec: &str, net: &Net, latents: &[[usize; 3]], task: Option<Task>, seed: u64, dev: &Device) -> Result<Embeddings> {
         let dim = net.text_dim();
         let mode = net.image_mode();
         let wants = |has_image: bool| -> Result<bool> {
@@ -479,7 +481,15 @@ impl Embeddings {
             let p = Tensor::from_vec(rng.normals_f32(n * RANDOM_TOKENS * dim), (n, RANDOM_TOKENS, dim), dev).map_err(ce)?;
             let q = Tensor::from_vec(rng.normals_f32(RANDOM_TOKENS * dim), (1, RANDOM_TOKENS, dim), dev).map_err(ce)?;
             let image = match (wants(false)?, mode) {
-                (true, Some(m)) => Some((random_image(net, m, n, latent, &mut rng, dev)?, m)),
+                (true, Some(m)) => {
+                    let mut sets: Vec<Tensor> = Vec::new();
+                    for l in latents {
+                        if !sets.iter().any(|x| fits(x, m, *l)) {
+                            sets.push(random_image(net, m, n, *l, &mut rng, dev)?);
+                        }
+                    }
+                    Some((sets, m))
+                }
                 _ => None,
             };
             return Ok(Embeddings { prompts: p, negative: Some(q), image, mask: None });
@@ -502,16 +512,31 @@ impl Embeddings {
             Some(x) => Some(x.to_device(dev).map_err(ce)?),
             None => None,
         };
-        let given = t.get(IMAGE_CONDITION);
-        let image = match (wants(given.is_some()).map_err(|e| e.with_path(path))?, given, mode) {
-            (true, Some(x), Some(m)) => Some((x.to_dtype(DType::F32).and_then(|x| x.to_device(dev)).map_err(ce)?, m)),
-            (true, None, _) => {
+        let mut names: Vec<&String> =
+            t.keys().filter(|k| *k == IMAGE_CONDITION || k.strip_prefix(IMAGE_CONDITION).is_some_and(|r| r.starts_with('.'))).collect();
+        names.sort();
+        let given: Vec<&Tensor> = names.iter().map(|k| &t[*k]).collect();
+        let image = match (wants(!given.is_empty()).map_err(|e| e.with_path(path))?, given.is_empty(), mode) {
+            (true, false, Some(m)) => {
+                let sets = given.iter().map(|x| x.to_device(dev)).collect::<CResult<Vec<_>>>().map_err(ce)?;
+                for (i, (x, name)) in sets.iter().zip(&names).enumerate() {
+                    let want = image_dims(net, m, prompts.dim(0).map_err(ce)?, x.dims());
+                    if x.dims() != want.as_slice() {
+                        return Err(Error::inconsistent(path, format!("{name} is {:?}; the model needs {:?}", x.dims(), want)));
+                    }
+                    if let Some(j) = (0..i).find(|&j| same_size(&sets[j], x, m)) {
+                        return Err(Error::inconsistent(path, format!("{name} and {} are for the same latent size", names[j])));
+                    }
+                }
+                Some((sets, m))
+            }
+            (true, true, _) => {
                 return Err(Error::inconsistent(
                     path,
                     format!("has no '{IMAGE_CONDITION}': image-to-video needs one per prompt (docs/recipes.md, Image-to-video)"),
                 ))
             }
-            (false, Some(_), _) if task == Some(Task::T2v) => {
+            (false, false, _) if task == Some(Task::T2v) => {
                 return Err(Error::inconsistent(
                     path,
                     format!("has '{IMAGE_CONDITION}' but the run is text-to-video: set [transformer] task = \"i2v\" to use it"),
@@ -532,15 +557,9 @@ impl Embeddings {
             image,
             mask: mask.map(|m| m.to_device(dev)).transpose().map_err(ce)?,
         };
-        if let Some((x, _)) = &e.image {
-            if x.dim(0).map_err(ce)? != e.count() {
-                return Err(Error::inconsistent(
-                    path,
-                    format!("{IMAGE_CONDITION} has {} rows for {} prompts", x.dim(0).map_err(ce)?, e.count()),
-                ));
-            }
+        for l in latents {
+            e.check_latent(net, *l).map_err(|m| Error::inconsistent(path, m))?;
         }
-        e.check_latent(net, latent).map_err(|m| Error::inconsistent(path, m))?;
         Ok(e)
     }
 
@@ -548,26 +567,30 @@ impl Embeddings {
         self.prompts.dims()[0]
     }
 
-    /// Whether the image conditions fit `net` at latent size `latent` (an explanation if not).
+    /// Whether an image condition fits `net` at latent size `latent` (an explanation if not).
     pub fn check_latent(&self, net: &Net, latent: [usize; 3]) -> std::result::Result<(), String> {
-        let Some((x, mode)) = &self.image else { return Ok(()) };
+        let Some((sets, mode)) = &self.image else { return Ok(()) };
         let [f, h, w] = latent;
-        let want = match mode {
-            ImageMode::Channels => vec![self.count(), net.in_channels() - net.out_channels(), f, h, w],
-            ImageMode::FirstFrame => vec![self.count(), net.in_channels(), 1, h, w],
-        };
-        if x.dims() != want.as_slice() {
-            return Err(format!("{IMAGE_CONDITION} is {:?}; at latent size {latent:?} the model needs {want:?}", x.dims()));
+        let want = image_dims(net, *mode, self.count(), &[0, 0, f, h, w]);
+        if !sets.iter().any(|x| x.dims() == want.as_slice()) {
+            let have: Vec<_> = sets.iter().map(|x| x.dims().to_vec()).collect();
+            return Err(format!("no {IMAGE_CONDITION} fits latent size {latent:?}, which needs {want:?} (the file has {have:?})"));
         }
         Ok(())
     }
 
-    /// Conditions of prompts `idx` (with their images for image-to-video).
-    pub fn cond(&self, idx: &[u32]) -> CResult<Cond> {
+    /// Conditions of prompts `idx` at latent size `latent` (with their images for image-to-video).
+    pub fn cond(&self, idx: &[u32], latent: [usize; 3]) -> CResult<Cond> {
         let it = Tensor::new(idx, self.prompts.device())?;
         let text = self.prompts.index_select(&it, 0)?;
         Ok(match (&self.image, &self.mask) {
-            (Some((x, mode)), _) => Cond::Image { text, image: x.index_select(&it, 0)?, mode: *mode },
+            (Some((sets, mode)), _) => {
+                let x = sets
+                    .iter()
+                    .find(|x| fits(x, *mode, latent))
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no {IMAGE_CONDITION} fits latent size {latent:?}")))?;
+                Cond::Image { text, image: x.index_select(&it, 0)?, mode: *mode }
+            }
             (None, Some(m)) => Cond::Masked { text, mask: m.index_select(&it, 0)? },
             (None, None) => Cond::Embedding(text),
         })
@@ -579,8 +602,14 @@ impl Embeddings {
         if let Some(n) = &self.negative {
             t.push(("negative_prompt_embeds".to_string(), n.clone()));
         }
-        if let Some((x, _)) = &self.image {
-            t.push((IMAGE_CONDITION.to_string(), x.clone()));
+        if let Some((sets, _)) = &self.image {
+            for x in sets {
+                let name = match sets.len() {
+                    1 => IMAGE_CONDITION.to_string(),
+                    _ => format!("{IMAGE_CONDITION}.{}", x.dims()[2..].iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")),
+                };
+                t.push((name, x.clone()));
+            }
         }
         if let Some(m) = &self.mask {
             t.push(("prompt_embeds_mask".to_string(), m.clone()));
@@ -631,6 +660,37 @@ fn trim_to_mask(e: &Tensor, m: &Tensor) -> std::result::Result<Tensor, String> {
         return Err(format!("must be [1, {l}] with leading ones then zeros"));
     }
     e.narrow(1, 0, k).map_err(|x| x.to_string())
+}
+
+/// Whether an image-condition set `x` serves latent size `latent`: the same frames, height and
+/// width (channels), or the same height and width (first frame, any frame count).
+fn fits(x: &Tensor, mode: ImageMode, latent: [usize; 3]) -> bool {
+    let d = x.dims();
+    match mode {
+        ImageMode::Channels => d.len() == 5 && d[2..] == latent,
+        ImageMode::FirstFrame => d.len() == 5 && d[3..] == latent[1..],
+    }
+}
+
+/// Whether two image-condition sets serve the same latent sizes.
+fn same_size(a: &Tensor, b: &Tensor, mode: ImageMode) -> bool {
+    match mode {
+        ImageMode::Channels => a.dims()[2..] == b.dims()[2..],
+        ImageMode::FirstFrame => a.dims()[3..] == b.dims()[3..],
+    }
+}
+
+/// The shape an image-condition set of `n` prompts must have for `net`, given its own dims
+/// (which fix the latent size): `[n, C', F, H, W]` (channels) or `[n, C, 1, H, W]` (first frame).
+fn image_dims(net: &Net, mode: ImageMode, n: usize, dims: &[usize]) -> Vec<usize> {
+    let (f, h, w) = match dims {
+        [_, _, f, h, w] => (*f, *h, *w),
+        _ => (0, 0, 0),
+    };
+    match mode {
+        ImageMode::Channels => vec![n, net.in_channels() - net.out_channels(), f, h, w],
+        ImageMode::FirstFrame => vec![n, net.in_channels(), 1, h, w],
+    }
 }
 
 /// `n` random image conditions for `net` at latent size `latent`: standard-normal image latents
@@ -923,7 +983,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     }
     let (geos, geo_w) = geometries(r, &tc, &bases[0])?;
     let task = r.task();
-    let emb = Embeddings::load(&tc.embeddings, &bases[0], geos[0].latent, Some(task), r.seed, &device)?;
+    let latents: Vec<[usize; 3]> = geos.iter().map(|g| g.latent).collect();
+    let emb = Embeddings::load(&tc.embeddings, &bases[0], &latents, Some(task), r.seed, &device)?;
     for g in &geos {
         emb.check_latent(&bases[0], g.latent).map_err(|m| Error::usage(format!("recipe: resolutions: {m}")))?;
     }
@@ -947,10 +1008,17 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     let teacher =
         Routed { high: Some(&teacher_views[0]), low: teacher_views.get(1).map(|t| t as &dyn Denoiser), boundary: tc.expert_boundary };
     let n_prompts = emb.count();
-    let sampler = |rng: &mut Rng, n: usize| -> CResult<Cond> {
-        let idx: Vec<u32> = (0..n).map(|_| rng.below(n_prompts) as u32).collect();
-        emb.cond(&idx)
-    };
+    // One condition sampler per training latent size (the image conditions depend on it).
+    let samplers: Vec<_> = geos
+        .iter()
+        .map(|g| {
+            let (emb, latent) = (&emb, g.latent);
+            move |rng: &mut Rng, n: usize| -> CResult<Cond> {
+                let idx: Vec<u32> = (0..n).map(|_| rng.below(n_prompts) as u32).collect();
+                emb.cond(&idx, latent)
+            }
+        })
+        .collect();
     let total: u64 = (0..sched.phases.len()).map(|p| r.updates(p)).sum();
     let gen_params = ParamsAdamW {
         lr: r.train.gen_lr,
@@ -1084,7 +1152,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             teacher: &teacher,
             guidance: r.teacher.guidance,
             experts: &expert_refs,
-            sample_cond: &sampler,
+            sample_cond: &samplers[gi],
             item: &geos[gi].item,
             t_range,
             device: &device,
@@ -1343,7 +1411,7 @@ impl TransformerRun {
             }
         }
         let emb_path = dir.join(&info.embeddings);
-        let emb = Embeddings::load(&emb_path.display().to_string(), &bases[0], info.geometry.latent, Some(info.task), 0, device)?;
+        let emb = Embeddings::load(&emb_path.display().to_string(), &bases[0], &[info.geometry.latent], Some(info.task), 0, device)?;
         let mut experts = Vec::new();
         for e in &info.experts {
             let mut n = bases.get(e.base).ok_or_else(|| Error::malformed(&p, "expert base index out of range"))?.base_view();
@@ -1399,7 +1467,7 @@ pub fn sample_latents(
     let mut rng = Rng::new(seed);
     let z = dmd::noise_on(&mut rng, n, &geo.item, &dev).map_err(ce)?;
     let idx: Vec<u32> = (0..n).map(|i| (i % emb.count()) as u32).collect();
-    sample_from(experts, route, sigmas, z, &emb.cond(&idx).map_err(ce)?)
+    sample_from(experts, route, sigmas, z, &emb.cond(&idx, geo.latent).map_err(ce)?)
 }
 
 /// [`sample_latents`] from the noise `z` and conditions `cond` (one per sample): Euler over
