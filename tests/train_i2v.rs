@@ -202,20 +202,26 @@ fn i2v_a14b_tiny_run_trains_samples_and_resumes_bit_identically() {
     assert!(rel_l2(&u[0].1, &t[0].1) < 1e-5, "moe vs run samples differ");
 }
 
-#[test]
-fn ti2v_image_to_video_run_keeps_the_given_first_frame() {
-    setup();
+/// The tiny T2V method on the dense TI2V-shaped fixture (no expert boundary), latent 3×4×6,
+/// with task `task` (None: the model's default, t2v).
+fn ti2v_recipe(task: Option<Task>) -> (Recipe, String) {
     let (mut r, text) = recipe("wan2.2-tiny-2phase.toml");
     r.model = "wan2.2-ti2v-5b".into();
     let t = r.transformer.as_mut().unwrap();
-    let dir = fixture("wan22_ti2v_tiny", "diffusers");
-    t.checkpoint = s(&dir);
+    t.checkpoint = s(&fixture("wan22_ti2v_tiny", "diffusers"));
     t.experts = vec![];
     t.expert_boundary = None;
     t.phase1_t_range = None;
     t.resolutions = vec![[3, 4, 6]];
-    t.task = Some(Task::I2v);
+    t.task = task;
     r.train.updates_per_phase = 2;
+    (r, text)
+}
+
+#[test]
+fn ti2v_image_to_video_run_keeps_the_given_first_frame() {
+    setup();
+    let (r, text) = ti2v_recipe(Some(Task::I2v));
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("run");
     assert!(train(&r, &text, &out, TrainOptions::default()).completed);
@@ -242,16 +248,9 @@ fn image_conditions_that_do_not_fit_are_clear_errors() {
     let dev = Device::Cpu;
     let file = embeddings_file("wan22_i2v_tiny", d.path());
     // A text-to-video recipe given a file with image conditions: refused, not silently ignored.
-    let (mut r, text) = recipe("wan2.2-tiny-2phase.toml");
-    r.model = "wan2.2-ti2v-5b".into();
-    let t = r.transformer.as_mut().unwrap();
-    t.checkpoint = s(&fixture("wan22_ti2v_tiny", "diffusers"));
-    t.experts = vec![];
-    t.expert_boundary = None;
-    t.phase1_t_range = None;
-    t.resolutions = vec![[3, 4, 6]];
+    let (mut r, text) = ti2v_recipe(None);
     let ti2v_file = embeddings_file("wan22_ti2v_tiny", d.path());
-    t.embeddings = s(&ti2v_file);
+    r.transformer.as_mut().unwrap().embeddings = s(&ti2v_file);
     let e = run::train(&r, &text, &d.path().join("a"), &TrainOptions::default(), &|_| {}).unwrap_err();
     assert_eq!(e.kind(), Kind::Inconsistent, "{e}");
     assert!(e.to_string().contains("wan22_ti2v_tiny-emb.safetensors") && e.to_string().contains("task"), "{e}");
@@ -329,16 +328,8 @@ fn image_to_video_trains_at_several_latent_sizes() {
     let e = run::train(&r, &text, &d.path().join("bad"), &TrainOptions::default(), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("latent size [3, 4, 4]"), "{e}");
     // TI2V: first-frame images fit every frame count of a height and width: one set for both.
-    let (mut r, text) = recipe("wan2.2-tiny-2phase.toml");
-    r.model = "wan2.2-ti2v-5b".into();
-    let t = r.transformer.as_mut().unwrap();
-    t.checkpoint = s(&fixture("wan22_ti2v_tiny", "diffusers"));
-    t.experts = vec![];
-    t.expert_boundary = None;
-    t.phase1_t_range = None;
-    t.resolutions = vec![[3, 4, 6], [1, 4, 6]];
-    t.task = Some(Task::I2v);
-    r.train.updates_per_phase = 2;
+    let (mut r, text) = ti2v_recipe(Some(Task::I2v));
+    r.transformer.as_mut().unwrap().resolutions = vec![[3, 4, 6], [1, 4, 6]];
     let out = d.path().join("ti2v");
     assert!(train(&r, &text, &out, TrainOptions::default()).completed);
     let (e, _) = run::read_tensors(&out.join("embeddings.safetensors")).unwrap();
