@@ -455,10 +455,10 @@ impl Denoiser for WanTransformer {
                 let per = Tensor::from_vec(per, (b, tokens), x.device())?;
                 let v = self.forward(&cond.fill_fixed(x)?, &per, text)?.to_dtype(x.dtype())?;
                 // No velocity on the given frame: it is not generated.
-                if f == 1 {
-                    return v.zeros_like();
+                match cond.free_mask(&v)? {
+                    Some(m) => v.broadcast_mul(&m),
+                    None => Ok(v),
                 }
-                Tensor::cat(&[&v.narrow(2, 0, 1)?.zeros_like()?, &v.narrow(2, 1, f - 1)?], 2)
             }
             Cond::Class(_) | Cond::Masked { .. } => {
                 candle_core::bail!("the Wan transformer takes text-embedding conditions without a mask (its pipeline zero-pads prompts)")

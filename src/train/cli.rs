@@ -361,9 +361,15 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
         let l = run.info.geometry.latent;
         let geo = latent_geometry(&run.experts[0], [0, 1, 2].map(|k| shape[k].unwrap_or(l[k])))?;
         let task = Some(run.info.task);
-        let emb = a.cond.as_deref().map(|c| Embeddings::load(c, &run.experts[0], &[geo.latent], task, cond_seed, &dev)).transpose()?;
-        let emb = emb.as_ref().unwrap_or(&run.emb);
-        emb.check_latent(&run.experts[0], geo.latent).map_err(Error::usage)?;
+        // --cond is checked against the size as it loads; the run's own conditions here.
+        let given = a.cond.as_deref().map(|c| Embeddings::load(c, &run.experts[0], &[geo.latent], task, cond_seed, &dev)).transpose()?;
+        let emb = match &given {
+            Some(e) => e,
+            None => {
+                run.emb.check_latent(&run.experts[0], geo.latent).map_err(Error::usage)?;
+                &run.emb
+            }
+        };
         let x = run.sample_with(a.n, a.steps, a.seed, &geo, emb)?;
         (x, run.info.family, run.info.steps, run.dtype)
     } else {

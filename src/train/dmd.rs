@@ -73,7 +73,8 @@ pub fn step(d: &dyn Denoiser, x: &Tensor, from: f64, to: f64, cond: &Cond, rule:
     }
 }
 
-/// [`rollout`] by `rule`; Euler draws nothing from `rng`, so it is [`rollout`] exactly.
+/// [`rollout`] by `rule` (one [`step`] per interval); Euler draws nothing from `rng`, so it is
+/// [`rollout`] exactly.
 #[allow(clippy::too_many_arguments)]
 pub fn rollout_with(
     by_step: &[&dyn Denoiser],
@@ -85,9 +86,6 @@ pub fn rollout_with(
     rule: Rollout,
     rng: &mut Rng,
 ) -> CResult<Tensor> {
-    if rule == Rollout::Euler {
-        return rollout(by_step, sigmas, from, to, x, cond);
-    }
     let mut x = x;
     for i in from..to {
         x = step(by_step[i], &x, sigmas[i], sigmas[i + 1], cond, rule, rng)?;

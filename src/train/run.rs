@@ -62,19 +62,12 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(Str
 
 /// Read every tensor of a safetensors file as f32 (F32 files only), with its metadata.
 pub fn read_tensors(path: &Path) -> Result<(NamedTensors, Vec<(String, String)>)> {
-    let bytes = std::fs::read(path).with_file(path)?;
-    let h = st::parse(path, &bytes)?;
-    let mut out = Vec::new();
-    for r in &h.tensors {
-        if r.dtype != crate::DType::F32 {
-            return Err(Error::unsupported(format!("tensor '{}' is {}, training files are F32", r.name, r.dtype)).with_path(path));
+    read_decoded(path, |name, dtype, b| {
+        if dtype != crate::DType::F32 {
+            return Err(Error::unsupported(format!("tensor '{name}' is {dtype}, training files are F32")));
         }
-        let b = &bytes[(h.data_start + r.begin) as usize..(h.data_start + r.end) as usize];
-        let v: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let shape: Vec<usize> = r.shape.iter().map(|d| *d as usize).collect();
-        out.push((r.name.clone(), Tensor::from_vec(v, shape, &Device::Cpu).map_err(ce)?));
-    }
-    Ok((out, h.metadata.unwrap_or_default()))
+        Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    })
 }
 
 /// [`read_tensors`] for condition files written by other tools (diffusers pipelines, numpy): float
@@ -82,15 +75,11 @@ pub fn read_tensors(path: &Path) -> Result<(NamedTensors, Vec<(String, String)>)
 /// returned as f32. Integers beyond 2^24 lose precision; a mask's 0 and 1 do not.
 pub fn read_tensors_f32(path: &Path) -> Result<(NamedTensors, Vec<(String, String)>)> {
     use crate::DType as D;
-    let bytes = std::fs::read(path).with_file(path)?;
-    let h = st::parse(path, &bytes)?;
-    let mut out = Vec::new();
-    for r in &h.tensors {
-        let b = &bytes[(h.data_start + r.begin) as usize..(h.data_start + r.end) as usize];
-        let v: Vec<f32> = match r.dtype {
+    read_decoded(path, |name, dtype, b| {
+        Ok(match dtype {
             d if d.is_castable_float() => {
                 let mut v = vec![0f32; b.len() / d.size().unwrap_or(1).max(1)];
-                crate::cast::decode_f32(d, b, &mut v, 1.0).map_err(|e| e.with_path(path))?;
+                crate::cast::decode_f32(d, b, &mut v, 1.0)?;
                 v
             }
             D::Bool | D::U8 => b.iter().map(|x| *x as f32).collect(),
@@ -101,10 +90,23 @@ pub fn read_tensors_f32(path: &Path) -> Result<(NamedTensors, Vec<(String, Strin
             D::U32 => b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect(),
             D::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect(),
             D::U64 => b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect(),
-            d => {
-                return Err(Error::unsupported(format!("tensor '{}' is {d}, which phasekit cannot read as numbers", r.name)).with_path(path))
-            }
-        };
+            d => return Err(Error::unsupported(format!("tensor '{name}' is {d}, which phasekit cannot read as numbers"))),
+        })
+    })
+}
+
+/// Every tensor of a safetensors file, its bytes turned into f32 values by `decode(name, dtype,
+/// bytes)` (errors get the file's path), with the file's metadata.
+fn read_decoded(
+    path: &Path,
+    decode: impl Fn(&str, crate::DType, &[u8]) -> Result<Vec<f32>>,
+) -> Result<(NamedTensors, Vec<(String, String)>)> {
+    let bytes = std::fs::read(path).with_file(path)?;
+    let h = st::parse(path, &bytes)?;
+    let mut out = Vec::new();
+    for r in &h.tensors {
+        let b = &bytes[(h.data_start + r.begin) as usize..(h.data_start + r.end) as usize];
+        let v = decode(&r.name, r.dtype, b).map_err(|e| e.with_path(path))?;
         let shape: Vec<usize> = r.shape.iter().map(|d| *d as usize).collect();
         out.push((r.name.clone(), Tensor::from_vec(v, shape, &Device::Cpu).map_err(ce)?));
     }

@@ -519,12 +519,16 @@ impl Embeddings {
         let image = match (wants(!given.is_empty()).map_err(|e| e.with_path(path))?, given.is_empty(), mode) {
             (true, false, Some(m)) => {
                 let sets = given.iter().map(|x| x.to_device(dev)).collect::<CResult<Vec<_>>>().map_err(ce)?;
+                let n = prompts.dim(0).map_err(ce)?;
                 for (i, (x, name)) in sets.iter().zip(&names).enumerate() {
-                    let want = image_dims(net, m, prompts.dim(0).map_err(ce)?, x.dims());
+                    let want = match x.dims() {
+                        [_, _, f, h, w] => image_dims(net, m, n, [*f, *h, *w]),
+                        _ => image_dims(net, m, n, [0; 3]),
+                    };
                     if x.dims() != want.as_slice() {
                         return Err(Error::inconsistent(path, format!("{name} is {:?}; the model needs {:?}", x.dims(), want)));
                     }
-                    if let Some(j) = (0..i).find(|&j| same_size(&sets[j], x, m)) {
+                    if let Some(j) = (0..i).find(|&j| size_key(m, &sets[j].dims()[2..]) == size_key(m, &x.dims()[2..])) {
                         return Err(Error::inconsistent(path, format!("{name} and {} are for the same latent size", names[j])));
                     }
                 }
@@ -570,8 +574,7 @@ impl Embeddings {
     /// Whether an image condition fits `net` at latent size `latent` (an explanation if not).
     pub fn check_latent(&self, net: &Net, latent: [usize; 3]) -> std::result::Result<(), String> {
         let Some((sets, mode)) = &self.image else { return Ok(()) };
-        let [f, h, w] = latent;
-        let want = image_dims(net, *mode, self.count(), &[0, 0, f, h, w]);
+        let want = image_dims(net, *mode, self.count(), latent);
         if !sets.iter().any(|x| x.dims() == want.as_slice()) {
             let have: Vec<_> = sets.iter().map(|x| x.dims().to_vec()).collect();
             return Err(format!("no {IMAGE_CONDITION} fits latent size {latent:?}, which needs {want:?} (the file has {have:?})"));
@@ -662,31 +665,24 @@ fn trim_to_mask(e: &Tensor, m: &Tensor) -> std::result::Result<Tensor, String> {
     e.narrow(1, 0, k).map_err(|x| x.to_string())
 }
 
-/// Whether an image-condition set `x` serves latent size `latent`: the same frames, height and
-/// width (channels), or the same height and width (first frame, any frame count).
+/// The part of a latent size `[F, H, W]` (or of an image-condition set's dims after the batch and
+/// channel axes) that decides which set serves it: all of it for channels, height and width for a
+/// first frame (which serves any frame count).
+fn size_key(mode: ImageMode, fhw: &[usize]) -> &[usize] {
+    match mode {
+        ImageMode::Channels => fhw,
+        ImageMode::FirstFrame => fhw.get(1..).unwrap_or(&[]),
+    }
+}
+
+/// Whether an image-condition set `x` serves latent size `latent`.
 fn fits(x: &Tensor, mode: ImageMode, latent: [usize; 3]) -> bool {
-    let d = x.dims();
-    match mode {
-        ImageMode::Channels => d.len() == 5 && d[2..] == latent,
-        ImageMode::FirstFrame => d.len() == 5 && d[3..] == latent[1..],
-    }
+    x.rank() == 5 && size_key(mode, &x.dims()[2..]) == size_key(mode, &latent)
 }
 
-/// Whether two image-condition sets serve the same latent sizes.
-fn same_size(a: &Tensor, b: &Tensor, mode: ImageMode) -> bool {
-    match mode {
-        ImageMode::Channels => a.dims()[2..] == b.dims()[2..],
-        ImageMode::FirstFrame => a.dims()[3..] == b.dims()[3..],
-    }
-}
-
-/// The shape an image-condition set of `n` prompts must have for `net`, given its own dims
-/// (which fix the latent size): `[n, C', F, H, W]` (channels) or `[n, C, 1, H, W]` (first frame).
-fn image_dims(net: &Net, mode: ImageMode, n: usize, dims: &[usize]) -> Vec<usize> {
-    let (f, h, w) = match dims {
-        [_, _, f, h, w] => (*f, *h, *w),
-        _ => (0, 0, 0),
-    };
+/// The shape an image-condition set of `n` prompts must have for `net` at latent size `[f, h, w]`:
+/// `[n, C', F, H, W]` (channels) or `[n, C, 1, H, W]` (first frame).
+fn image_dims(net: &Net, mode: ImageMode, n: usize, [f, h, w]: [usize; 3]) -> Vec<usize> {
     match mode {
         ImageMode::Channels => vec![n, net.in_channels() - net.out_channels(), f, h, w],
         ImageMode::FirstFrame => vec![n, net.in_channels(), 1, h, w],
@@ -984,10 +980,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     let (geos, geo_w) = geometries(r, &tc, &bases[0])?;
     let task = r.task();
     let latents: Vec<[usize; 3]> = geos.iter().map(|g| g.latent).collect();
+    // A file's image conditions are checked against every training size as they load.
     let emb = Embeddings::load(&tc.embeddings, &bases[0], &latents, Some(task), r.seed, &device)?;
-    for g in &geos {
-        emb.check_latent(&bases[0], g.latent).map_err(|m| Error::usage(format!("recipe: resolutions: {m}")))?;
-    }
     for b in bases.iter_mut() {
         b.set_null_text(emb.negative.clone());
         b.set_img_shape(geos[0].img_shape);
