@@ -426,7 +426,7 @@ fn amax_of(ck: &Checkpoint, t: &OutTensor) -> Result<f32> {
             let hi = (lo + chunk).min(n);
             let mut buf = vec![0f32; hi - lo];
             decode_range(e, bytes, lo, hi, scale, &mut buf)?;
-            Ok(cast::amax(&buf))
+            Ok::<f32, Error>(cast::amax(&buf))
         })
         .try_reduce(|| 0f32, |a, b| Ok(a.max(b)))?;
     ck.release(e);

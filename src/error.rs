@@ -63,20 +63,34 @@ impl Kind {
     }
 }
 
-/// phasekit's error: a kind, an optional file and a one-line message.
+/// phasekit's error: a kind, an optional file and a one-line message, with structured fields
+/// where a caller (or a test, or `--json`) needs them: the tensor it is about, and what was
+/// expected and found.
 #[derive(Debug)]
 pub struct Error {
     kind: Kind,
     path: Option<PathBuf>,
     msg: String,
     source: Option<std::io::Error>,
+    detail: Option<Box<Detail>>,
+}
+
+/// Structured fields of an [`Error`] (each also said in its message).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Detail {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub found: Option<String>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
-        Error { kind, path: None, msg: one_line(msg.into()), source: None }
+        Error { kind, path: None, msg: one_line(msg.into()), source: None, detail: None }
     }
     pub fn at(kind: Kind, path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::new(kind, msg).with_path(path)
@@ -84,7 +98,7 @@ impl Error {
     /// An I/O error about `path`; a missing file or a full disk keeps its OS message.
     pub fn io(path: impl AsRef<Path>, err: std::io::Error) -> Self {
         let msg = err.to_string();
-        Error { kind: Kind::Io, path: Some(path.as_ref().to_path_buf()), msg: one_line(msg), source: Some(err) }
+        Error { kind: Kind::Io, path: Some(path.as_ref().to_path_buf()), msg: one_line(msg), source: Some(err), detail: None }
     }
     pub fn truncated(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
         Error::at(Kind::Truncated, path, msg)
@@ -121,6 +135,22 @@ impl Error {
     pub fn context(mut self, ctx: impl fmt::Display) -> Self {
         self.msg = one_line(format!("{ctx}: {}", self.msg));
         self
+    }
+    /// Name the tensor the error is about (kept as a field; the message should say it too).
+    pub fn with_tensor(mut self, name: impl Into<String>) -> Self {
+        self.detail.get_or_insert_with(Default::default).tensor = Some(name.into());
+        self
+    }
+    /// Record what was expected and what was found (shapes, dtypes, sizes).
+    pub fn with_expected_found(mut self, expected: impl Into<String>, found: impl Into<String>) -> Self {
+        let d = self.detail.get_or_insert_with(Default::default);
+        d.expected = Some(expected.into());
+        d.found = Some(found.into());
+        self
+    }
+    /// The structured fields, when the error has any.
+    pub fn detail(&self) -> Option<&Detail> {
+        self.detail.as_deref()
     }
     pub fn kind(&self) -> Kind {
         self.kind
@@ -186,5 +216,83 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn with_file(self, path: &Path) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+/// candle's errors keep their cause and get the kind that fits it: running out of memory (a
+/// CUDA out-of-memory, a failed allocation) is [`Kind::Limit`] (exit 9), an op candle was not
+/// built for is [`Kind::Unsupported`], everything else is a bug on our side ([`Kind::Internal`])
+/// with candle's whole message (the op, the shapes) on one line, without a backtrace.
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Error {
+        use candle_core::Error as C;
+        let mut e = e;
+        // Unwrap the layers that only add a backtrace or a path.
+        let path = loop {
+            match e {
+                C::WithBacktrace { inner, .. } => e = *inner,
+                C::WithPath { inner, path } => {
+                    let inner = Error::from(*inner);
+                    return inner.with_path(path);
+                }
+                other => break other,
+            }
+        };
+        let e = path;
+        let text = candle_message(&e);
+        let kind = match &e {
+            _ if is_out_of_memory(&text) => Kind::Limit,
+            C::NotCompiledWithCudaSupport | C::NotCompiledWithMetalSupport | C::BackwardNotSupported { .. } => Kind::Unsupported,
+            C::UnsupportedDTypeForOp(..) => Kind::Unsupported,
+            C::Io(_) => Kind::Io,
+            _ => Kind::Internal,
+        };
+        let msg = match kind {
+            Kind::Limit => format!("out of memory: {text}"),
+            _ => format!("tensor: {text}"),
+        };
+        let mut out = Error::new(kind, clean_long(&msg));
+        if let C::ShapeMismatchBinaryOp { lhs, rhs, .. } = &e {
+            out = out.with_expected_found(format!("{lhs:?}"), format!("{rhs:?}"));
+        }
+        if let C::UnexpectedShape { expected, got, .. } = &e {
+            out = out.with_expected_found(format!("{expected:?}"), format!("{got:?}"));
+        }
+        out
+    }
+}
+
+/// candle's message without the stack-frame list some backends append (and one line).
+fn candle_message(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    let mut keep = Vec::new();
+    for l in text.lines() {
+        let t = l.trim();
+        // Backtraces: "   0: <unknown>", "at src/...", "stack backtrace:".
+        let frame = t.split_once(':').is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+        if frame || t.starts_with("at ") || t.starts_with("stack backtrace") || t.is_empty() {
+            continue;
+        }
+        keep.push(t.to_string());
+    }
+    keep.join(" ")
+}
+
+/// Whether a (candle or driver) message reports an allocation failure.
+pub fn is_out_of_memory(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("out_of_memory") || t.contains("out of memory") || t.contains("memory allocation of") || t.contains("cannot allocate")
+}
+
+/// [`clean`] with a larger cap, for messages that carry shapes.
+fn clean_long(s: &str) -> String {
+    if s.chars().count() <= 200 {
+        return clean(s);
+    }
+    let cut: String = s.chars().take(600).filter(|c| !c.is_control()).collect();
+    if cut.len() < s.len() {
+        format!("{cut}…")
+    } else {
+        cut
     }
 }

@@ -21,6 +21,7 @@ pub mod moe;
 pub mod progress;
 pub mod quant;
 pub mod replica;
+pub mod rng;
 pub mod safetensors;
 pub mod store;
 pub mod train;

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use phasekit::model::checkpoint::checkpointed_grads;
+use phasekit::model::denoiser::{Cond, Denoiser};
 use phasekit::model::linear::LoraConfig;
 use phasekit::model::qwen::QwenImageTransformer;
 use phasekit::model::{rel_l2, Param, Parameters, TrainMode};
-use phasekit::train::denoiser::{Cond, Denoiser};
 
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen_image_tiny").join(p)

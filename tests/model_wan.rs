@@ -269,7 +269,7 @@ fn fp8_with_scales_loads_dequantized() {
 
 #[test]
 fn denoiser_maps_sigma_to_timestep() {
-    use phasekit::train::denoiser::{Cond, Denoiser};
+    use phasekit::model::denoiser::{Cond, Denoiser};
     let i = inputs();
     let m = WanTransformer::open(&fixture("diffusers"), DType::F32, &Device::Cpu).unwrap();
     // t = 937.5 and 250 are 1000σ exactly for these σ (σ = t·0.001 would round in f32, and

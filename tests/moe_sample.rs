@@ -10,7 +10,9 @@ use common::{run, run_ok, tests_dir};
 use phasekit::moe::format::KIND_TOY_MLP;
 use phasekit::moe::MoeCheckpoint;
 use phasekit::train::recipe::Recipe;
-use phasekit::train::run::{self as trun, LoadedMoe, LoadedRun, TrainOptions};
+use phasekit::train::rundir as trun;
+use phasekit::train::toy::sample::{LoadedMoe, LoadedRun};
+use phasekit::train::TrainOptions;
 
 fn s(p: &Path) -> String {
     p.display().to_string()
@@ -37,7 +39,7 @@ fn toy_run(dir: &Path, phases: &[usize]) -> PathBuf {
     phasekit::train::single_threaded_kernels();
     let r = tiny(phases);
     let out = dir.join("run");
-    trun::train(&r, &r.to_toml(), &out, &TrainOptions { eval_samples: 0, ..Default::default() }, &|_| {}).unwrap();
+    phasekit::train::train(&r, &r.to_toml(), &out, &TrainOptions { eval_samples: 0, ..Default::default() }, &|_| {}).unwrap();
     out
 }
 
@@ -73,7 +75,7 @@ fn toy_run_assembles_verifies_and_samples_through_the_checkpoint_bit_for_bit() {
     assert_eq!(r.steps as usize, run_.manifest.steps);
     assert_eq!(r.shift, run_.manifest.shift);
     // The one-step first phase serves σ = 1 only ([1, 1) in the run): stored as [1 − 10⁻⁹, 1).
-    let below_one = 1.0 - trun::TOP_EXPERT_WIDTH;
+    let below_one = 1.0 - phasekit::train::toy::TOP_EXPERT_WIDTH;
     assert_eq!(run_.manifest.experts[0].sigma_range, [1.0, 1.0]);
     assert_eq!([r.experts[0].sigma_lo, r.experts[0].sigma_hi], [below_one, 1.0]);
     assert_eq!(r.experts[1].sigma_hi, below_one);

@@ -15,8 +15,9 @@ use common::{run, run_ok};
 use phasekit::moe::format::{MoeMeta, FORMAT_TAG, FORMAT_TAG_2};
 use phasekit::moe::MoeCheckpoint;
 use phasekit::train::recipe::Recipe;
-use phasekit::train::run::{self as trun, TrainOptions};
-use phasekit::train::transformer::TransformerRun;
+use phasekit::train::rundir as trun;
+use phasekit::train::transformer::sample::TransformerRun;
+use phasekit::train::TrainOptions;
 use phasekit::Kind;
 
 fn s(p: &Path) -> String {
@@ -29,7 +30,7 @@ fn repo() -> PathBuf {
 
 fn train(r: &Recipe, out: &Path) {
     phasekit::train::single_threaded_kernels();
-    let sum = trun::train(r, &r.to_toml(), out, &TrainOptions::default(), &|_| {}).unwrap();
+    let sum = phasekit::train::train(r, &r.to_toml(), out, &TrainOptions::default(), &|_| {}).unwrap();
     assert!(sum.completed);
 }
 

@@ -10,7 +10,9 @@ use phasekit::train::experiments::{methods, recipe_for, PHASED4};
 use phasekit::train::metrics::{self, Metrics};
 use phasekit::train::mixture::Mixture;
 use phasekit::train::recipe::Recipe;
-use phasekit::train::run::{self, LoadedRun, TrainOptions};
+use phasekit::train::rundir as run;
+use phasekit::train::toy::sample::LoadedRun;
+use phasekit::train::TrainOptions;
 
 /// Generator updates per run (split over phases) and batch size of the claims' runs.
 const UPDATES: u64 = 400;
@@ -31,7 +33,7 @@ fn teacher(dir: &Path, seed: u64) -> (std::path::PathBuf, Mixture) {
     base.seed = seed;
     base.teacher.pretrain.steps = PRETRAIN;
     let mix = Mixture::new(&base.mixture).unwrap();
-    let t = run::pretrain_teacher(&base, &mix, &|_, _, _| {}).unwrap();
+    let t = phasekit::train::toy::pretrain_teacher(&base, &mix, &|_, _, _| {}).unwrap();
     let f = dir.join(format!("teacher-{seed}.safetensors"));
     run::write_tensors(&f, &t.named_tensors(), &[]).unwrap();
     (f, mix)
@@ -54,7 +56,7 @@ fn train_at(key: &str, seed: u64, dir: &Path, teacher: &Path, mix: &Mixture, upd
     r.train.batch = batch;
     r.train.log_every = 0;
     let out = dir.join(format!("{key}-{seed}"));
-    run::train(&r, &r.to_toml(), &out, &TrainOptions::default(), &|_| {}).unwrap();
+    phasekit::train::train(&r, &r.to_toml(), &out, &TrainOptions::default(), &|_| {}).unwrap();
     let x = LoadedRun::open(&out).unwrap().sample(EVAL, None, seed ^ 0xE7A1, None).unwrap();
     metrics::evaluate(&x, mix, seed ^ 0xE7A1 ^ 0x5EED)
 }

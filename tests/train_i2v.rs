@@ -13,10 +13,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{run_ok, tests_dir};
-use phasekit::train::denoiser::{guided, Cond, ImageMode};
+use phasekit::model::denoiser::{guided, Cond, ImageMode};
 use phasekit::train::recipe::{Recipe, Task};
-use phasekit::train::run::{self, TrainOptions};
-use phasekit::train::transformer::{sample_from, Embeddings, Net, IMAGE_CONDITION};
+use phasekit::train::rundir as run;
+use phasekit::train::transformer::data::{Embeddings, IMAGE_CONDITION};
+use phasekit::train::transformer::net::Net;
+use phasekit::train::transformer::sample::sample_from;
+use phasekit::train::TrainOptions;
 use phasekit::Kind;
 
 fn setup() {
@@ -129,8 +132,8 @@ fn i2v_forward_with_36_input_channels_matches_diffusers() {
     assert!(e < 1e-5, "{e:.3e}");
 }
 
-fn train(r: &Recipe, text: &str, out: &Path, opts: TrainOptions) -> run::Summary {
-    run::train(r, text, out, &opts, &|_| {}).unwrap()
+fn train(r: &Recipe, text: &str, out: &Path, opts: TrainOptions) -> phasekit::train::rundir::Summary {
+    phasekit::train::train(r, text, out, &opts, &|_| {}).unwrap()
 }
 
 fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
@@ -251,16 +254,16 @@ fn image_conditions_that_do_not_fit_are_clear_errors() {
     let (mut r, text) = ti2v_recipe(None);
     let ti2v_file = embeddings_file("wan22_ti2v_tiny", d.path());
     r.transformer.as_mut().unwrap().embeddings = s(&ti2v_file);
-    let e = run::train(&r, &text, &d.path().join("a"), &TrainOptions::default(), &|_| {}).unwrap_err();
+    let e = phasekit::train::train(&r, &text, &d.path().join("a"), &TrainOptions::default(), &|_| {}).unwrap_err();
     assert_eq!(e.kind(), Kind::Inconsistent, "{e}");
     assert!(e.to_string().contains("wan22_ti2v_tiny-emb.safetensors") && e.to_string().contains("task"), "{e}");
     // With task = "i2v" the same file trains.
     r.transformer.as_mut().unwrap().task = Some(Task::I2v);
     r.train.updates_per_phase = 1;
-    assert!(run::train(&r, &text, &d.path().join("b"), &TrainOptions::default(), &|_| {}).unwrap().completed);
+    assert!(phasekit::train::train(&r, &text, &d.path().join("b"), &TrainOptions::default(), &|_| {}).unwrap().completed);
     // A resolution the image does not fit.
     r.transformer.as_mut().unwrap().resolutions = vec![[3, 4, 4]];
-    let e = run::train(&r, &text, &d.path().join("c"), &TrainOptions::default(), &|_| {}).unwrap_err();
+    let e = phasekit::train::train(&r, &text, &d.path().join("c"), &TrainOptions::default(), &|_| {}).unwrap_err();
     assert!(e.to_string().contains(IMAGE_CONDITION), "{e}");
     // I2V-A14B: a file without image conditions, and one of the wrong shape.
     let net = Net::open(&fixture("wan22_i2v_tiny", "diffusers"), &dev).unwrap();
@@ -325,7 +328,7 @@ fn image_to_video_trains_at_several_latent_sizes() {
     t.embeddings = s(&file);
     t.resolutions = vec![[3, 4, 6], [3, 4, 4]];
     t.resolution_weights = vec![];
-    let e = run::train(&r, &text, &d.path().join("bad"), &TrainOptions::default(), &|_| {}).unwrap_err();
+    let e = phasekit::train::train(&r, &text, &d.path().join("bad"), &TrainOptions::default(), &|_| {}).unwrap_err();
     assert!(e.to_string().contains("latent size [3, 4, 4]"), "{e}");
     // TI2V: first-frame images fit every frame count of a height and width: one set for both.
     let (mut r, text) = ti2v_recipe(Some(Task::I2v));

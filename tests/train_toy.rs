@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use phasekit::rng::Rng;
 use phasekit::train::mixture::{Mixture, MixtureConfig};
 use phasekit::train::recipe::Recipe;
-use phasekit::train::run::{self, LoadedRun, TrainOptions};
 use phasekit::train::schedule::transition;
-use phasekit::train::Rng;
+use phasekit::train::toy::sample::LoadedRun;
+use phasekit::train::TrainOptions;
 use phasekit::Kind;
 
 /// candle's kernels on one thread per test (see `single_threaded_kernels`).
@@ -105,13 +106,13 @@ fn resume_after_a_stop_is_bit_identical() {
     let text = r.to_toml();
     let full = d.path().join("full");
     let o = TrainOptions { eval_samples: 0, ..Default::default() };
-    let s = run::train(&r, &text, &full, &o, &|_| {}).unwrap();
+    let s = phasekit::train::train(&r, &text, &full, &o, &|_| {}).unwrap();
     assert!(s.completed && s.global_step == 24);
     for stop in [9u64, 12] {
         let part = d.path().join(format!("part{stop}"));
-        let s = run::train(&r, &text, &part, &TrainOptions { stop_after: Some(stop), ..o.clone() }, &|_| {}).unwrap();
+        let s = phasekit::train::train(&r, &text, &part, &TrainOptions { stop_after: Some(stop), ..o.clone() }, &|_| {}).unwrap();
         assert!(!s.completed && s.global_step == stop);
-        let s = run::train(&r, &text, &part, &TrainOptions { resume: true, ..o.clone() }, &|_| {}).unwrap();
+        let s = phasekit::train::train(&r, &text, &part, &TrainOptions { resume: true, ..o.clone() }, &|_| {}).unwrap();
         assert!(s.completed);
         assert_eq!(s.resumed_from, Some(if stop == 9 { 6 } else { 12 }), "checkpoints every 4 updates of a phase and at its end");
         for k in 0..4 {
@@ -124,9 +125,9 @@ fn resume_after_a_stop_is_bit_identical() {
     // A different recipe cannot resume this run; a non-empty folder needs --resume.
     let mut other = r.clone();
     other.seed = 5;
-    let e = run::train(&other, &other.to_toml(), &full, &TrainOptions { resume: true, ..o.clone() }, &|_| {}).unwrap_err();
+    let e = phasekit::train::train(&other, &other.to_toml(), &full, &TrainOptions { resume: true, ..o.clone() }, &|_| {}).unwrap_err();
     assert_eq!(e.kind(), Kind::Inconsistent);
-    let e = run::train(&r, &text, &full, &o, &|_| {}).unwrap_err();
+    let e = phasekit::train::train(&r, &text, &full, &o, &|_| {}).unwrap_err();
     assert_eq!(e.kind(), Kind::Usage);
 }
 
@@ -136,7 +137,7 @@ fn run_folder_manifest_and_sampling() {
     let d = tempfile::tempdir().unwrap();
     let r = tiny(&[2, 4], 4);
     let out = d.path().join("run");
-    run::train(&r, &r.to_toml(), &out, &TrainOptions { eval_samples: 200, ..Default::default() }, &|_| {}).unwrap();
+    phasekit::train::train(&r, &r.to_toml(), &out, &TrainOptions { eval_samples: 200, ..Default::default() }, &|_| {}).unwrap();
     for f in [
         "recipe.toml",
         "teacher.safetensors",
@@ -193,7 +194,7 @@ fn every_recipe_parses_and_transformer_recipes_without_a_teacher_fail_naming_it(
             // The full-size recipes name teachers that are not in the repository: a clear I/O
             // error (exit 3) naming the missing path, before anything is written.
             let d = tempfile::tempdir().unwrap();
-            let e = run::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap_err();
+            let e = phasekit::train::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap_err();
             assert_eq!(e.kind(), Kind::Io, "{e}");
             assert!(e.to_string().contains("teacher checkpoint not found"), "{e}");
             assert!(!d.path().join("run").exists());
@@ -215,10 +216,11 @@ fn every_recipe_parses_and_transformer_recipes_without_a_teacher_fail_naming_it(
 #[test]
 fn x0_renoise_rollout_is_recorded_and_sampled_by_its_rule() {
     use candle_core::Tensor;
-    use phasekit::train::denoiser::{class_cond, Denoiser};
+    use phasekit::model::denoiser::Denoiser;
     use phasekit::train::dmd;
-    use phasekit::train::run::LoadedMoe;
     use phasekit::train::schedule::Rollout;
+    use phasekit::train::toy::mlp::class_cond;
+    use phasekit::train::toy::sample::LoadedMoe;
     setup();
     let d = tempfile::tempdir().unwrap();
     let euler = tiny(&[4], 4);
@@ -230,7 +232,7 @@ fn x0_renoise_rollout_is_recorded_and_sampled_by_its_rule() {
     assert!(text.contains("rollout = \"x0-renoise\""), "{text}");
     assert_eq!(Recipe::parse(&text, Path::new("x.toml")).unwrap(), r);
     let out = d.path().join("run");
-    run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    phasekit::train::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
     let run = LoadedRun::open(&out).unwrap();
     assert_eq!(run.manifest.solver, "x0-renoise");
     assert!(run.manifest.method.contains("x0-renoise"), "{}", run.manifest.method);

@@ -8,16 +8,19 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::{run_ok, tests_dir};
+use phasekit::model::denoiser::{Cond, Denoiser};
 use phasekit::model::linear::LoraConfig;
 use phasekit::model::Param;
 use phasekit::model::Parameters;
-use phasekit::train::denoiser::{Cond, Denoiser};
+use phasekit::rng::Rng;
 use phasekit::train::dmd::Phase;
 use phasekit::train::optim::{AdamW, ParamsAdamW};
 use phasekit::train::recipe::Recipe;
-use phasekit::train::run::{self, TrainOptions};
-use phasekit::train::transformer::{is_high_noise, Net, Routed, TransformerRun};
-use phasekit::train::Rng;
+use phasekit::train::rundir as run;
+use phasekit::train::transformer::net::Net;
+use phasekit::train::transformer::routing::{is_high_noise, Routed};
+use phasekit::train::transformer::sample::TransformerRun;
+use phasekit::train::TrainOptions;
 use phasekit::Kind;
 
 fn setup() {
@@ -71,7 +74,7 @@ fn wan_tiny_two_phase_runs_assembles_verifies_and_samples() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("run");
     let t0 = std::time::Instant::now();
-    let sum = run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    let sum = phasekit::train::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
     eprintln!("tiny Wan 2-phase run: {:.2} s", t0.elapsed().as_secs_f64());
     assert!(sum.completed);
     assert_eq!(sum.global_step, 6);
@@ -115,7 +118,7 @@ fn qwen_tiny_run_completes_and_samples_packed_latents() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("run");
     let t0 = std::time::Instant::now();
-    let sum = run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    let sum = phasekit::train::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
     eprintln!("tiny Qwen run: {:.2} s", t0.elapsed().as_secs_f64());
     assert!(sum.completed);
     let losses = log_losses(&out);
@@ -134,15 +137,15 @@ fn resume_after_a_stop_is_bit_identical() {
     let (r, text) = recipe("wan2.2-tiny-2phase.toml");
     let d = tempfile::tempdir().unwrap();
     let full = d.path().join("full");
-    run::train(&r, &text, &full, &TrainOptions::default(), &|_| {}).unwrap();
+    phasekit::train::train(&r, &text, &full, &TrainOptions::default(), &|_| {}).unwrap();
     // Stop mid-phase 0 (at a checkpoint), at the end of phase 0 (checkpoint written, expert
     // file not yet) and in phase 1 (after the last checkpoint: resume repeats the lost updates
     // from the phase-0 checkpoint).
     for stop in [2, 3, 4] {
         let part = d.path().join(format!("stop{stop}"));
-        let s1 = run::train(&r, &text, &part, &TrainOptions { stop_after: Some(stop), ..Default::default() }, &|_| {}).unwrap();
+        let s1 = phasekit::train::train(&r, &text, &part, &TrainOptions { stop_after: Some(stop), ..Default::default() }, &|_| {}).unwrap();
         assert!(!s1.completed);
-        let s2 = run::train(&r, &text, &part, &TrainOptions { resume: true, ..Default::default() }, &|_| {}).unwrap();
+        let s2 = phasekit::train::train(&r, &text, &part, &TrainOptions { resume: true, ..Default::default() }, &|_| {}).unwrap();
         assert!(s2.completed);
         assert!(s2.resumed_from.is_some());
         for k in 0..2 {
@@ -162,7 +165,7 @@ fn with_no_updates_and_no_guidance_the_generator_is_the_teacher() {
     let text = format!("# zero steps\n{}", std::fs::read_to_string(repo().join("recipes/wan2.2-tiny-2phase.toml")).unwrap());
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("run");
-    run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    phasekit::train::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
     let dev = Device::Cpu;
     let run = TransformerRun::open(&out, &dev).unwrap();
     let teacher = Net::open(&wan_base_file(), &dev).unwrap();
@@ -304,7 +307,7 @@ fn a_missing_teacher_is_a_one_line_io_error_naming_it() {
     let missing = repo().join("tests/fixtures/no-such-teacher");
     r.transformer.as_mut().unwrap().experts = vec![s(&missing), s(&missing)];
     let d = tempfile::tempdir().unwrap();
-    let e = run::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap_err();
+    let e = phasekit::train::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap_err();
     assert_eq!(e.kind(), Kind::Io);
     assert_eq!(e.kind().exit_code(), 3);
     assert!(e.to_string().contains("no-such-teacher"), "{e}");
@@ -325,13 +328,13 @@ fn embeddings_from_a_file() {
     r.transformer.as_mut().unwrap().embeddings = s(&emb);
     r.train.updates_per_phase = 1;
     let out = d.path().join("run");
-    run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
+    phasekit::train::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap();
     assert!(!out.join("embeddings.safetensors").exists());
     // A file of the wrong width is refused, naming it.
     let bad = d.path().join("bad.safetensors");
     run::write_tensors(&bad, &[("prompt_embeds".into(), Tensor::zeros((1, 2, 7), candle_core::DType::F32, &dev).unwrap())], &[]).unwrap();
     r.transformer.as_mut().unwrap().embeddings = s(&bad);
-    let e = run::train(&r, &text, &d.path().join("run2"), &TrainOptions::default(), &|_| {}).unwrap_err();
+    let e = phasekit::train::train(&r, &text, &d.path().join("run2"), &TrainOptions::default(), &|_| {}).unwrap_err();
     assert_eq!(e.kind(), Kind::Inconsistent);
     assert!(e.to_string().contains("bad.safetensors"), "{e}");
 }
@@ -347,12 +350,12 @@ fn several_resolutions_train_in_one_run() {
         r.train.updates_per_phase = 4;
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("run");
-        assert!(run::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap().completed);
+        assert!(phasekit::train::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap().completed);
         assert!(log_losses(&out).iter().all(|(g, f)| g.is_finite() && f.is_finite()), "{name}");
         // A size that does not divide by the patch is refused up front.
         r.transformer.as_mut().unwrap().resolutions = vec![[1, 3, 4]];
         r.transformer.as_mut().unwrap().resolution_weights = vec![];
-        let e = run::train(&r, &text, &d.path().join("bad"), &TrainOptions::default(), &|_| {}).unwrap_err();
+        let e = phasekit::train::train(&r, &text, &d.path().join("bad"), &TrainOptions::default(), &|_| {}).unwrap_err();
         assert_eq!(e.kind(), Kind::Usage, "{e}");
     }
 }
@@ -365,11 +368,11 @@ fn a_bf16_base_trains_f32_adapters_and_resumes_bit_identically() {
     r.transformer.as_mut().unwrap().fake = phasekit::train::recipe::FakeKind::Full;
     let d = tempfile::tempdir().unwrap();
     let full = d.path().join("full");
-    run::train(&r, &text, &full, &TrainOptions::default(), &|_| {}).unwrap();
+    phasekit::train::train(&r, &text, &full, &TrainOptions::default(), &|_| {}).unwrap();
     assert!(log_losses(&full).iter().all(|(g, f)| g.is_finite() && f.is_finite()));
     let part = d.path().join("part");
-    run::train(&r, &text, &part, &TrainOptions { stop_after: Some(2), ..Default::default() }, &|_| {}).unwrap();
-    run::train(&r, &text, &part, &TrainOptions { resume: true, ..Default::default() }, &|_| {}).unwrap();
+    phasekit::train::train(&r, &text, &part, &TrainOptions { stop_after: Some(2), ..Default::default() }, &|_| {}).unwrap();
+    phasekit::train::train(&r, &text, &part, &TrainOptions { resume: true, ..Default::default() }, &|_| {}).unwrap();
     for k in 0..2 {
         let f = format!("experts/expert-{k}.safetensors");
         assert_eq!(tensors(&full.join(&f)), tensors(&part.join(&f)));
@@ -408,7 +411,7 @@ fn prompt_masks_reach_qwen_and_wan_accepts_only_zero_padding() {
     candle_core::safetensors::save(&t.into_iter().collect::<std::collections::HashMap<_, _>>(), &file).unwrap();
     let q = tests_dir("fixtures/qwen_image_tiny/diffusers");
     let net = Net::open(&q, &dev).unwrap();
-    let emb = phasekit::train::transformer::Embeddings::load(&s(&file), &net, &[[1, 4, 4]], None, 0, &dev).unwrap();
+    let emb = phasekit::train::transformer::data::Embeddings::load(&s(&file), &net, &[[1, 4, 4]], None, 0, &dev).unwrap();
     assert_eq!(emb.negative.as_ref().unwrap().dims(), &[1, 2, 24], "the negative is cut to its 2 tokens");
     net.set_img_shape([1, 2, 2]);
     let x = Tensor::from_vec(rng.normals_f32(2 * 4 * 16), (2, 4, 16), &dev).unwrap();
@@ -426,10 +429,10 @@ fn prompt_masks_reach_qwen_and_wan_accepts_only_zero_padding() {
     let (mut r, text) = recipe("qwen-image-tiny.toml");
     r.transformer.as_mut().unwrap().embeddings = s(&file);
     r.train.updates_per_phase = 1;
-    assert!(run::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap().completed);
+    assert!(phasekit::train::train(&r, &text, &d.path().join("run"), &TrainOptions::default(), &|_| {}).unwrap().completed);
     // Wan: junk under the mask is refused (naming the file), zero padding is taken as the pipeline does.
     let wan = Net::open(&tests_dir("fixtures/wan22_t2v_tiny/diffusers"), &dev).unwrap();
-    let e = phasekit::train::transformer::Embeddings::load(&s(&file), &wan, &[[1, 4, 4]], None, 0, &dev).err().unwrap();
+    let e = phasekit::train::transformer::data::Embeddings::load(&s(&file), &wan, &[[1, 4, 4]], None, 0, &dev).err().unwrap();
     assert_eq!(e.kind(), Kind::Inconsistent);
     assert!(e.to_string().contains("qwen-emb.safetensors") && e.to_string().contains("prompt_embeds_mask"), "{e}");
     let keep = mask.to_dtype(candle_core::DType::F32).unwrap().unsqueeze(2).unwrap();
@@ -438,6 +441,6 @@ fn prompt_masks_reach_qwen_and_wan_accepts_only_zero_padding() {
     let wt: std::collections::HashMap<String, Tensor> =
         [("prompt_embeds".to_string(), zeroed), ("prompt_embeds_mask".to_string(), mask)].into();
     candle_core::safetensors::save(&wt, &wfile).unwrap();
-    let w = phasekit::train::transformer::Embeddings::load(&s(&wfile), &wan, &[[1, 4, 4]], None, 0, &dev).unwrap();
+    let w = phasekit::train::transformer::data::Embeddings::load(&s(&wfile), &wan, &[[1, 4, 4]], None, 0, &dev).unwrap();
     assert!(w.mask.is_none() && matches!(w.cond(&[0], [1, 4, 4]).unwrap(), Cond::Embedding(_)));
 }

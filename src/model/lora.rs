@@ -20,7 +20,7 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     /// A fresh adapter: `down` ~ Kaiming-uniform-like U(−1/√in, 1/√in) from `seed`, `up` = 0.
     pub fn new(in_dim: usize, out_dim: usize, rank: usize, alpha: f64, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let mut rng = crate::train::Rng::new(seed);
+        let mut rng = crate::rng::Rng::new(seed);
         let bound = 1.0 / (in_dim as f64).sqrt();
         let vals: Vec<f32> = (0..rank * in_dim).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
         let down = Tensor::from_vec(vals, (rank, in_dim), device)?.to_dtype(dtype)?;

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod denoiser;
 pub mod linear;
 pub mod lora;
 pub mod ops;

@@ -17,7 +17,7 @@ use super::rope::{self, RopeTables};
 use super::weights::Weights;
 use super::{Param, Parameters};
 use crate::error::{Error, Kind};
-use crate::train::denoiser::{Cond, Denoiser};
+use crate::model::denoiser::{Cond, Denoiser};
 
 const EPS: f64 = 1e-6;
 

@@ -24,7 +24,7 @@ use super::rope::{self, RopeTables};
 use super::weights::{candle_err, Weights};
 use super::{Param, Parameters};
 use crate::error::{Error, Kind};
-use crate::train::denoiser::{Cond, Denoiser, ImageMode};
+use crate::model::denoiser::{Cond, Denoiser, ImageMode};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WanConfig {

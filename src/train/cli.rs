@@ -3,17 +3,18 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::denoiser::ExactMixture;
-use super::metrics::{self, Metrics};
+use super::metrics::{self, table};
+use super::quickstart;
 use super::recipe::Recipe;
-use super::run::{self, Event, LoadedMoe, LoadedRun, TrainOptions};
-use crate::error::{Error, IoContext, Kind, Result};
+use super::rundir::{self, Event, Summary};
+use super::toy::sample::{LoadedMoe, LoadedRun};
+use super::TrainOptions;
+use crate::error::{Error, Result};
 use crate::model::cli::ComputeDtype;
 
 /// `phasekit train`.
@@ -76,6 +77,10 @@ pub struct SampleArgs {
     /// sampler's noise, latents and Euler updates. The toy samples in f32 only.
     #[arg(long, value_enum)]
     pub dtype: Option<ComputeDtype>,
+    /// Transformers: the device the experts compute on, cpu, cuda or cuda:N (cuda needs
+    /// `--features cuda`; the toy samples on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Transformers: latent frames (default: the run's, or the checkpoint's phasekit.moe.sample).
     #[arg(long)]
     pub frames: Option<usize>,
@@ -174,7 +179,7 @@ fn bar(total: u64, quiet: bool) -> ProgressBar {
 }
 
 /// Run one recipe with a progress bar.
-fn train_with_bar(r: &Recipe, text: &str, out: &Path, opts: &TrainOptions, quiet: bool, label: &str) -> Result<run::Summary> {
+fn train_with_bar(r: &Recipe, text: &str, out: &Path, opts: &TrainOptions, quiet: bool, label: &str) -> Result<Summary> {
     let b = bar(1, quiet);
     b.set_prefix(label.to_string());
     let on = |e: &Event| match e {
@@ -192,7 +197,7 @@ fn train_with_bar(r: &Recipe, text: &str, out: &Path, opts: &TrainOptions, quiet
             b.set_message(format!("phase {}/{phases} gen {gen_loss:.4} fake {fake_loss:.4}", phase + 1));
         }
     };
-    let s = run::train(r, text, out, opts, &on);
+    let s = super::train(r, text, out, opts, &on);
     b.finish_and_clear();
     s
 }
@@ -218,15 +223,10 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
         a.device.clone()
     };
     let dev = crate::device::parse(&device)?;
-    if !matches!(dev, candle_core::Device::Cpu) {
-        if r.model == "toy" {
-            return Err(Error::unsupported(
-                "the toy trainer runs on the CPU (its mixture and MLP are too small for a GPU); use --device cpu",
-            ));
-        }
-        super::transformer::set_device(dev);
+    if !matches!(dev, candle_core::Device::Cpu) && r.model == "toy" {
+        return Err(Error::unsupported("the toy trainer runs on the CPU (its mixture and MLP are too small for a GPU); use --device cpu"));
     }
-    let opts = TrainOptions { resume: a.resume, stop_after: a.stop_after, eval_samples: a.eval_samples, dist };
+    let opts = TrainOptions { resume: a.resume, stop_after: a.stop_after, eval_samples: a.eval_samples, dist, device: dev };
     let s = train_with_bar(&r, &text, &a.out, &opts, quiet || json || opts.dist.rank > 0, "train")?;
     if json {
         print_json(&serde_json::json!({ "ok": true, "summary": s }));
@@ -285,7 +285,7 @@ pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
         _ => return Err(Error::usage("give exactly one of --run RUN_DIR and --moe FILE")),
     };
     let toy = match (&a.run, &a.moe) {
-        (Some(r), _) => !super::transformer::is_transformer_run(r),
+        (Some(r), _) => !super::transformer::outputs::is_transformer_run(r),
         (_, Some(m)) => crate::moe::MoeCheckpoint::open(m)?.meta().model.kind.as_deref() == Some(crate::moe::format::KIND_TOY_MLP),
         _ => unreachable!("checked above"),
     };
@@ -322,7 +322,7 @@ pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
         (key.to_string(), source.display().to_string()),
         ("phasekit.steps".to_string(), a.steps.unwrap_or(default_steps).to_string()),
     ];
-    run::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
+    rundir::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
     let m = metrics::evaluate(&x, &mixture, a.seed ^ 0x5EED);
     if json {
         print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "dtype": "f32", "metrics": m }));
@@ -335,7 +335,8 @@ pub fn sample(a: &SampleArgs, json: bool) -> Result<()> {
 
 /// `phasekit sample` on a transformer run (`--run`) or routed checkpoint (`--moe`): latents, no metrics.
 fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> Result<()> {
-    use super::transformer::{latent_geometry, Embeddings, TransformerRun};
+    use super::transformer::data::{latent_geometry, Embeddings};
+    use super::transformer::sample::{RoutedTransformer, TransformerRun};
     if a.class.is_some() {
         return Err(Error::usage("--class is for the toy; a transformer run conditions sample i on prompt i mod N"));
     }
@@ -354,7 +355,7 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
         }
         (s, _) => s.unwrap_or(0),
     };
-    let dev = super::transformer::device();
+    let dev = crate::device::parse(&a.device)?;
     let shape = [a.frames, a.height, a.width];
     let (x, family, steps, dtype) = if a.run.is_some() {
         let run = TransformerRun::open_as(source, a.dtype.map(|d| d.dtype()), &dev)?;
@@ -374,7 +375,7 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
         (x, run.info.family, run.info.steps, run.dtype)
     } else {
         let dtype = a.dtype.unwrap_or(ComputeDtype::F32).dtype();
-        let m = super::routed::RoutedTransformer::open(source, dtype, &dev)?;
+        let m = RoutedTransformer::open(source, dtype, &dev)?;
         let cond = a.cond.as_deref().ok_or_else(|| {
             Error::usage(
                 "a transformer checkpoint needs --cond FILE: prompt embeddings (prompt_embeds [N, L, C]), e.g. RUN_DIR/embeddings.safetensors",
@@ -392,7 +393,7 @@ fn sample_transformer(a: &SampleArgs, source: &Path, key: &str, json: bool) -> R
         ("phasekit.layout".to_string(), if family == "qwen_image" { "packed [N, S, C]" } else { "[N, C, F, H, W]" }.to_string()),
         ("phasekit.dtype".to_string(), dtype.clone()),
     ];
-    run::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
+    rundir::write_tensors(&a.out, &[("samples".to_string(), x.clone())], &md)?;
     if json {
         print_json(&serde_json::json!({ "ok": true, "out": a.out, "n": a.n, "shape": x.dims(), "dtype": dtype }));
     } else {
@@ -406,152 +407,68 @@ fn dtype_name(d: candle_core::DType) -> String {
     format!("{d:?}").to_lowercase()
 }
 
-/// A Markdown table of metrics.
-pub fn table(rows: &[(String, Metrics)]) -> String {
-    let mut s = String::from(
-        "| sampler | energy dist. | MMD² | modes | mode-weight err. | outliers | spread | diversity |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for (n, m) in rows {
-        s.push_str(&format!(
-            "| {n} | {:.4} | {:.4} | {}/{} | {:.3} | {:.3} | {:.2} | {:.2} |\n",
-            m.energy, m.mmd, m.modes_covered, m.modes, m.mode_weight_error, m.outliers, m.spread, m.diversity
-        ));
-    }
-    s
+/// Progress bars for quickstart's stages and jobs.
+struct Bars {
+    mp: MultiProgress,
+    quiet: bool,
+    json: bool,
 }
 
-const QUICK_PHASED: &str = include_str!("../../recipes/toy-phased-4step-4phase.toml");
-const QUICK_DMD2: &str = include_str!("../../recipes/toy-dmd2-4step.toml");
+impl quickstart::Progress for Bars {
+    fn stage(&self, msg: &str) {
+        if self.json {
+            return;
+        }
+        if self.mp.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            let _ = self.mp.println(msg);
+        }
+    }
+    fn job(&self, label: &str) -> Box<dyn Fn(&Event) + Send + Sync + '_> {
+        let b = self.mp.add(bar(1, self.quiet));
+        b.set_prefix(label.to_string());
+        Box::new(move |e: &Event| match e {
+            Event::Pretrain { step, total, loss } => {
+                b.set_length(*total);
+                b.set_position(*step);
+                b.set_message(format!("loss {loss:.4}"));
+                if step == total {
+                    b.finish_and_clear();
+                }
+            }
+            Event::Step { phase, phases, global_step, total, gen_loss, fake_loss } => {
+                b.set_length(*total);
+                b.set_position(*global_step);
+                b.set_message(format!("phase {}/{phases} gen {gen_loss:.3} fake {fake_loss:.3}", phase + 1));
+                if global_step == total {
+                    b.finish_and_clear();
+                }
+            }
+        })
+    }
+}
 
 /// `phasekit quickstart`: teacher → Phased DMD → assemble + verify → sample → metrics and plots.
 pub fn quickstart(a: &QuickstartArgs, json: bool, quiet: bool) -> Result<()> {
     super::single_threaded_kernels();
-    let t0 = Instant::now();
-    let out = &a.out;
-    if out.exists() {
-        if !a.force {
-            return Err(Error::at(Kind::Usage, out, "output already exists (use --force to replace it)"));
-        }
-        std::fs::remove_dir_all(out).with_file(out)?;
-    }
-    std::fs::create_dir_all(out).with_file(out)?;
-    let say = |m: &str| {
-        if !json {
-            eprintln!("{m}");
-        }
-    };
     let quiet = quiet || json;
-    // 1. Teacher: flow matching on mixture samples.
-    let mut phased = Recipe::parse(QUICK_PHASED, Path::new("recipes/toy-phased-4step-4phase.toml"))?;
-    phased.seed = a.seed;
-    let mix = super::mixture::Mixture::new(&phased.mixture)?;
-    say("1/4 pretraining the toy teacher (flow matching on the 8-mode mixture)");
-    let b = bar(phased.teacher.pretrain.steps, quiet);
-    b.set_prefix("teacher");
-    let teacher = run::pretrain_teacher(&phased, &mix, &|s, _, l| {
-        b.set_position(s);
-        b.set_message(format!("loss {l:.4}"));
-    })?;
-    b.finish_and_clear();
-    let teacher_file = out.join("teacher.safetensors");
-    run::write_tensors(&teacher_file, &teacher.named_tensors(), &[("phasekit.format".into(), "phasekit-teacher/1".into())])?;
-    let teacher_abs = std::fs::canonicalize(&teacher_file).with_file(&teacher_file)?;
-    // 2. Distil: Phased DMD (4 steps, 4 phases) and the DMD2 baseline, same budget.
-    // The two runs are independent and single-threaded: run them side by side.
-    let opts = TrainOptions { eval_samples: 0, ..Default::default() };
     let mp = MultiProgress::with_draw_target(if quiet || !std::io::stderr().is_terminal() {
         ProgressDrawTarget::hidden()
     } else {
         ProgressDrawTarget::stderr_with_hz(8)
     });
-    let mut jobs = Vec::new();
-    for (name, text) in [("phased", QUICK_PHASED), ("dmd2", QUICK_DMD2)] {
-        let mut r = Recipe::parse(text, Path::new(name))?;
-        r.seed = a.seed;
-        r.teacher.checkpoint = Some(teacher_abs.clone());
-        say(&format!("2/4 distilling: {}", run::method_name(&r, &r.schedule.build()?)));
-        jobs.push((name, r));
-    }
-    let results: Vec<Result<run::Summary>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = jobs
-            .iter()
-            .map(|(name, r)| {
-                let dir = out.join(name);
-                let b = mp.add(bar(1, false));
-                b.set_prefix(name.to_string());
-                let opts = &opts;
-                sc.spawn(move || {
-                    let text = r.to_toml();
-                    let on = |e: &Event| {
-                        if let Event::Step { phase, phases, global_step, total, gen_loss, fake_loss } = e {
-                            b.set_length(*total);
-                            b.set_position(*global_step);
-                            b.set_message(format!("phase {}/{phases} gen {gen_loss:.3} fake {fake_loss:.3}", phase + 1));
-                        }
-                    };
-                    let s = run::train(r, &text, &dir, opts, &on);
-                    b.finish_and_clear();
-                    s
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("training thread panicked")))).collect()
-    });
-    let mut runs = Vec::new();
-    for (res, (name, _)) in results.into_iter().zip(&jobs) {
-        res?;
-        runs.push(out.join(name));
-    }
-    // 3. Assemble the Phased DMD run into one routed checkpoint and verify every hash.
-    let moe_file = out.join("phased-moe.safetensors");
-    say(&format!("3/4 assembling {} → {}", runs[0].display(), moe_file.display()));
-    let rep = crate::moe::assemble::assemble_run(&runs[0], &moe_file, false)?;
-    let v = crate::moe::verify::verify_path(&moe_file)?;
-    if let Some(k) = v.failure() {
-        let why = v.faults.first().map(|f| f.message.clone()).unwrap_or_else(|| format!("{} tensor hashes differ", v.mismatches.len()));
-        return Err(Error::at(k, &moe_file, format!("the assembled checkpoint does not verify: {why}")));
-    }
-    say(&format!(
-        "    {} experts, {} tensors, verified ({} tensor hashes and the metadata digest)",
-        rep.experts, rep.tensors, v.tensors_checked
-    ));
-    // 4. Sample and measure against the exact mixture.
-    say("4/4 sampling and measuring against the exact mixture");
-    let n = 2000;
-    let seed = a.seed ^ 0xE7A1;
-    let exact = ExactMixture { mixture: mix.clone() };
-    let tf = teacher.frozen();
-    let mut rows = Vec::new();
-    let (ex, _, _) = mix.sample(n, &mut super::Rng::new(seed));
-    rows.push(("exact mixture (independent draw)".to_string(), metrics::evaluate_rows(&ex, &mix, seed ^ 0x5EED)));
-    let x = run::sample_denoiser(&exact, &mix, n, 100, 1.0, seed)?;
-    rows.push(("exact velocity, 100 Euler steps".into(), metrics::evaluate(&x, &mix, seed ^ 0x5EED)));
-    for steps in [100, 4] {
-        let x = run::sample_denoiser(&tf, &mix, n, steps, 1.0, seed)?;
-        rows.push((format!("MLP teacher, {steps} Euler steps"), metrics::evaluate(&x, &mix, seed ^ 0x5EED)));
-    }
-    for (i, dir) in runs.iter().enumerate() {
-        let r = LoadedRun::open(dir)?;
-        // The Phased DMD row samples through the assembled checkpoint (the loader and its
-        // routing table); DMD2 from its run folder.
-        let x = if i == 0 { LoadedMoe::open(&moe_file)?.sample(n, None, seed, None)? } else { r.sample(n, None, seed, None)? };
-        run::write_tensors(&dir.join("samples.safetensors"), &[("samples".into(), x.clone())], &[])?;
-        rows.push((r.manifest.method.clone(), metrics::evaluate(&x, &mix, seed ^ 0x5EED)));
-        let plots = dir.join("plots");
-        std::fs::create_dir_all(&plots).with_file(&plots)?;
-        super::plot::run_plots(&r, &plots, a.seed)?;
-    }
-    let t = table(&rows);
-    crate::atomic::write_file(&out.join("metrics.md"), t.as_bytes())?;
+    let bars = Bars { mp, quiet, json };
+    let rep = quickstart::run(&quickstart::Options { out: a.out.clone(), force: a.force, seed: a.seed }, &bars)?;
     if json {
-        let v: Vec<_> = rows.iter().map(|(n, m)| serde_json::json!({ "sampler": n, "metrics": m })).collect();
-        print_json(&serde_json::json!({ "ok": true, "out": out, "seconds": t0.elapsed().as_secs_f64(), "rows": v }));
+        let v: Vec<_> = rep.rows.iter().map(|(n, m)| serde_json::json!({ "sampler": n, "metrics": m })).collect();
+        print_json(&serde_json::json!({ "ok": true, "out": rep.out, "seconds": rep.seconds, "rows": v }));
     } else {
-        println!("{t}");
+        println!("{}", rep.table);
         println!(
             "done in {:.0} s. Plots: {out}/phased/plots/samples.png, {out}/dmd2/plots/samples.png, losses.png beside them.",
-            t0.elapsed().as_secs_f64(),
-            out = out.display()
+            rep.seconds,
+            out = rep.out.display()
         );
     }
     Ok(())

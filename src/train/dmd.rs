@@ -22,11 +22,12 @@
 
 use candle_core::{Device, Tensor};
 
-use super::denoiser::{guided, Cond, Denoiser, Mlp};
 use super::optim::AdamW;
 use super::recipe::{Backprop, FakeObjective, FakeSamples, ScheduleConfig, TrainConfig};
 use super::schedule::{shift, transition, unshift, Rollout, Schedule};
-use super::Rng;
+use super::toy::mlp::Mlp;
+use crate::model::denoiser::{guided, Cond, Denoiser};
+use crate::rng::Rng;
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -373,7 +374,7 @@ pub fn sample(by_step: &[&dyn Denoiser], sigmas: &[f64], z: Tensor, cond: &Cond)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::denoiser::ImageMode;
+    use crate::model::denoiser::ImageMode;
 
     #[test]
     fn a_given_first_frame_is_left_out_of_per_sample_means() {

@@ -7,15 +7,22 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use super::denoiser::{class_cond, Denoiser, ExactMixture, Mlp};
+use super::dmd;
 use super::metrics::{self, Metrics};
 use super::mixture::Mixture;
 use super::optim::{AdamW, ParamsAdamW};
 use super::recipe::{FakeObjective, Recipe, TeacherKind};
-use super::run::{self, TrainOptions};
+use super::rundir;
 use super::schedule::{transition, Renoise, Rollout};
-use super::{ce, dmd, Rng};
+use super::toy::mlp::{class_cond, ExactMixture, Mlp};
+use super::toy::{
+    self,
+    sample::{sample_denoiser, LoadedRun},
+};
+use super::TrainOptions;
 use crate::error::{IoContext, Result};
+use crate::model::denoiser::Denoiser;
+use crate::rng::Rng;
 
 /// A method of the comparison: a key, and how to build its recipe.
 pub struct Method {
@@ -63,9 +70,9 @@ pub fn recipe_for(m: &Method, seed: u64, updates: u64, teacher: &Path) -> Result
 /// the exact velocity and the energy distance of its Euler samples at `s` to the exact `p_s`.
 pub fn fake_objective_experiment(mix: &Mixture, r: &Recipe, objective: FakeObjective, s: f64, steps: u64, seed: u64) -> Result<(f64, f64)> {
     let mut rng = Rng::new(seed ^ 0xFA4E);
-    let model = Mlp::new(&r.mlp, mix.dim, mix.classes, &mut rng).map_err(ce)?;
+    let model = Mlp::new(&r.mlp, mix.dim, mix.classes, &mut rng)?;
     let params = ParamsAdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut opt = AdamW::new(model.vars.clone(), params).map_err(ce)?;
+    let mut opt = AdamW::new(model.vars.clone(), params)?;
     let n = 256;
     let d = mix.dim;
     let f = |v: Vec<f64>, shape: (usize, usize)| Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), shape, &Device::Cpu);
@@ -96,13 +103,11 @@ pub fn fake_objective_experiment(mix: &Mixture, r: &Recipe, objective: FakeObjec
                 };
             }
         }
-        let pred = model
-            .velocity(&f(xt, (n, d)).map_err(ce)?, &f(ts, (n, 1)).map_err(ce)?.flatten_all().map_err(ce)?, &class_cond(cls).map_err(ce)?)
-            .map_err(ce)?;
-        let per = (pred - f(target, (n, d)).map_err(ce)?).and_then(|e| e.sqr()).and_then(|e| e.mean(1)).map_err(ce)?;
-        let loss = (per * f(w, (n, 1)).map_err(ce)?.flatten_all().map_err(ce)?).and_then(|l| l.mean_all()).map_err(ce)?;
+        let pred = model.velocity(&f(xt, (n, d))?, &f(ts, (n, 1))?.flatten_all()?, &class_cond(cls)?)?;
+        let per = (pred - f(target, (n, d))?).and_then(|e| e.sqr()).and_then(|e| e.mean(1))?;
+        let loss = (per * f(w, (n, 1))?.flatten_all()?).and_then(|l| l.mean_all())?;
         opt.params.lr = if step * 2 < steps { 1e-3 } else { 1e-3 * 2.0 * (1.0 - step as f64 / steps as f64) };
-        opt.step(&loss.backward().map_err(ce)?, 1.0).map_err(ce)?;
+        opt.step(&loss.backward()?, 1.0)?;
     }
     // Relative error against the exact velocity on p_t, t ∈ (s, 1].
     let m = 2000;
@@ -119,24 +124,21 @@ pub fn fake_objective_experiment(mix: &Mixture, r: &Recipe, objective: FakeObjec
         }
     }
     let exact = mix.velocity_batch(&xt, &ts, &cls, 1.0);
-    let pred = model
-        .frozen()
-        .velocity(&f(xt, (m, d)).map_err(ce)?, &f(ts, (m, 1)).map_err(ce)?.flatten_all().map_err(ce)?, &class_cond(cls).map_err(ce)?)
-        .map_err(ce)?;
+    let pred = model.frozen().velocity(&f(xt, (m, d))?, &f(ts, (m, 1))?.flatten_all()?, &class_cond(cls)?)?;
     let pred = metrics::to_rows(&pred);
     for (p, e) in pred.iter().zip(&exact) {
         num += (p - e) * (p - e);
         den += e * e;
     }
     // Euler from 1 to s with the learned velocity vs exact samples of p_s.
-    let z = dmd::noise(&mut rng, m, &[d]).map_err(ce)?;
+    let z = dmd::noise(&mut rng, m, &[d])?;
     let cls = mix.sample_classes(m, &mut rng);
-    let cond = class_cond(cls.clone()).map_err(ce)?;
+    let cond = class_cond(cls.clone())?;
     let frozen = model.frozen();
     let k = 50;
     let sig: Vec<f64> = (0..=k).map(|i| 1.0 - (1.0 - s) * i as f64 / k as f64).collect();
     let by: Vec<&dyn Denoiser> = vec![&frozen; k];
-    let xs = metrics::to_rows(&dmd::sample(&by, &sig, z, &cond).map_err(ce)?);
+    let xs = metrics::to_rows(&dmd::sample(&by, &sig, z, &cond)?);
     let (y0, _, _) = mix.sample(m, &mut rng);
     let ys: Vec<f64> = y0.iter().map(|x| (1.0 - s) * x + s * rng.normal()).collect();
     Ok(((num / den).sqrt(), metrics::energy_distance(&xs, &ys, d)))
@@ -168,7 +170,7 @@ type RunResult = (Metrics, f64, String);
 
 fn one_run(m: &Method, s: u64, o: &BenchOptions, teacher_file: &Path, mix: &Mixture, n: usize) -> Result<RunResult> {
     let r = recipe_for(m, s, o.updates, teacher_file)?;
-    let label = run::method_name(&r, &r.schedule.build()?);
+    let label = toy::method_name(&r, &r.schedule.build()?);
     let dir = o.dir.join(&r.name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_file(&dir)?;
@@ -176,9 +178,9 @@ fn one_run(m: &Method, s: u64, o: &BenchOptions, teacher_file: &Path, mix: &Mixt
     let text = r.to_toml();
     let opts = TrainOptions { eval_samples: 0, ..Default::default() };
     let tr = Instant::now();
-    run::train(&r, &text, &dir, &opts, &|_| {})?;
+    super::train(&r, &text, &dir, &opts, &|_| {})?;
     let secs = tr.elapsed().as_secs_f64();
-    let lr = run::LoadedRun::open(&dir)?;
+    let lr = LoadedRun::open(&dir)?;
     let x = lr.sample(n, None, s ^ 0xE7A1, None)?;
     Ok((metrics::evaluate(&x, mix, s ^ 0xE7A1 ^ 0x5EED), secs, label))
 }
@@ -192,8 +194,8 @@ pub fn run_all(o: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> Result<String> 
     // One MLP teacher (flow matching), shared by every run as the initialisation.
     let teacher_file = o.dir.join("teacher.safetensors");
     let tt = Instant::now();
-    let teacher = run::pretrain_teacher(&base, &mix, &|_, _, _| {})?;
-    run::write_tensors(&teacher_file, &teacher.named_tensors(), &[])?;
+    let teacher = toy::pretrain_teacher(&base, &mix, &|_, _, _| {})?;
+    rundir::write_tensors(&teacher_file, &teacher.named_tensors(), &[])?;
     say(&format!("teacher pretrained in {:.1} s", tt.elapsed().as_secs_f64()));
     let teacher = teacher.frozen();
     let exact = ExactMixture { mixture: mix.clone() };
@@ -212,9 +214,9 @@ pub fn run_all(o: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> Result<String> 
             let seed = s ^ 0xE7A1;
             let m = match which {
                 0 => metrics::evaluate_rows(&mix.sample(n, &mut Rng::new(seed)).0, &mix, seed ^ 0x5EED),
-                1 => metrics::evaluate(&run::sample_denoiser(&exact, &mix, n, 100, 1.0, seed)?, &mix, seed ^ 0x5EED),
-                2 => metrics::evaluate(&run::sample_denoiser(&teacher, &mix, n, 100, 1.0, seed)?, &mix, seed ^ 0x5EED),
-                _ => metrics::evaluate(&run::sample_denoiser(&teacher, &mix, n, 4, 1.0, seed)?, &mix, seed ^ 0x5EED),
+                1 => metrics::evaluate(&sample_denoiser(&exact, &mix, n, 100, 1.0, seed)?, &mix, seed ^ 0x5EED),
+                2 => metrics::evaluate(&sample_denoiser(&teacher, &mix, n, 100, 1.0, seed)?, &mix, seed ^ 0x5EED),
+                _ => metrics::evaluate(&sample_denoiser(&teacher, &mix, n, 4, 1.0, seed)?, &mix, seed ^ 0x5EED),
             };
             ms.push(m);
         }

@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::mixture::Mixture;
-use super::Rng;
+use crate::rng::Rng;
 
 pub const MMD_BANDWIDTH: f64 = 0.5;
 pub const MODE_RADIUS: f64 = 4.0;
@@ -141,6 +141,20 @@ pub fn evaluate_rows(x: &[f64], mix: &Mixture, seed: u64) -> Metrics {
         spread: if m > 0 { sp / m as f64 } else { 0.0 },
         diversity: mean_within(x, d, &id) / mean_within(&y, d, &id),
     }
+}
+
+/// A Markdown table of metrics.
+pub fn table(rows: &[(String, Metrics)]) -> String {
+    let mut s = String::from(
+        "| sampler | energy dist. | MMD² | modes | mode-weight err. | outliers | spread | diversity |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for (n, m) in rows {
+        s.push_str(&format!(
+            "| {n} | {:.4} | {:.4} | {}/{} | {:.3} | {:.3} | {:.2} | {:.2} |\n",
+            m.energy, m.mmd, m.modes_covered, m.modes, m.mode_weight_error, m.outliers, m.spread, m.diversity
+        ));
+    }
+    s
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Rng;
+use crate::rng::Rng;
 
 /// Shape of the mixture (recipe section `[mixture]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,17 +1,23 @@
 //! The embedded Phased DMD trainer (arXiv 2510.27684, as `shared/research/paper.md` transcribes it).
 //!
-//! One file per concept: [`schedule`] (σ grid, shift, phases), [`mixture`] (the exact toy
-//! teacher), [`denoiser`] (the interface the method talks to, and the MLP), [`dmd`] (generator
-//! and fake-score updates, every variant), [`optim`] (AdamW with visible state), [`recipe`]
-//! (TOML recipes), [`run`] (run folders, checkpoints, resume, experts, manifest), [`metrics`]
-//! (distances to the exact mixture), [`plot`] (PNG plots), [`speed`] (update timing and its
-//! PyTorch twin), [`cli`] (commands).
+//! Levels, each using only the ones above it:
+//! - the method's parts: [`recipe`] (TOML recipes), [`schedule`] (σ grid, shift, phases),
+//!   [`mixture`] and [`metrics`] (the exact toy target and distances to it), [`dist`] (ranks and
+//!   their collectives), [`optim`] (AdamW with visible state, named trainable variables),
+//!   [`dmd`] (generator and fake-score updates, every variant, against
+//!   [`crate::model::denoiser::Denoiser`] only), [`memory`] (peak memory per phase);
+//! - [`rundir`]: the run folder (recipe, log, checkpoints, experts) and its file types;
+//! - [`phases`]: **the** phase loop (resume, optimisers, checkpoints, stop, expert files),
+//!   generic over a [`phases::Student`];
+//! - the students: [`toy`] (the MLP on the mixture, the embedded default) and [`transformer`]
+//!   (Wan2.2, Qwen-Image with LoRA experts), each with its sampler;
+//! - around them: [`plot`], [`quickstart`], [`experiments`] and [`speed`] (the toy tables and
+//!   timings), [`cli`] (commands).
 //!
-//! Everything runs on the CPU in f32 with one seeded generator ([`Rng`]) whose state is part of
-//! every checkpoint, so a resumed run equals an uninterrupted one bit for bit.
+//! One seeded generator ([`crate::rng::Rng`]) per rank, whose state is part of every
+//! checkpoint, so a resumed run equals an uninterrupted one bit for bit on the CPU.
 
 pub mod cli;
-pub mod denoiser;
 pub mod dist;
 pub mod dmd;
 pub mod experiments;
@@ -19,21 +25,54 @@ pub mod memory;
 pub mod metrics;
 pub mod mixture;
 pub mod optim;
+pub mod phases;
 pub mod plot;
+pub mod quickstart;
 pub mod recipe;
-pub mod routed;
-pub mod run;
+pub mod rundir;
 pub mod schedule;
 pub mod speed;
+pub mod toy;
 pub mod transformer;
 
-use crate::error::Error;
+use std::path::Path;
 
-/// candle errors are bugs or resource failures on our side.
-pub(crate) fn ce(e: candle_core::Error) -> Error {
-    // candle appends a backtrace when RUST_BACKTRACE is set; keep the message.
-    let text = e.to_string();
-    Error::internal(format!("tensor: {}", text.lines().next().unwrap_or("").trim()))
+use candle_core::Device;
+
+use self::dist::DistConfig;
+use self::recipe::Recipe;
+use self::rundir::{Event, Summary};
+use crate::error::Result;
+
+/// Options of one `train` call.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub resume: bool,
+    /// Stop (as if killed) after this many generator updates in total; for resume tests.
+    pub stop_after: Option<u64>,
+    /// Samples drawn for the final metrics (0: skip metrics and plots).
+    pub eval_samples: usize,
+    /// This process's rank and how to reach the others (default: one rank).
+    pub dist: DistConfig,
+    /// Where transformer runs compute (the toy always runs on the CPU).
+    pub device: Device,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions { resume: false, stop_after: None, eval_samples: 0, dist: DistConfig::default(), device: Device::Cpu }
+    }
+}
+
+/// Train a recipe into the run folder `out`: the toy or a transformer student, through the one
+/// phase loop; `on` hears the progress.
+pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on: &dyn Fn(&Event)) -> Result<Summary> {
+    memory::start(&opts.device);
+    if r.is_toy() {
+        toy::train(r, recipe_text, out, opts, on)
+    } else {
+        transformer::train(r, recipe_text, out, opts, on)
+    }
 }
 
 /// Run candle's CPU kernels on one thread. The toy's matrices are small: on two cores, gemm's
@@ -66,57 +105,3 @@ fn keep_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
-
-/// A small deterministic generator (SplitMix64) whose whole state is one `u64`, saved in checkpoints.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rng {
-    pub state: u64,
-}
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng { state: seed ^ 0x5851_F42D_4C95_7F2D }
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-    /// Uniform in (0, 1].
-    pub fn uniform_open0(&mut self) -> f64 {
-        1.0 - self.uniform()
-    }
-    /// Standard normal (Box–Muller, one value per call so the state stays one word).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform_open0();
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.uniform() * n as f64) as usize).min(n - 1)
-    }
-    pub fn categorical(&mut self, w: &[f64]) -> usize {
-        let tot: f64 = w.iter().sum();
-        let mut u = self.uniform() * tot;
-        for (i, x) in w.iter().enumerate() {
-            if u < *x {
-                return i;
-            }
-            u -= x;
-        }
-        w.len() - 1
-    }
-    pub fn normals_f32(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal() as f32).collect()
-    }
-    /// An independent generator derived from this one's next output.
-    pub fn fork(&mut self) -> Rng {
-        Rng { state: self.next_u64() }
-    }
-}

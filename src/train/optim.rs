@@ -5,6 +5,8 @@
 //! because candle keeps the moments private, and a checkpoint must hold them for a bit-exact
 //! resume. The paper uses β = (0, 0.999) for both generator and fake score.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
@@ -12,6 +14,41 @@ use candle_core::{Tensor, Var};
 pub use candle_nn::ParamsAdamW;
 
 use super::dist::{self, Communicator};
+use crate::error::{Error, Result};
+
+/// Trainable variables with their names (the checkpoint keys, after a prefix).
+#[derive(Default, Clone)]
+pub struct Trainable {
+    pub names: Vec<String>,
+    pub vars: Vec<Var>,
+}
+
+impl Trainable {
+    /// The current values, named `<prefix><name>` (detached).
+    pub fn tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        self.names.iter().zip(&self.vars).map(|(n, v)| (format!("{prefix}{n}"), v.as_tensor().detach())).collect()
+    }
+
+    /// Set every variable from `t[<prefix><name>]` (a checkpoint read from `path`).
+    pub fn restore(&self, prefix: &str, t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        restore_vars(prefix, &self.names, &self.vars, t, path)
+    }
+
+    /// Append `o`'s variables, their names prefixed.
+    pub fn extend(&mut self, prefix: &str, o: Trainable) {
+        self.names.extend(o.names.into_iter().map(|n| format!("{prefix}{n}")));
+        self.vars.extend(o.vars);
+    }
+}
+
+fn restore_vars(prefix: &str, names: &[String], vars: &[Var], t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    for (n, v) in names.iter().zip(vars) {
+        let key = format!("{prefix}{n}");
+        let src = t.get(&key).ok_or_else(|| Error::inconsistent(path, format!("checkpoint lacks '{key}'")))?;
+        v.set(&src.to_device(v.device())?).map_err(|e| Error::inconsistent(path, format!("'{key}': {}", Error::from(e).message())))?;
+    }
+    Ok(())
+}
 
 /// AdamW over a fixed list of variables.
 pub struct AdamW {
@@ -32,6 +69,22 @@ impl AdamW {
         let m = vars.iter().map(|x| Var::zeros(x.shape(), x.dtype(), x.device())).collect::<Result<Vec<_>, _>>()?;
         let v = vars.iter().map(|x| Var::zeros(x.shape(), x.dtype(), x.device())).collect::<Result<Vec<_>, _>>()?;
         Ok(AdamW { params, vars, m, v, step_t: 0, comm: dist::single() })
+    }
+
+    /// The moments, named `<prefix>m.<name>` and `<prefix>v.<name>` for the variables' `names`.
+    pub fn state_tensors(&self, prefix: &str, names: &[String]) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            v.push((format!("{prefix}m.{n}"), self.m[i].as_tensor().detach()));
+            v.push((format!("{prefix}v.{n}"), self.v[i].as_tensor().detach()));
+        }
+        v
+    }
+
+    /// Set the moments from a checkpoint written by [`AdamW::state_tensors`].
+    pub fn restore(&mut self, prefix: &str, names: &[String], t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        restore_vars(&format!("{prefix}m."), names, &self.m, t, path)?;
+        restore_vars(&format!("{prefix}v."), names, &self.v, t, path)
     }
 
     /// Average the gradients over `comm`'s ranks before every update (data parallelism).

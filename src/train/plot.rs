@@ -4,9 +4,10 @@
 use std::path::Path;
 
 use super::metrics::to_rows;
-use super::run::{LoadedRun, LogLine};
+use super::rundir::{LogLine, RunDir};
+use super::toy::sample::LoadedRun;
 use crate::atomic;
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 
 /// An RGB canvas.
 pub struct Canvas {
@@ -179,7 +180,7 @@ pub fn loss_curves(lines: &[LogLine]) -> Canvas {
 pub fn run_plots(run: &LoadedRun, dir: &Path, seed: u64) -> Result<()> {
     let n = 1000;
     let traj = run.trajectory(n, None, seed ^ 0x9107, None)?;
-    let mut rng = super::Rng::new(seed ^ 0x9107);
+    let mut rng = crate::rng::Rng::new(seed ^ 0x9107);
     let _ = super::dmd::noise(&mut rng, n, &[run.mixture.dim]);
     let cls = run.mixture.sample_classes(n, &mut rng);
     let sig = run.sigmas(None);
@@ -198,8 +199,7 @@ pub fn run_plots(run: &LoadedRun, dir: &Path, seed: u64) -> Result<()> {
 
 /// `dir/losses.png`: the loss curves of the run in `run_dir` (its `log.jsonl`), for any model.
 pub fn loss_plot(run_dir: &Path, dir: &Path) -> Result<()> {
-    let log = run_dir.join("log.jsonl");
-    let lines: Vec<LogLine> = std::fs::read_to_string(&log).with_file(&log)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lines: Vec<LogLine> = RunDir::new(run_dir).read_log()?;
     atomic::write_file(&dir.join("losses.png"), &loss_curves(&lines).png())
 }
 

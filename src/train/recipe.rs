@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::denoiser::MlpConfig;
 use super::mixture::MixtureConfig;
 use super::schedule::{Renoise, Rollout, Schedule};
+use super::toy::mlp::MlpConfig;
 use crate::error::{Error, IoContext, Result};
 
 /// A whole recipe.

@@ -2,7 +2,7 @@
 //! `examples/toy_update.rs` and `phasekit bench toy-step`, and the PyTorch twin of the same
 //! update (`benches/toy_torch.py`, run when `python3` has torch).
 //!
-//! The Rust side is the real trainer: [`run::train`] on a `bench train-toy` method's recipe
+//! The Rust side is the real trainer: [`super::train`] on a `bench train-toy` method's recipe
 //! (exact mixture as the real score), each update timed between two of its progress events.
 
 use std::cell::RefCell;
@@ -15,8 +15,10 @@ use serde::{Deserialize, Serialize};
 use super::experiments::{methods, recipe_for};
 use super::mixture::{Mixture, MixtureConfig};
 use super::recipe::{Backprop, FakeObjective, Recipe};
-use super::run::{self, Event, TrainOptions};
+use super::rundir::{self, Event};
 use super::schedule::Renoise;
+use super::toy;
+use super::TrainOptions;
 use crate::error::{Error, IoContext, Result};
 
 /// The PyTorch twin, embedded so that the installed binary can run it.
@@ -104,10 +106,10 @@ fn unique() -> u64 {
 fn time_in(dir: &Path, key: &str, m: &super::experiments::Method, base: &Recipe, updates: u64) -> Result<UpdateTiming> {
     let mix = Mixture::new(&base.mixture)?;
     let t = Instant::now();
-    let teacher = run::pretrain_teacher(base, &mix, &|_, _, _| {})?;
+    let teacher = toy::pretrain_teacher(base, &mix, &|_, _, _| {})?;
     let pretrain_seconds = t.elapsed().as_secs_f64();
     let teacher_file = dir.join("teacher.safetensors");
-    run::write_tensors(&teacher_file, &teacher.named_tensors(), &[])?;
+    rundir::write_tensors(&teacher_file, &teacher.named_tensors(), &[])?;
     let r = recipe_for(m, 0, updates, &teacher_file)?;
     let stamps = RefCell::new(Vec::new());
     let t = Instant::now();
@@ -116,7 +118,7 @@ fn time_in(dir: &Path, key: &str, m: &super::experiments::Method, base: &Recipe,
             stamps.borrow_mut().push(Instant::now());
         }
     };
-    let s = run::train(&r, &r.to_toml(), &dir.join("run"), &TrainOptions::default(), &on)?;
+    let s = super::train(&r, &r.to_toml(), &dir.join("run"), &TrainOptions::default(), &on)?;
     let train_seconds = t.elapsed().as_secs_f64();
     let mut prev = t;
     let per_update = stamps

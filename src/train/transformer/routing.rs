@@ -1,0 +1,68 @@
+//! Two-expert teachers (Wan2.2 A14B): each sample of a batch goes to the high-noise expert when
+//! its σ is at or above the boundary, to the low-noise expert below ([`Routed`]); the teacher
+//! and the fake scores are routed alike, and each generator expert sits on the teacher expert
+//! that serves its first step ([`expert_of`]).
+
+use candle_core::{DType, Tensor};
+
+use crate::model::denoiser::{Cond, Denoiser};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Whether σ goes to the high-noise expert of a two-expert teacher (Wan2.2: `t ≥ boundary·1000`).
+pub fn is_high_noise(sigma: f64, boundary: f64) -> bool {
+    sigma >= boundary
+}
+
+/// Routes each sample of a batch by its σ: `high` for σ ≥ `boundary`, `low` below; a dense
+/// teacher has `boundary = None` and only `high`. A sample routed to a missing expert is an error.
+pub struct Routed<'a> {
+    pub high: Option<&'a dyn Denoiser>,
+    pub low: Option<&'a dyn Denoiser>,
+    pub boundary: Option<f64>,
+}
+
+impl Routed<'_> {
+    fn pick(&self, high: bool) -> CResult<&dyn Denoiser> {
+        let d = if high { self.high } else { self.low };
+        d.ok_or_else(|| candle_core::Error::Msg(format!("no {} expert for this σ", if high { "high-noise" } else { "low-noise" })))
+    }
+}
+
+impl Denoiser for Routed<'_> {
+    fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> CResult<Tensor> {
+        let Some(b) = self.boundary else { return self.pick(true)?.velocity(x, sigma, cond) };
+        let s = sigma.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let (hi, lo): (Vec<u32>, Vec<u32>) = (0..s.len() as u32).partition(|&i| is_high_noise(f64::from(s[i as usize]), b));
+        if lo.is_empty() {
+            return self.pick(true)?.velocity(x, sigma, cond);
+        }
+        if hi.is_empty() {
+            return self.pick(false)?.velocity(x, sigma, cond);
+        }
+        let dev = x.device();
+        let mut parts = Vec::new();
+        for (idx, high) in [(&hi, true), (&lo, false)] {
+            let it = Tensor::new(idx.as_slice(), dev)?;
+            parts.push(self.pick(high)?.velocity(&x.index_select(&it, 0)?, &sigma.index_select(&it, 0)?, &cond.select(&it)?)?);
+        }
+        // Back to the batch order.
+        let order: Vec<u32> = hi.iter().chain(&lo).copied().collect();
+        let mut inv = vec![0u32; order.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            inv[i as usize] = pos as u32;
+        }
+        Tensor::cat(&parts, 0)?.index_select(&Tensor::new(inv.as_slice(), dev)?, 0)
+    }
+    fn null_cond(&self, n: usize) -> CResult<Cond> {
+        self.high.or(self.low).ok_or_else(|| candle_core::Error::Msg("no expert".into()))?.null_cond(n)
+    }
+}
+
+/// Which teacher expert serves σ (index into the loaded bases: 0 high noise, 1 low noise).
+pub fn expert_of(sigma: f64, boundary: Option<f64>) -> usize {
+    match boundary {
+        Some(b) if !is_high_noise(sigma, b) => 1,
+        _ => 0,
+    }
+}
