@@ -13,9 +13,8 @@ use super::linear::Linear;
 use super::qwen::{QwenAttention, QwenAux, QwenBlock, QwenConfig};
 use super::rope;
 use super::wan::{WanAttention, WanBlock, WanConfig};
-use super::weights::candle_err;
 use super::{vars_of, TrainMode};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -235,7 +234,7 @@ fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
 /// The `bench block` command.
 pub fn run(a: &BlockArgs, json: bool) -> Result<()> {
     let device = crate::device::parse(&a.device)?;
-    let r = bench(a, &device).map_err(candle_err)?;
+    let r = bench(a, &device).map_err(Error::from)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| crate::error::Error::internal(e.to_string()))?);
     } else {

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::qwen::QwenImageTransformer;
 use super::wan::WanTransformer;
-use super::weights::{candle_err, Weights};
+use super::weights::Weights;
 use crate::error::{clean, Error, Kind, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -139,9 +139,9 @@ pub fn forward(a: &ForwardArgs) -> Result<(Tensor, ForwardReport)> {
         }
         f => return Err(Error::at(Kind::Unsupported, w.path(), format!("no forward pass for model family {f}"))),
     };
-    let out = out.to_dtype(DType::F32).map_err(candle_err)?;
+    let out = out.to_dtype(DType::F32).map_err(Error::from)?;
     let rel_l2 = match inputs.get("output") {
-        Some(want) => Some(super::rel_l2(&out, want).map_err(candle_err)?),
+        Some(want) => Some(super::rel_l2(&out, want).map_err(Error::from)?),
         None => None,
     };
     let report = ForwardReport {
@@ -160,7 +160,7 @@ pub fn forward(a: &ForwardArgs) -> Result<(Tensor, ForwardReport)> {
 
 /// One f32 tensor named `name` as safetensors bytes.
 pub fn safetensors_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>> {
-    let vals = t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(candle_err)?;
+    let vals = t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(Error::from)?;
     let header = serde_json::json!({ name: { "dtype": "F32", "shape": t.dims(), "data_offsets": [0, vals.len() * 4] } }).to_string();
     let mut h = header.into_bytes();
     while h.len() % 8 != 0 {

@@ -21,7 +21,7 @@ use super::checkpoint::Staged;
 use super::linear::Linear;
 use super::ops::{gelu_tanh, layer_norm, modulate, rms_norm, sdpa, silu, timestep_embedding, wide, widen};
 use super::rope::{self, RopeTables};
-use super::weights::{candle_err, Weights};
+use super::weights::Weights;
 use super::{Param, Parameters};
 use crate::error::{Error, Kind};
 use crate::model::denoiser::{Cond, Denoiser, ImageMode};
@@ -264,7 +264,7 @@ impl WanTransformer {
         let dim = c.dim();
         let [pt, ph, pw] = c.patch;
         let pe = w.get("patch_embedding.weight", &[dim, c.in_channels, pt, ph, pw])?;
-        let pe = pe.reshape((dim, c.in_channels * pt * ph * pw)).map_err(candle_err)?;
+        let pe = pe.reshape((dim, c.in_channels * pt * ph * pw)).map_err(Error::from)?;
         let get_f32_linear = |name: &str, i: usize, o: usize| -> crate::Result<Linear> {
             Ok(Linear::new(w.get_f32(&format!("{name}.weight"), &[o, i])?, Some(w.get_f32(&format!("{name}.bias"), &[o])?)))
         };

@@ -13,11 +13,6 @@ use crate::error::{clean, Error, Kind, Result};
 use crate::layout::{Layout, Registry};
 use crate::store::{Checkpoint, Encoding};
 
-/// A candle error as a phasekit error.
-pub fn candle_err(e: candle_core::Error) -> Error {
-    Error::new(Kind::Internal, clean(&e.to_string()))
-}
-
 /// An opened checkpoint with its family, layout and diffusers-dialect config.
 pub struct Weights {
     pub ck: Checkpoint,
@@ -187,7 +182,7 @@ impl Weights {
         }
         .map_err(|er| er.with_path(self.path()).context(format!("tensor `{}`", clean(&e.name))))?;
         self.ck.release(e);
-        Tensor::from_vec(vals, shape, &self.device).and_then(|t| t.to_dtype(dtype)).map_err(candle_err)
+        Tensor::from_vec(vals, shape, &self.device).and_then(|t| t.to_dtype(dtype)).map_err(Error::from)
     }
 }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use super::dist::{self, Communicator};
 use super::dmd::StepLosses;
@@ -25,6 +25,7 @@ use super::optim::{AdamW, ParamsAdamW, Trainable};
 use super::recipe::Recipe;
 use super::rundir::{CheckpointInfo, Event, LogLine, RunDir, RunLog, Summary, CHECKPOINT_FORMAT};
 use super::schedule::Schedule;
+use super::TrainOptions;
 use crate::error::{Error, Result};
 use crate::hash::sha256_hex;
 use crate::rng::Rng;
@@ -51,13 +52,26 @@ pub struct LoopConfig<'a> {
     pub recipe_sha: &'a str,
     /// Identity of the teacher; a checkpoint of another teacher is refused.
     pub teacher_sha: &'a str,
-    pub resume: bool,
-    pub stop_after: Option<u64>,
+    /// `resume`, `stop_after`, and the device the memory figures are read from.
+    pub opts: &'a TrainOptions,
     pub on: &'a dyn Fn(&Event),
     pub comm: Arc<dyn Communicator>,
-    /// Where the memory figures are read (the device the run computes on).
-    pub device: &'a Device,
     pub t0: Instant,
+}
+
+impl<'a> LoopConfig<'a> {
+    /// A one-rank loop over `run` started at `t0`, with the recipe and teacher identities given.
+    pub fn new(
+        recipe: &'a Recipe,
+        schedule: &'a Schedule,
+        run: &'a RunDir,
+        ids: (&'a str, &'a str),
+        opts: &'a TrainOptions,
+        on: &'a dyn Fn(&Event),
+        t0: Instant,
+    ) -> Self {
+        LoopConfig { recipe, schedule, run, recipe_sha: ids.0, teacher_sha: ids.1, opts, on, comm: dist::single(), t0 }
+    }
 }
 
 /// How the loop ended.
@@ -78,7 +92,7 @@ pub fn run(student: &mut dyn Student, cfg: &LoopConfig) -> Result<LoopEnd> {
     let mut rng = Rng::new(r.seed.wrapping_add(rank as u64));
     let (mut start_phase, mut start_step, mut resumed_from) = (0, 0, None);
     let mut restored: Option<(CheckpointInfo, std::collections::HashMap<String, Tensor>, std::path::PathBuf)> = None;
-    if cfg.resume {
+    if cfg.opts.resume {
         if let Some((info, path)) = cfg.run.latest_checkpoint()? {
             if info.recipe_sha256 != cfg.recipe_sha || info.teacher_sha256 != cfg.teacher_sha {
                 return Err(Error::inconsistent(&path, "checkpoint belongs to another recipe or teacher"));
@@ -102,7 +116,7 @@ pub fn run(student: &mut dyn Student, cfg: &LoopConfig) -> Result<LoopEnd> {
             ),
         ));
     }
-    let mut log = if lead { cfg.run.open_log(cfg.resume, resumed_from.unwrap_or(0))? } else { RunLog::none() };
+    let mut log = if lead { cfg.run.open_log(cfg.opts.resume, resumed_from.unwrap_or(0))? } else { RunLog::none() };
     for k in 0..start_phase {
         student.load_expert(k, &cfg.run.expert(k))?;
     }
@@ -174,7 +188,7 @@ pub fn run(student: &mut dyn Student, cfg: &LoopConfig) -> Result<LoopEnd> {
             if !l.gen.is_finite() || !l.fake.is_finite() {
                 return Err(Error::internal(format!("phase {p} step {done}: loss is not finite (gen {}, fake {})", l.gen, l.fake)));
             }
-            let mem = (done == n).then(|| memory::phase_end(p, cfg.device));
+            let mem = (done == n).then(|| memory::phase_end(p, &cfg.opts.device));
             memory.extend(mem.clone());
             if r.train.log_every > 0 && (done % r.train.log_every == 0 || done == n) {
                 log.append(&LogLine {
@@ -192,7 +206,7 @@ pub fn run(student: &mut dyn Student, cfg: &LoopConfig) -> Result<LoopEnd> {
             if (r.train.checkpoint_every > 0 && done % r.train.checkpoint_every == 0) || done == n {
                 save(done, global, &rng, &gen_opt, &fake_opt)?;
             }
-            if cfg.stop_after.is_some_and(|s| global >= s) {
+            if cfg.opts.stop_after.is_some_and(|s| global >= s) {
                 return Ok(LoopEnd { summary: summary(false, global, &memory), expert_digests: digests });
             }
         }

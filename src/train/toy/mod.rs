@@ -167,19 +167,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     };
     let mut student =
         ToyStudent { recipe: r, schedule: &sched, mixture: &mix, teacher, real, experts: Vec::new(), current: None, carried_fake: None };
-    let cfg = LoopConfig {
-        recipe: r,
-        schedule: &sched,
-        run: &run,
-        recipe_sha: &recipe_sha,
-        teacher_sha: &teacher_sha,
-        resume: opts.resume,
-        stop_after: opts.stop_after,
-        on,
-        comm: super::dist::single(),
-        device: &Device::Cpu,
-        t0,
-    };
+    let cfg = LoopConfig::new(r, &sched, &run, (&recipe_sha, &teacher_sha), opts, on, t0);
     let end = phases::run(&mut student, &cfg)?;
     if !end.summary.completed {
         return Ok(end.summary);

@@ -272,19 +272,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         experts: Vec::new(),
         current: None,
     };
-    let cfg = LoopConfig {
-        recipe: r,
-        schedule: &sched,
-        run: &run,
-        recipe_sha: &recipe_sha,
-        teacher_sha: &teacher_sha,
-        resume: opts.resume,
-        stop_after: opts.stop_after,
-        on,
-        comm: comm.clone(),
-        device: &device,
-        t0,
-    };
+    let cfg = LoopConfig { comm: comm.clone(), ..LoopConfig::new(r, &sched, &run, (&recipe_sha, &teacher_sha), opts, on, t0) };
     let end = phases::run(&mut student, &cfg)?;
     let report = Some(phases::dist_report(&*comm, &end.expert_digests));
     if !end.summary.completed {
