@@ -35,9 +35,13 @@ impl Linear {
         self.weight.dims().first().copied().unwrap_or(0)
     }
 
-    /// `x [..., in]` → `[..., out]`, computed in the wider of the two dtypes: f32 activations
-    /// with bf16/f16 weights multiply by an f32 copy of the weight (weights stay 16-bit in
-    /// memory; the activations keep f32 accuracy).
+    /// `x [..., in]` → `[..., out]` in the wider of the two dtypes.
+    ///
+    /// A weight that does not train (a base weight, or any weight of a frozen view) is multiplied
+    /// as it is stored, through [`crate::ops::linear::frozen_matmul`]: no f32 copy of a 16-bit
+    /// weight is made (on the CPU it is widened a block of rows at a time; on CUDA the product
+    /// runs in bf16 with f32 accumulation), and the backward pass computes the input's gradient
+    /// only. A trainable weight (a full-parameter fake, f32) goes through candle's matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&last, lead)) = dims.split_last() else { candle_core::bail!("linear layer input is a scalar") };
@@ -47,7 +51,12 @@ impl Linear {
         // y = (W·xᵀ)ᵀ: W stays the contiguous left operand, so its gradient comes out of one
         // matmul as a contiguous [out, in] tensor (x·Wᵀ would produce it through a transpose).
         let fr = |t: &Tensor| if self.frozen { t.detach() } else { t.clone() };
-        let mut y = fr(&self.weight).to_dtype(dt)?.matmul(&x2.t()?)?.t()?;
+        let trains = self.weight.is_variable() && !self.frozen;
+        let mut y = if trains {
+            self.weight.to_dtype(dt)?.matmul(&x2.t()?)?.t()?
+        } else {
+            crate::ops::linear::frozen_matmul(&self.weight.detach(), &x2.t()?)?.t()?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&fr(b).to_dtype(dt)?)?;
         }
