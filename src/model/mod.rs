@@ -87,6 +87,25 @@ pub fn vars_of(params: Vec<(String, Param<'_>)>, mode: TrainMode) -> Result<Vec<
     Ok(vars)
 }
 
+/// The smallest tensor among `params` that trains (an adapter factor or a trainable weight not
+/// in a frozen view), if any: what a checkpointed block links its node to.
+pub fn trainable_anchor(params: Vec<(String, Param<'_>)>) -> Option<Tensor> {
+    let mut found: Vec<Tensor> = Vec::new();
+    for (_, p) in params {
+        match p {
+            Param::Linear(l) if !l.frozen => {
+                if let Some(a) = &l.lora {
+                    found.push(a.down.as_tensor().clone());
+                }
+                found.extend(std::iter::once(&l.weight).chain(l.bias.as_ref()).filter(|t| t.is_variable()).cloned());
+            }
+            Param::Tensor(t) if t.is_variable() => found.push(t.clone()),
+            _ => {}
+        }
+    }
+    found.into_iter().min_by_key(|t| t.elem_count())
+}
+
 /// Relative L2 error `‖a − b‖ / ‖b‖`, computed in f64.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_dtype(candle_core::DType::F64)?.flatten_all()?;

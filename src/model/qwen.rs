@@ -7,6 +7,7 @@
 //! GELU-tanh MLPs; AdaLayerNormContinuous out (scale first, then shift), `proj_out`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -18,6 +19,7 @@ use super::weights::Weights;
 use super::{Param, Parameters};
 use crate::error::{Error, Kind};
 use crate::model::denoiser::{Cond, Denoiser};
+use crate::ops::checkpoint::{run_block, Block, BlockFn};
 
 const EPS: f64 = 1e-6;
 
@@ -224,6 +226,9 @@ pub struct QwenImageTransformer {
     pub img_shape: [usize; 3],
     /// Unconditional text embedding `[1, L, joint_dim]` (zeros of one token when unset).
     pub null_text: Option<Tensor>,
+    /// Recompute each block in the backward pass instead of keeping its activations
+    /// ([`crate::ops::checkpoint`]); on for training, no effect without gradients.
+    pub checkpoint: bool,
     pub dtype: DType,
     pub device: Device,
 }
@@ -254,6 +259,7 @@ impl QwenImageTransformer {
             cfg: c,
             img_shape: [1, 1, 1],
             null_text: None,
+            checkpoint: false,
             dtype: w.dtype,
             device: w.device.clone(),
         })
@@ -298,9 +304,21 @@ impl QwenImageTransformer {
     pub fn forward(&self, x: &Tensor, enc: &Tensor, mask: Option<&Tensor>, timestep: &Tensor, img_shape: [usize; 3]) -> Result<Tensor> {
         let (mut state, ctx, aux) = self.prepare(x, enc, mask, timestep, img_shape)?;
         for i in 0..self.blocks.len() {
-            state = self.block(i, &state, &ctx, &aux)?;
+            state =
+                if self.checkpoint { run_block(&self.block_fn(i, &aux), &state, &ctx, true)? } else { self.block(i, &state, &ctx, &aux)? };
         }
         self.finish(&state, &ctx, &aux)
+    }
+
+    /// Block `i` as a self-contained function of `(state, ctx)` (for checkpointing).
+    fn block_fn(&self, i: usize, aux: &QwenAux) -> Block {
+        let (b, cfg, aux) = (self.blocks[i].clone(), self.cfg.clone(), aux.clone());
+        let anchor = super::trainable_anchor(self.blocks[i].clone().params(""));
+        let f: BlockFn = Arc::new(move |s: &[Tensor], c: &[Tensor]| {
+            let (img, txt) = b.forward(&s[0], &s[1], &c[0], &aux, &cfg)?;
+            Ok(vec![img, txt])
+        });
+        Block { f, anchor }
     }
 }
 

@@ -14,6 +14,7 @@
 //! the values are the same, without a `[B, S, 6, dim]` tensor or `B·S` rows through `time_proj`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -25,6 +26,7 @@ use super::weights::Weights;
 use super::{Param, Parameters};
 use crate::error::{Error, Kind};
 use crate::model::denoiser::{Cond, Denoiser, ImageMode};
+use crate::ops::checkpoint::{run_block, Block, BlockFn};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WanConfig {
@@ -245,6 +247,9 @@ pub struct WanTransformer {
     /// The unconditional text embedding for [`Denoiser::null_cond`] (`[1, L, text_dim]`); zeros
     /// of one token when unset.
     pub null_text: Option<Tensor>,
+    /// Recompute each block in the backward pass instead of keeping its activations
+    /// ([`crate::ops::checkpoint`]); on for training, no effect without gradients.
+    pub checkpoint: bool,
     pub dtype: DType,
     pub device: Device,
 }
@@ -281,6 +286,7 @@ impl WanTransformer {
             proj_out: Linear::load(w, "proj_out", dim, c.out_channels * pt * ph * pw)?,
             cfg: c,
             null_text: None,
+            checkpoint: false,
             dtype: w.dtype,
             device: w.device.clone(),
         })
@@ -339,9 +345,19 @@ impl WanTransformer {
     pub fn forward(&self, x: &Tensor, timestep: &Tensor, enc: &Tensor) -> Result<Tensor> {
         let (mut state, ctx, aux) = self.prepare(x, timestep, enc)?;
         for i in 0..self.blocks.len() {
-            state = self.block(i, &state, &ctx, &aux)?;
+            state =
+                if self.checkpoint { run_block(&self.block_fn(i, &aux), &state, &ctx, true)? } else { self.block(i, &state, &ctx, &aux)? };
         }
         self.finish(&state, &ctx, &aux)
+    }
+
+    /// Block `i` as a self-contained function of `(state, ctx)` (for checkpointing).
+    fn block_fn(&self, i: usize, aux: &WanAux) -> Block {
+        let (b, cfg, rope, rows) = (self.blocks[i].clone(), self.cfg.clone(), aux.rope.clone(), aux.token_rows.clone());
+        let anchor = super::trainable_anchor(self.blocks[i].clone().params(""));
+        let f: BlockFn =
+            Arc::new(move |s: &[Tensor], c: &[Tensor]| Ok(vec![b.forward_rows(&s[0], &c[0], &c[1], rows.as_ref(), &rope, &cfg)?]));
+        Block { f, anchor }
     }
 }
 

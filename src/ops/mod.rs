@@ -2,4 +2,5 @@
 //! portable implementation that runs on every device and is the reference in tests, plus, behind
 //! `cuda`, a fused path where one exists.
 
+pub mod checkpoint;
 pub mod linear;

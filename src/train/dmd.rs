@@ -297,7 +297,7 @@ impl Phase<'_> {
         let pred = fake.velocity(&xt, &row(&t, self.device)?, &gb.cond)?;
         let per = sample_mean(&(pred - target)?.sqr()?, &gb.cond)?;
         let loss = (per * row(&w, self.device)?)?.mean_all()?;
-        let grads = loss.backward()?;
+        let grads = crate::ops::checkpoint::backward(&loss, &opt.vars)?;
         opt.step(&grads, self.tcfg.grad_clip)?;
         Ok(loss.to_scalar::<f32>()? as f64)
     }
@@ -330,7 +330,7 @@ impl Phase<'_> {
         let g = (x0f - x0t)?.broadcast_div(&norm.reshape(shape)?)?;
         let target = (xs_sg - g)?.detach();
         let loss = ((&gb.xs - target)?.sqr()?.flatten_from(1)?.sum(1)?.mean_all()? * 0.5)?;
-        let grads = loss.backward()?;
+        let grads = crate::ops::checkpoint::backward(&loss, &opt.vars)?;
         let gn = opt.step(&grads, self.tcfg.grad_clip)?;
         Ok((loss.to_scalar::<f32>()? as f64, gn))
     }

@@ -278,9 +278,15 @@ pub struct TransformerConfig {
     /// Linear layers that get LoRA adapters (glob patterns over diffusers module names);
     /// empty: every attention projection and FFN linear.
     pub lora_targets: Vec<String>,
-    /// Storage dtype of the shared base weights: `f32`, `bf16` or `f16`. Activations, adapters,
-    /// full-parameter fakes and optimiser states stay f32.
+    /// Storage dtype of the shared base weights: `f32`, `bf16` or `f16`. Base weights are
+    /// multiplied as they are stored (bf16 × bf16 with f32 accumulation on CUDA; widened a block
+    /// of rows at a time on the CPU); activations, adapters, full-parameter fakes and optimiser
+    /// states stay f32.
     pub dtype: String,
+    /// Activation checkpointing: keep only each transformer block's input during a forward pass
+    /// with gradients and recompute the block in the backward pass (same results; about one
+    /// more forward pass of compute for much less memory). On by default.
+    pub recompute_blocks: bool,
     /// `t2v` (text only) or `i2v` (every prompt comes with a first-frame image condition,
     /// `image_condition` in the embeddings file); default by model: `i2v` for
     /// `wan2.2-i2v-a14b`, `t2v` otherwise. `wan2.2-ti2v-5b` takes either.
@@ -328,6 +334,7 @@ impl Default for TransformerConfig {
             fake_lora_alpha: 64.0,
             lora_targets: Vec::new(),
             dtype: "f32".into(),
+            recompute_blocks: true,
             task: None,
         }
     }

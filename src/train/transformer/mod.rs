@@ -221,7 +221,9 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
             let v = bases[0].base_view();
             bases.push(v);
         } else {
-            bases.push(Net::open_as(p, dtype, &device)?);
+            let mut b = Net::open_as(p, dtype, &device)?;
+            b.set_checkpoint(tc.recompute_blocks);
+            bases.push(b);
         }
     }
     if bases.len() == 2 && bases[0].family() != bases[1].family() {

@@ -116,6 +116,7 @@ impl Net {
                 scale_shift_table: m.scale_shift_table.clone(),
                 proj_out: m.proj_out.clone(),
                 null_text: m.null_text.clone(),
+                checkpoint: m.checkpoint,
                 dtype: m.dtype,
                 device: m.device.clone(),
             }),
@@ -132,6 +133,7 @@ impl Net {
                     proj_out: m.proj_out.clone(),
                     img_shape: m.img_shape,
                     null_text: m.null_text.clone(),
+                    checkpoint: m.checkpoint,
                     dtype: m.dtype,
                     device: m.device.clone(),
                 },
@@ -162,6 +164,15 @@ impl Net {
             }
         }
         v
+    }
+
+    /// Recompute blocks in the backward pass (activation checkpointing) in this view and the
+    /// views made from it afterwards.
+    pub fn set_checkpoint(&mut self, on: bool) {
+        match self {
+            Net::Wan(m) => m.checkpoint = on,
+            Net::Qwen(m, _) => m.checkpoint = on,
+        }
     }
 
     pub fn set_null_text(&mut self, t: Option<Tensor>) {
