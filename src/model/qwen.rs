@@ -19,7 +19,7 @@ use super::weights::Weights;
 use super::{Param, Parameters};
 use crate::error::{Error, Kind};
 use crate::model::denoiser::{Cond, Denoiser};
-use crate::ops::checkpoint::{run_block, Block, BlockFn};
+use crate::ops::checkpoint::{run_block, Block, BlockFn, Context};
 
 const EPS: f64 = 1e-6;
 
@@ -303,9 +303,15 @@ impl QwenImageTransformer {
     /// `timestep [B]` on 0..1 → `[B, S, patch²·out_channels]`.
     pub fn forward(&self, x: &Tensor, enc: &Tensor, mask: Option<&Tensor>, timestep: &Tensor, img_shape: [usize; 3]) -> Result<Tensor> {
         let (mut state, ctx, aux) = self.prepare(x, enc, mask, timestep, img_shape)?;
+        if self.checkpoint {
+            let context = Context::new(ctx);
+            for i in 0..self.blocks.len() {
+                state = run_block(&self.block_fn(i, &aux), &state, &context, true)?;
+            }
+            return self.finish(&state, &context.tensors, &aux);
+        }
         for i in 0..self.blocks.len() {
-            state =
-                if self.checkpoint { run_block(&self.block_fn(i, &aux), &state, &ctx, true)? } else { self.block(i, &state, &ctx, &aux)? };
+            state = self.block(i, &state, &ctx, &aux)?;
         }
         self.finish(&state, &ctx, &aux)
     }

@@ -26,7 +26,7 @@ use super::weights::Weights;
 use super::{Param, Parameters};
 use crate::error::{Error, Kind};
 use crate::model::denoiser::{Cond, Denoiser, ImageMode};
-use crate::ops::checkpoint::{run_block, Block, BlockFn};
+use crate::ops::checkpoint::{run_block, Block, BlockFn, Context};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct WanConfig {
@@ -344,9 +344,15 @@ impl WanTransformer {
     /// [`WanTransformer::prepare`]), `enc [B, L, text_dim]` → `[B, out_channels, F, H, W]`.
     pub fn forward(&self, x: &Tensor, timestep: &Tensor, enc: &Tensor) -> Result<Tensor> {
         let (mut state, ctx, aux) = self.prepare(x, timestep, enc)?;
+        if self.checkpoint {
+            let context = Context::new(ctx);
+            for i in 0..self.blocks.len() {
+                state = run_block(&self.block_fn(i, &aux), &state, &context, true)?;
+            }
+            return self.finish(&state, &context.tensors, &aux);
+        }
         for i in 0..self.blocks.len() {
-            state =
-                if self.checkpoint { run_block(&self.block_fn(i, &aux), &state, &ctx, true)? } else { self.block(i, &state, &ctx, &aux)? };
+            state = self.block(i, &state, &ctx, &aux)?;
         }
         self.finish(&state, &ctx, &aux)
     }

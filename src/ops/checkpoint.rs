@@ -62,9 +62,30 @@ pub fn backward(loss: &Tensor, vars: &[Var]) -> Result<GradStore> {
     Ok(g)
 }
 
+/// The context every block of a forward pass shares (embeddings, modulation).
+///
+/// Each checkpointed block holds its own packed copy of it (one flat view when the context is
+/// one tensor; a copy of a few `[B, L, dim]` rows otherwise): with one copy shared by all
+/// blocks, its gradient would be summed over the blocks before reaching the embedders, in
+/// another order than without checkpointing, and a full-parameter fake would train to other bits.
+pub struct Context {
+    pub tensors: Vec<Tensor>,
+}
+
+impl Context {
+    pub fn new(tensors: Vec<Tensor>) -> Context {
+        Context { tensors }
+    }
+
+    fn packed(&self) -> Result<Tensor> {
+        pack(&self.tensors)
+    }
+}
+
 /// Run `block` on `(state, ctx)`, checkpointed when `enabled` and its result needs gradients.
-pub fn run_block(block: &Block, state: &[Tensor], ctx: &[Tensor], enabled: bool) -> Result<Vec<Tensor>> {
+pub fn run_block(block: &Block, state: &[Tensor], context: &Context, enabled: bool) -> Result<Vec<Tensor>> {
     let f = &block.f;
+    let ctx = &context.tensors;
     let out = f(state, ctx)?;
     if !enabled || !out.iter().any(|t| t.track_op()) {
         return Ok(out);
@@ -87,7 +108,7 @@ pub fn run_block(block: &Block, state: &[Tensor], ctx: &[Tensor], enabled: bool)
         ctx_shapes: ctx.iter().map(|t| t.shape().clone()).collect(),
         values,
     };
-    let y = pack(state)?.apply_op3(&pack(ctx)?, &anchor, op)?;
+    let y = pack(state)?.apply_op3(&context.packed()?, &anchor, op)?;
     unpack(&y, &out_shapes)
 }
 
@@ -241,8 +262,9 @@ mod tests {
         let vars = [w1.clone(), w2.clone(), x0.clone(), c.clone()];
         let run = |ck: bool, x: &Tensor| {
             let mut s = vec![x.clone(), side.clone()];
+            let ctx = Context::new(vec![c.as_tensor().clone()]);
             for w in [&w1, &w2, &w1] {
-                s = run_block(&block(w), &s, &[c.as_tensor().clone()], ck).unwrap();
+                s = run_block(&block(w), &s, &ctx, ck).unwrap();
             }
             // A loss after the blocks, with a variable used outside them too.
             let loss = (s[0].matmul(w2.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap() + s[1].sum_all().unwrap()).unwrap();
