@@ -170,8 +170,17 @@ impl Weights {
             }
             None => 1.0,
         };
-        let mut vals = vec![0f32; numel];
         let bytes = self.ck.bytes(e);
+        // Stored as wanted: one copy from the map into the tensor (on a GPU, straight to the
+        // device), no f32 detour.
+        if let (Encoding::Dense(d), 1.0) = (e.encoding, scale) {
+            if candle_dtype(d) == Some(dtype) && bytes.len() == numel * dtype.size_in_bytes() {
+                let t = Tensor::from_raw_buffer(bytes, dtype, shape, &self.device).map_err(Error::from);
+                self.ck.release(e);
+                return t;
+            }
+        }
+        let mut vals = vec![0f32; numel];
         match e.encoding {
             Encoding::Dense(d) => crate::cast::decode_f32(d, bytes, &mut vals, scale),
             Encoding::Ggml(g) => crate::quant::dequantize(g, bytes, &mut vals).map(|()| {
@@ -183,6 +192,17 @@ impl Weights {
         .map_err(|er| er.with_path(self.path()).context(format!("tensor `{}`", clean(&e.name))))?;
         self.ck.release(e);
         Tensor::from_vec(vals, shape, &self.device).and_then(|t| t.to_dtype(dtype)).map_err(Error::from)
+    }
+}
+
+/// The candle dtype of a stored float dtype, where candle has one.
+fn candle_dtype(d: crate::DType) -> Option<DType> {
+    match d {
+        crate::DType::F32 => Some(DType::F32),
+        crate::DType::F16 => Some(DType::F16),
+        crate::DType::BF16 => Some(DType::BF16),
+        crate::DType::F64 => Some(DType::F64),
+        _ => None,
     }
 }
 
