@@ -36,3 +36,19 @@ impl Progress {
         self.bar.finish_and_clear();
     }
 }
+
+/// Bytes in binary units for people (`1.50 GiB`, `512.0 MiB`, `900 B`).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    match u {
+        0 => format!("{n} B"),
+        1 | 2 => format!("{v:.1} {}", UNITS[u]),
+        _ => format!("{v:.2} {}", UNITS[u]),
+    }
+}

@@ -112,6 +112,11 @@ impl Weights {
         &self.ck.path
     }
 
+    /// Every tensor of the model: its diffusers name and stored shape (headers only).
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[u64])> {
+        self.index.iter().map(|(n, &i)| (n.as_str(), self.ck.tensors[i].shape.as_slice()))
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }

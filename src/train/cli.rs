@@ -39,6 +39,19 @@ pub struct TrainArgs {
     /// runs on the CPU). Resume is bit-identical on the CPU only.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Print the memory plan of a transformer recipe (bytes per part, per phase and resolution,
+    /// from the recipe and the checkpoint headers) and the device it was checked against, and
+    /// stop: nothing is loaded. `train` makes the same plan first and refuses (exit 9) a run that
+    /// does not fit.
+    #[arg(long)]
+    pub plan: bool,
+    /// Memory of the device to plan for, e.g. 141GB or 80GiB (default: what the device reports;
+    /// on the CPU the available memory).
+    #[arg(long, value_name = "SIZE")]
+    pub device_memory: Option<String>,
+    /// Start the run even when the memory plan says it does not fit.
+    #[arg(long)]
+    pub skip_memory_check: bool,
     /// Data parallel (transformer runs): where the ranks meet, tcp://HOST:PORT or file:PATH
     /// (default: MASTER_ADDR and MASTER_PORT). Ranks come from RANK, WORLD_SIZE and LOCAL_RANK
     /// (`--device cuda` picks cuda:LOCAL_RANK); see docs/scale.md.
@@ -226,7 +239,28 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
     if !matches!(dev, candle_core::Device::Cpu) && r.model == "toy" {
         return Err(Error::unsupported("the toy trainer runs on the CPU (its mixture and MLP are too small for a GPU); use --device cpu"));
     }
-    let opts = TrainOptions { resume: a.resume, stop_after: a.stop_after, eval_samples: a.eval_samples, dist, device: dev };
+    let device_memory = a.device_memory.as_deref().map(crate::convert::parse_size).transpose()?;
+    if a.plan {
+        if r.is_toy() {
+            return Err(Error::usage("--plan is for transformer recipes (the toy needs a few MiB)"));
+        }
+        let plan = super::plan::plan(&r, &dev, super::plan::capacity(&dev, device_memory))?;
+        if json {
+            print_json(&serde_json::json!({ "ok": true, "plan": plan }));
+        } else {
+            print!("{}", plan.render());
+        }
+        return Ok(());
+    }
+    let opts = TrainOptions {
+        resume: a.resume,
+        stop_after: a.stop_after,
+        eval_samples: a.eval_samples,
+        dist,
+        device: dev,
+        device_memory,
+        check_memory: !a.skip_memory_check,
+    };
     let s = train_with_bar(&r, &text, &a.out, &opts, quiet || json || opts.dist.rank > 0, "train")?;
     if json {
         print_json(&serde_json::json!({ "ok": true, "summary": s }));

@@ -25,6 +25,7 @@ pub mod memory;
 pub mod metrics;
 pub mod mixture;
 pub mod optim;
+pub mod plan;
 pub mod phases;
 pub mod plot;
 pub mod quickstart;
@@ -56,11 +57,24 @@ pub struct TrainOptions {
     pub dist: DistConfig,
     /// Where transformer runs compute (the toy always runs on the CPU).
     pub device: Device,
+    /// Bytes the device offers (default: what it reports; see [`plan::capacity`]).
+    pub device_memory: Option<u64>,
+    /// Refuse (exit 9) a transformer run whose memory plan does not fit the device, before
+    /// loading anything.
+    pub check_memory: bool,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { resume: false, stop_after: None, eval_samples: 0, dist: DistConfig::default(), device: Device::Cpu }
+        TrainOptions {
+            resume: false,
+            stop_after: None,
+            eval_samples: 0,
+            dist: DistConfig::default(),
+            device: Device::Cpu,
+            device_memory: None,
+            check_memory: true,
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use super::recipe::{FakeKind, Recipe, TransformerConfig};
 use super::rundir::{self, Event, RunDir, Summary};
 use super::schedule::{shift, Schedule};
 use super::TrainOptions;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Kind, Result};
 use crate::hash::sha256_hex;
 use crate::model::denoiser::{Cond, Denoiser};
 use crate::model::linear::{self, LoraConfig};
@@ -57,6 +57,27 @@ fn renoise_sigma_range(sched: &Schedule, p: usize, r: &Recipe, t_range: Option<(
         b = b.min(y);
     }
     (a, b)
+}
+
+/// Phase `p`'s re-noise range after `phase1_t_range` (phase 1 only).
+pub fn phase_t_range(tc: &TransformerConfig, p: usize) -> Option<(f64, f64)> {
+    if p == 0 {
+        tc.phase1_t_range.map(|[a, b]| (a, b))
+    } else {
+        None
+    }
+}
+
+/// Which teacher experts (`[high, low]`, or `[one]`) phase `p`'s re-noise range reaches: the
+/// phase has one fake score per expert marked.
+pub fn fakes_used(r: &Recipe, tc: &TransformerConfig, sched: &Schedule, p: usize, experts: usize) -> Vec<bool> {
+    let (a, b) = renoise_sigma_range(sched, p, r, phase_t_range(tc, p));
+    (0..experts)
+        .map(|e| match tc.expert_boundary {
+            None => true,
+            Some(bd) => (e == 0 && b >= bd) || (e == 1 && a < bd),
+        })
+        .collect()
 }
 
 /// Draws the conditions of a batch.
@@ -104,21 +125,17 @@ fn as_dyn(v: &Option<Net>) -> Option<&dyn Denoiser> {
 impl Student for TransformerStudent<'_> {
     fn start_phase(&mut self, p: usize) -> Result<(Trainable, Trainable)> {
         let (r, tc) = (self.recipe, self.tc);
-        let t_range = if p == 0 { tc.phase1_t_range.map(|[a, b]| (a, b)) } else { None };
+        let t_range = phase_t_range(tc, p);
         // Generator: its teacher expert's base + a fresh LoRA (zero up: starts as the teacher).
         let mut gen = self.bases[self.gen_base(p)].base_view();
         gen.attach(&gen_lora(tc, r.seed ^ (0x6E4E_0000 + p as u64)))?;
         let gen_tr = gen.lora_vars();
         // Fakes: one per teacher expert that the phase's re-noise range reaches.
-        let (a, b) = renoise_sigma_range(self.sched, p, r, t_range);
+        let used = fakes_used(r, tc, self.sched, p, self.bases.len());
         let mut fakes: Vec<Option<Net>> = Vec::new();
         let mut fake_tr = Trainable::default();
         for (e, base) in self.bases.iter().enumerate() {
-            let used = match tc.expert_boundary {
-                None => true,
-                Some(bd) => (e == 0 && b >= bd) || (e == 1 && a < bd),
-            };
-            if !used {
+            if !used[e] {
                 fakes.push(None);
                 continue;
             }
@@ -195,6 +212,12 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     let tc = r.transformer.clone().ok_or_else(|| Error::usage(format!("recipe: model '{}' needs a [transformer] section", r.model)))?;
     let paths = teacher_paths(&tc)?;
     let device = opts.device.clone();
+    if opts.check_memory {
+        let plan = super::plan::plan(r, &device, super::plan::capacity(&device, opts.device_memory))?;
+        if let Some(why) = plan.refusal() {
+            return Err(Error::new(Kind::Limit, format!("memory plan: {why} (`phasekit train --plan` shows every part)")));
+        }
+    }
     // Data parallelism: every rank trains its own batches from the same initial weights and
     // averages the gradients (one rank: the communicator does nothing). Only rank 0 writes.
     let comm = dist::connect(&opts.dist, &device)?;
