@@ -4,6 +4,7 @@
 //! **map** (layout rules from `formats/*.toml`) → **write** (streaming safetensors / GGUF
 //! writers into temporary files renamed when complete). See `docs/guide.md`.
 
+pub mod alloc;
 pub mod atomic;
 pub mod bench;
 pub mod cast;

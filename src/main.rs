@@ -16,6 +16,10 @@ use phasekit::layout::Layout;
 use phasekit::quant::GgmlType;
 use phasekit::DType;
 
+/// A failed allocation ends the process with one line and exit 9 (src/alloc.rs).
+#[global_allocator]
+static ALLOC: phasekit::alloc::ReportingAlloc = phasekit::alloc::ReportingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "phasekit",
@@ -243,6 +247,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Err(e) = phasekit::alloc::init(cli.json) {
+        eprintln!("phasekit: error: {e}");
+        return ExitCode::from(e.exit_code() as u8);
+    }
     if let Some(n) = cli.threads {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global();
     }

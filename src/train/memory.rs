@@ -51,6 +51,20 @@ pub fn phase_end(phase: usize, device: &Device) -> PhaseMemory {
     m
 }
 
+/// Bytes the device can still give: CUDA's free memory, or the host's `MemAvailable`.
+pub fn free_bytes(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let l = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            l["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k * 1024)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64),
+        _ => None,
+    }
+}
+
 /// Current resident set size in bytes (`VmRSS`).
 pub fn current_rss() -> Option<u64> {
     status_kib("VmRSS:").map(|k| k * 1024)

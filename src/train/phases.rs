@@ -42,6 +42,10 @@ pub trait Student {
     fn end_phase(&mut self, p: usize) -> Result<Vec<(String, Tensor)>>;
     /// Resuming after phase `k` ended: expert `k` from its file.
     fn load_expert(&mut self, k: usize, path: &Path) -> Result<()>;
+    /// What the current iteration trains on (e.g. its latent size), for error messages.
+    fn describe(&self) -> String {
+        String::new()
+    }
 }
 
 /// Everything the loop needs besides the student.
@@ -182,7 +186,11 @@ pub fn run(student: &mut dyn Student, cfg: &LoopConfig) -> Result<LoopEnd> {
         };
         let n = r.updates(p);
         for step in first..n {
-            let l = student.iteration(p, &mut rng, &mut gen_opt, &mut fake_opt)?;
+            let doing = format!("training phase {}/{phases}, update {}/{n}", p + 1, step + 1);
+            crate::alloc::set_activity(&doing);
+            let l = student
+                .iteration(p, &mut rng, &mut gen_opt, &mut fake_opt)
+                .map_err(|e| out_of_memory(e, &format!("{doing}{}", student.describe()), &cfg.opts.device))?;
             global += 1;
             let done = step + 1;
             if !l.gen.is_finite() || !l.fake.is_finite() {
@@ -227,6 +235,15 @@ pub fn run(student: &mut dyn Student, cfg: &LoopConfig) -> Result<LoopEnd> {
         }
     }
     Ok(LoopEnd { summary: summary(true, global, &memory), expert_digests: digests })
+}
+
+/// An out-of-memory error gets what the run was doing and what the device still has.
+fn out_of_memory(e: Error, doing: &str, device: &candle_core::Device) -> Error {
+    if e.kind() != crate::Kind::Limit {
+        return e;
+    }
+    let free = memory::free_bytes(device).map(|b| format!("; {} free on the device", crate::progress::human_bytes(b))).unwrap_or_default();
+    Error::new(crate::Kind::Limit, format!("{doing}: {}{free}", e.message()))
 }
 
 /// RNG state of `rank` when resuming from `info`: its saved state, or (a rank the checkpoint

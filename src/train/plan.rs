@@ -211,6 +211,7 @@ pub fn capacity(device: &Device, given: Option<u64>) -> (Option<u64>, String) {
         return (Some(g), "--device-memory".into());
     }
     match device {
+        Device::Cpu if crate::alloc::limit().is_some() => (crate::alloc::limit(), "PHASEKIT_HOST_MEMORY_LIMIT".into()),
         Device::Cpu => {
             let avail = meminfo("MemAvailable:");
             let cg = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|s| s.trim().parse::<u64>().ok());
@@ -393,7 +394,12 @@ impl Plan {
         let per_token: u64 = e
             .parts
             .iter()
-            .filter(|p| matches!(p.name, "checkpointed activations" | "recompute of one block" | "attention workspace" | "activations (no recompute)"))
+            .filter(|p| {
+                matches!(
+                    p.name,
+                    "checkpointed activations" | "recompute of one block" | "attention workspace" | "activations (no recompute)"
+                )
+            })
             .map(|p| p.bytes)
             .sum::<u64>()
             / e.tokens.max(1) as u64;

@@ -109,6 +109,8 @@ struct TransformerStudent<'a> {
     /// Frozen generator experts of the finished phases.
     experts: Vec<Net>,
     current: Option<PhaseNets>,
+    /// The training resolution of the latest iteration.
+    last_geo: usize,
 }
 
 impl TransformerStudent<'_> {
@@ -166,6 +168,8 @@ impl Student for TransformerStudent<'_> {
         // One resolution per iteration (drawn only when there are several, so a single-
         // resolution run's random stream does not depend on this).
         let gi = if self.geos.len() > 1 { rng.categorical(self.geo_weights) } else { 0 };
+        self.last_geo = gi;
+        crate::alloc::set_activity(&format!("training phase {}{}", p + 1, self.describe()));
         for b in self.bases {
             b.set_img_shape(self.geos[gi].img_shape);
         }
@@ -196,6 +200,10 @@ impl Student for TransformerStudent<'_> {
         let expert = nets.gen.lora_file_tensors()?;
         self.experts.push(nets.gen_frozen);
         Ok(expert)
+    }
+
+    fn describe(&self) -> String {
+        format!(", latent {:?}, batch {}", self.geos[self.last_geo].latent, self.recipe.train.batch)
     }
 
     fn load_expert(&mut self, k: usize, path: &Path) -> Result<()> {
@@ -296,6 +304,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         device: &device,
         experts: Vec::new(),
         current: None,
+        last_geo: 0,
     };
     let cfg = LoopConfig { comm: comm.clone(), ..LoopConfig::new(r, &sched, &run, (&recipe_sha, &teacher_sha), opts, on, t0) };
     let end = phases::run(&mut student, &cfg)?;
