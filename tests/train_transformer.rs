@@ -270,6 +270,28 @@ fn two_expert_routing_sends_sigma_at_or_above_the_boundary_to_high_noise() {
     assert_eq!(first, vec![2.0, 1.0, 1.0, 2.0, 1.0]);
 }
 
+/// Regression (issue 15, defect 1): Wan2.2 I2V's boundary is 0.9, and f32(0.9) = 0.89999998.
+/// A re-noise level of 0.9 reaches the models as that f32; compared in f64 against 0.9 it went to
+/// the low-noise expert, which phase 1 of the I2V recipe does not have (the run aborted, and a
+/// resume replayed the same draw).
+#[test]
+fn the_i2v_boundary_routes_in_the_models_precision() {
+    let h = Constant(1.0);
+    let r = Routed { high: Some(&h), low: None, boundary: Some(0.9) };
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((3, 2), candle_core::DType::F32, &dev).unwrap();
+    let levels = [0.9f64, 0.900_000_005, 0.95];
+    let sig = Tensor::new(levels.iter().map(|t| *t as f32).collect::<Vec<f32>>().as_slice(), &dev).unwrap();
+    let cond = Cond::Embedding(Tensor::zeros((3, 1, 1), candle_core::DType::F32, &dev).unwrap());
+    let v = r.velocity(&x, &sig, &cond).expect("every level at or above 0.9 has the high-noise expert");
+    assert!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| *x == 1.0));
+    // The f64 schedule, the f32 tensor and the re-noise level agree.
+    for t in levels {
+        assert!(is_high_noise(t, 0.9) && is_high_noise(t as f32 as f64, 0.9), "{t}");
+    }
+    assert!(!is_high_noise(0.8999, 0.9));
+}
+
 #[test]
 fn phase_one_renoise_levels_stay_in_phase1_t_range() {
     let (r, _) = recipe("wan2.2-tiny-2phase.toml");

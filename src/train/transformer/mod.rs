@@ -75,7 +75,7 @@ pub fn fakes_used(r: &Recipe, tc: &TransformerConfig, sched: &Schedule, p: usize
     (0..experts)
         .map(|e| match tc.expert_boundary {
             None => true,
-            Some(bd) => (e == 0 && b >= bd) || (e == 1 && a < bd),
+            Some(bd) => (e == 0 && routing::is_high_noise(b, bd)) || (e == 1 && !routing::is_high_noise(a, bd)),
         })
         .collect()
 }

@@ -10,8 +10,12 @@ use crate::model::denoiser::{Cond, Denoiser};
 type CResult<T> = candle_core::Result<T>;
 
 /// Whether σ goes to the high-noise expert of a two-expert teacher (Wan2.2: `t ≥ boundary·1000`).
+///
+/// Compared in f32, the precision the models receive σ in: every caller (a batch's σ tensor,
+/// a schedule's f64 σ, a re-noise level) rounds to the same f32 first, so a level drawn at
+/// 0.9 in f64 and the f32 σ the model gets (0.89999998) go to the same expert.
 pub fn is_high_noise(sigma: f64, boundary: f64) -> bool {
-    sigma >= boundary
+    sigma as f32 >= boundary as f32
 }
 
 /// Routes each sample of a batch by its σ: `high` for σ ≥ `boundary`, `low` below; a dense
