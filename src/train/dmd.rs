@@ -7,7 +7,8 @@
 //! current expert without gradients to `t_j`; one Euler jump with gradient to the boundary,
 //! `x_s = x + (s − t_j)·v`; re-noise `x_t = α_{t|s}·sg(x_s) + σ_{t|s}·ε` with `t ~ U(s, 1]`
 //! before the shift (or `(s, t_a]`, disjoint); `g = (x̂₀_fake − x̂₀_teacher) / mean|x̂₀ − x̂₀_teacher|`;
-//! loss `½‖x_s − sg(x_s − g)‖²`. Per fake update (Eq. 11/13): the same rollout without
+//! loss `½·mean(x_s − sg(x_s − g))²` over each sample's generated elements, then the batch.
+//! Per fake update (Eq. 11/13): the same rollout without
 //! gradients, the same re-noise, and the subinterval target
 //! `((1−s)²t + (1−t)s²)/((1−s)²σ_{t|s})·ε − x_s/(1−s)` weighted by `clamp(1/σ²_{t|s}, 0, 10)·σ²_{t|s}`.
 //!
@@ -329,7 +330,10 @@ impl Phase<'_> {
         shape.extend(std::iter::repeat_n(1, gb.xs.rank() - 1));
         let g = (x0f - x0t)?.broadcast_div(&norm.reshape(shape)?)?;
         let target = (xs_sg - g)?.detach();
-        let loss = ((&gb.xs - target)?.sqr()?.flatten_from(1)?.sum(1)?.mean_all()? * 0.5)?;
+        // ½ the mean squared distance over the generated elements of each sample, then over the
+        // batch (as DMD2, LightX2V and FastVideo average; a sum over elements made the gradient
+        // numel× larger, so `grad_clip` clipped every transformer step).
+        let loss = (sample_mean(&(&gb.xs - target)?.sqr()?, &gb.cond)?.mean_all()? * 0.5)?;
         let grads = crate::ops::checkpoint::backward(&loss, &opt.vars)?;
         let gn = opt.step(&grads, self.tcfg.grad_clip)?;
         Ok((loss.to_scalar::<f32>()? as f64, gn))
