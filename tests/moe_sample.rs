@@ -74,15 +74,12 @@ fn toy_run_assembles_verifies_and_samples_through_the_checkpoint_bit_for_bit() {
     let r = ck.routing();
     assert_eq!(r.steps as usize, run_.manifest.steps);
     assert_eq!(r.shift, run_.manifest.shift);
-    // The one-step first phase serves σ = 1 only ([1, 1) in the run): stored as [1 − 10⁻⁹, 1).
-    let below_one = 1.0 - phasekit::train::toy::TOP_EXPERT_WIDTH;
-    assert_eq!(run_.manifest.experts[0].sigma_range, [1.0, 1.0]);
-    assert_eq!([r.experts[0].sigma_lo, r.experts[0].sigma_hi], [below_one, 1.0]);
-    assert_eq!(r.experts[1].sigma_hi, below_one);
+    // The one-step first phase serves its phase interval (σ₁, 1]: from the float above σ₁.
+    let s1 = run_.manifest.sigmas[1];
+    assert_eq!(run_.manifest.experts[0].sigma_range, [f64::from_bits(s1.to_bits() + 1), 1.0]);
     for (i, e) in run_.manifest.experts.iter().enumerate() {
-        if i > 1 {
-            assert_eq!([r.experts[i].sigma_lo, r.experts[i].sigma_hi], e.sigma_range, "expert {i} range");
-        }
+        // The table round-trips through JSON bit for bit.
+        assert_eq!([r.experts[i].sigma_lo, r.experts[i].sigma_hi], e.sigma_range, "expert {i} range");
         assert_eq!(r.experts[i].timesteps, e.timesteps, "expert {i} timesteps");
         // Each step's σ goes to the expert of that phase; so do σ inside its range.
         for &t in &e.timesteps {

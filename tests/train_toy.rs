@@ -154,12 +154,15 @@ fn run_folder_manifest_and_sampling() {
     let run = LoadedRun::open(&out).unwrap();
     let m = &run.manifest;
     assert_eq!(m.experts.len(), 2);
-    assert_eq!(m.experts[0].sigma_range, [0.75, 1.0]);
-    assert_eq!(m.experts[1].sigma_range, [0.0, 0.75]);
+    // Phase 1 owns (0.5, 1]: its range starts at the float right above 0.5.
+    let above_half = f64::from_bits(0.5f64.to_bits() + 1);
+    assert_eq!(m.experts[0].sigma_range, [above_half, 1.0]);
+    assert_eq!(m.experts[1].sigma_range, [0.0, above_half]);
     assert_eq!(m.experts[0].timesteps, vec![1000.0, 750.0]);
     assert_eq!(m.teacher.sha256.len(), 64);
     assert_eq!(run.route(1.0), 0);
     assert_eq!(run.route(0.75), 0);
+    assert_eq!(run.route(0.6), 0, "off the grid, inside phase 1's interval");
     assert_eq!(run.route(0.5), 1);
     // The sample command writes a [N, d] tensor that the reference safetensors reader opens.
     let bin = env!("CARGO_BIN_EXE_phasekit");
@@ -270,4 +273,57 @@ fn x0_renoise_rollout_is_recorded_and_sampled_by_its_rule() {
     // Transformer recipes roll out with Euler only.
     let e = Recipe::parse("model = \"qwen-image\"\n[schedule]\nrollout = \"x0-renoise\"\n", Path::new("x.toml")).unwrap_err();
     assert!(e.to_string().contains("toy only"), "{e}");
+}
+
+/// Regression (issue 15, defect 4): σ values, timesteps and routing boundaries survive the JSON
+/// of run manifests and MoE metadata bit for bit (serde_json's default float parser was 1 ulp off
+/// for some: 5 steps at shift 5 gave σ₁ = 0.9523809523809523 → …24, and `sample --moe` then routed
+/// step 1 to the next expert).
+#[test]
+fn sigmas_timesteps_and_ranges_round_trip_through_json_bit_for_bit() {
+    use phasekit::train::schedule::{sigmas, Schedule};
+    let mut checked = 0;
+    for steps in 1..=16 {
+        for shift in [1.0, 3.0, 5.0, 7.5, 12.3] {
+            let s = Schedule::new(steps, shift, &[]).unwrap();
+            let ranges: Vec<[f64; 2]> = s.expert_ranges(None, &|_| 0).iter().map(|(a, b)| [*a, *b]).collect();
+            let ts: Vec<f64> = sigmas(steps, shift).iter().map(|x| x * 1000.0).collect();
+            let text = serde_json::to_string(&(&s.sigmas, &ts, &ranges)).unwrap();
+            let back: (Vec<f64>, Vec<f64>, Vec<[f64; 2]>) = serde_json::from_str(&text).unwrap();
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&back.0), bits(&s.sigmas), "{steps} steps, shift {shift}");
+            assert_eq!(bits(&back.1), bits(&ts));
+            assert_eq!(bits(&back.2.concat()), bits(&ranges.concat()));
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 80);
+    let s = sigmas(5, 5.0);
+    assert_eq!(serde_json::from_str::<f64>(&serde_json::to_string(&s[1]).unwrap()).unwrap().to_bits(), s[1].to_bits());
+}
+
+/// The same through a real run, its assembled checkpoint and `sample --moe`'s routing: every
+/// step of several grids goes to the same expert from the run folder and from the checkpoint.
+#[test]
+fn a_checkpoint_routes_every_step_as_its_run_does() {
+    setup();
+    let d = tempfile::tempdir().unwrap();
+    let mut r = tiny(&[1, 3, 5], 1);
+    r.schedule.steps = 5;
+    r.schedule.shift = 5.0;
+    let out = d.path().join("run");
+    phasekit::train::train(&r, &r.to_toml(), &out, &TrainOptions::default(), &|_| {}).unwrap();
+    let moe = d.path().join("moe.safetensors");
+    let bin = env!("CARGO_BIN_EXE_phasekit");
+    let o = std::process::Command::new(bin).args(["assemble", "--run"]).arg(&out).arg("-o").arg(&moe).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = LoadedRun::open(&out).unwrap();
+    let ck = phasekit::train::toy::sample::LoadedMoe::open(&moe).unwrap();
+    for steps in [None, Some(3), Some(5), Some(7), Some(8), Some(16)] {
+        for sg in run.sigmas(steps) {
+            assert_eq!(ck.route(sg), run.route(sg), "{steps:?} steps, σ {sg}");
+        }
+    }
+    // The trained grid: step 1 (σ₁ = 0.952…) is phase 2's first step.
+    assert_eq!(ck.route(run.sigmas(None)[1]), 1);
 }

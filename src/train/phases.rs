@@ -61,6 +61,8 @@ pub struct LoopConfig<'a> {
     pub on: &'a dyn Fn(&Event),
     pub comm: Arc<dyn Communicator>,
     pub t0: Instant,
+    /// Each expert's routed σ range (written into its file's metadata).
+    pub ranges: Vec<(f64, f64)>,
 }
 
 impl<'a> LoopConfig<'a> {
@@ -74,7 +76,8 @@ impl<'a> LoopConfig<'a> {
         on: &'a dyn Fn(&Event),
         t0: Instant,
     ) -> Self {
-        LoopConfig { recipe, schedule, run, recipe_sha: ids.0, teacher_sha: ids.1, opts, on, comm: dist::single(), t0 }
+        let ranges = schedule.expert_ranges(None, &|_| 0);
+        LoopConfig { recipe, schedule, run, recipe_sha: ids.0, teacher_sha: ids.1, opts, on, comm: dist::single(), t0, ranges }
     }
 }
 
@@ -231,7 +234,7 @@ pub fn run(student: &mut dyn Student, cfg: &LoopConfig) -> Result<LoopEnd> {
         }
         digests.push(digest);
         if lead {
-            cfg.run.write_expert(p, &expert, sched.expert_range(p))?;
+            cfg.run.write_expert(p, &expert, cfg.ranges[p])?;
         }
     }
     Ok(LoopEnd { summary: summary(true, global, &memory), expert_digests: digests })

@@ -143,19 +143,86 @@ impl Schedule {
         (lo, hi)
     }
 
-    /// The σ range `[lo, hi)` an expert is routed for: from the smallest σ it is evaluated at
-    /// (0 for the last expert) up to the previous expert's lower end (1 for the first, where
-    /// σ = 1 is included).
-    pub fn expert_range(&self, phase: usize) -> (f64, f64) {
-        let lo = |k: usize| if k + 1 == self.phases.len() { 0.0 } else { self.sigmas[self.phases[k].end - 1] };
-        let hi = if phase == 0 { 1.0 } else { lo(phase - 1) };
-        (lo(phase), hi)
+    /// The σ ranges `[lo, hi)` the experts are routed for (the first also serves σ = 1), one
+    /// per phase.
+    ///
+    /// Phase `k`'s expert learned the steps of its phase interval `(σ_end(k), σ_start(k)]`
+    /// (σ_end(k) is the next phase's first step), so it serves σ down to just above σ_end(k):
+    /// `lo_k` is the float right above σ_end(k), and a sampler on another grid (`--steps K`)
+    /// hands every σ to the expert whose phase it falls in. With a two-expert teacher
+    /// (`boundary`, and `base_of(k)`: 0 for the high-noise base, 1 for the low-noise one), the
+    /// switch between an expert on the high-noise base and one on the low-noise base is the
+    /// boundary itself, so no expert gets a σ its base does not serve. The last expert serves
+    /// down to 0.
+    pub fn expert_ranges(&self, boundary: Option<f64>, base_of: &dyn Fn(usize) -> usize) -> Vec<(f64, f64)> {
+        let n = self.phases.len();
+        let switch = |k: usize| -> f64 {
+            match boundary {
+                Some(b) if base_of(k) != base_of(k + 1) => b,
+                _ => next_up(self.phases[k].sigma_end),
+            }
+        };
+        (0..n).map(|k| (if k + 1 == n { 0.0 } else { switch(k) }, if k == 0 { 1.0 } else { switch(k - 1) })).collect()
     }
+}
+
+/// The smallest f64 above `x` (for x ≥ 0).
+fn next_up(x: f64) -> f64 {
+    if x <= 0.0 {
+        f64::from_bits(1)
+    } else {
+        f64::from_bits(x.to_bits() + 1)
+    }
+}
+
+/// The expert of `ranges` (from [`Schedule::expert_ranges`]) serving σ: the one whose `[lo, hi)`
+/// holds it, σ = 1 going to the range that ends at 1; `None` outside [0, 1].
+pub fn route(ranges: &[(f64, f64)], sigma: f64) -> Option<usize> {
+    if !(0.0..=1.0).contains(&sigma) {
+        return None;
+    }
+    ranges.iter().position(|(lo, hi)| (*lo <= sigma && sigma < *hi) || (sigma == 1.0 && *hi == 1.0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (issue 15, defect 3): a Wan2.2 2-phase run (4 steps, shift 5: σ 1, 0.9375,
+    /// 0.8333, 0.625) sampled on an 8-step grid. σ = 0.893 lies in phase 1's interval
+    /// (0.8333, 1] and above the boundary 0.875: it goes to phase 1's expert, on the high-noise
+    /// base (it went to the low-noise expert, which never saw σ above 0.875).
+    #[test]
+    fn off_grid_sigmas_go_to_the_expert_of_their_phase_and_base() {
+        let s = Schedule::new(4, 5.0, &[2, 4]).unwrap();
+        let base = |k: usize| if s.sigmas[s.phases[k].start] >= 0.875 { 0 } else { 1 };
+        let r = s.expert_ranges(Some(0.875), &base);
+        assert_eq!(r, vec![(0.875, 1.0), (0.0, 0.875)]);
+        let eight = sigmas(8, 5.0);
+        assert!((eight[3] - 0.8929).abs() < 1e-3);
+        assert_eq!(route(&r, eight[3]), Some(0));
+        // Every σ goes to an expert whose base serves it, on any grid.
+        for k in 1..=32 {
+            for &sg in &sigmas(k, 5.0)[..k] {
+                let e = route(&r, sg).unwrap();
+                assert_eq!(base(e), if sg >= 0.875 { 0 } else { 1 }, "{k} steps, σ {sg}");
+            }
+        }
+        // One base, four one-step phases: each trained σ to its phase, off-grid σ to the phase
+        // whose interval (σ_end, σ_start] holds it.
+        let s = Schedule::new(4, 3.0, &[]).unwrap();
+        let r = s.expert_ranges(None, &|_| 0);
+        for (i, sg) in s.sigmas[..4].iter().enumerate() {
+            assert_eq!(route(&r, *sg), Some(i));
+        }
+        for (k, ph) in s.phases.iter().enumerate() {
+            let mid = 0.5 * (ph.sigma_start + ph.sigma_end);
+            assert_eq!(route(&r, mid), Some(k));
+            assert_eq!(route(&r, ph.sigma_end), Some((k + 1).min(3)), "σ_end belongs to the next phase");
+        }
+        assert_eq!(route(&r, 1.0), Some(0));
+        assert_eq!(route(&r, 0.0), Some(3));
+    }
 
     #[test]
     fn wan_lightning_steps() {
@@ -175,9 +242,9 @@ mod tests {
         let s = Schedule::new(4, 5.0, &[2, 4]).unwrap();
         assert_eq!(s.phases.len(), 2);
         assert!((s.phases[0].sigma_end - 0.833333).abs() < 1e-5);
-        let (lo, hi) = s.expert_range(0);
-        assert!((lo - 0.9375).abs() < 1e-12 && hi == 1.0);
-        assert_eq!(s.expert_range(1), (0.0, 0.9375));
+        let r = s.expert_ranges(None, &|_| 0);
+        assert_eq!(r[0], (next_up(s.phases[0].sigma_end), 1.0));
+        assert_eq!(r[1], (0.0, next_up(s.phases[0].sigma_end)));
         let (lo, hi) = s.renoise_interval(0, Renoise::Nested);
         assert!((lo - 0.5).abs() < 1e-12 && hi == 1.0);
         assert!(Schedule::new(4, 1.0, &[2, 3]).is_err());

@@ -200,9 +200,10 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
 /// `toy.json` and the assembler's `manifest.json` of a finished toy run.
 fn write_outputs(r: &Recipe, sched: &Schedule, run: &RunDir, teacher: TeacherEntry, recipe_sha: &str) -> Result<()> {
     let mut entries = Vec::new();
+    let ranges = sched.expert_ranges(None, &|_| 0);
     for (k, ph) in sched.phases.iter().enumerate() {
         let path = run.expert(k);
-        let (lo, hi) = sched.expert_range(k);
+        let (lo, hi) = ranges[k];
         entries.push(ExpertEntry {
             index: k,
             file: RunDir::expert_rel(k),
@@ -267,9 +268,6 @@ pub fn method_name(r: &Recipe, s: &Schedule) -> String {
     m
 }
 
-/// Width of the stored σ range of a one-step first phase (see [`assembler_manifest`]).
-pub const TOP_EXPERT_WIDTH: f64 = 1e-9;
-
 /// The assembler's `phasekit.run/1` manifest of a toy run: full MLP experts, no base, model kind
 /// `toy-mlp` with the mixture and MLP shape as its config.
 fn assembler_manifest(m: &Manifest) -> crate::moe::assemble::Manifest {
@@ -277,19 +275,7 @@ fn assembler_manifest(m: &Manifest) -> crate::moe::assemble::Manifest {
     use crate::moe::format::{ModelInfo, KIND_TOY_MLP};
     use crate::moe::routing::ExpertKind;
     let config = ToyModelConfig { method: m.method.clone(), mixture: m.mixture.clone(), mlp: m.mlp.clone() };
-    // A one-step first phase serves σ = 1 only: its range here is the degenerate [1, 1), σ = 1
-    // going to it by the first-expert rule. The routing table needs lo < hi, so it gets
-    // [1 − 10⁻⁹, 1) (σ = 1 included) and the next expert ends there: the same expert as in the
-    // run folder for every σ a sampler with fewer than 10⁹/shift steps reaches. (10⁻⁹ survives
-    // the JSON round trip; the float just below 1 would not.)
-    let mut ranges: Vec<[f64; 2]> = m.experts.iter().map(|e| e.sigma_range).collect();
-    if let Some(first) = ranges.first().copied().filter(|r| r[0] >= r[1]) {
-        let below = first[1] - TOP_EXPERT_WIDTH;
-        ranges[0][0] = below;
-        for r in ranges.iter_mut().skip(1).filter(|r| r[1] == first[1]) {
-            r[1] = below;
-        }
-    }
+    let ranges: Vec<[f64; 2]> = m.experts.iter().map(|e| e.sigma_range).collect();
     RunManifest {
         format: MANIFEST_TAG.into(),
         experts: m

@@ -117,11 +117,8 @@ impl LoadedRun {
 
     /// The expert routed for σ: the one whose [lo, hi) holds σ (σ = 1 goes to the first).
     pub fn route(&self, sigma: f64) -> usize {
-        self.manifest
-            .experts
-            .iter()
-            .position(|e| sigma >= e.sigma_range[0] && (sigma < e.sigma_range[1] || e.index == 0))
-            .unwrap_or(self.experts.len() - 1)
+        let ranges: Vec<(f64, f64)> = self.manifest.experts.iter().map(|e| (e.sigma_range[0], e.sigma_range[1])).collect();
+        schedule::route(&ranges, sigma).unwrap_or(self.experts.len() - 1)
     }
 
     /// The σ grid for `steps` (the run's own when `None`).

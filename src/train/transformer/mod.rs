@@ -306,14 +306,18 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         current: None,
         last_geo: 0,
     };
-    let cfg = LoopConfig { comm: comm.clone(), ..LoopConfig::new(r, &sched, &run, (&recipe_sha, &teacher_sha), opts, on, t0) };
+    let gen_base = |p: usize| expert_of(sched.sigmas[sched.phases[p].start], tc.expert_boundary);
+    let cfg = LoopConfig {
+        comm: comm.clone(),
+        ranges: sched.expert_ranges(tc.expert_boundary, &gen_base),
+        ..LoopConfig::new(r, &sched, &run, (&recipe_sha, &teacher_sha), opts, on, t0)
+    };
     let end = phases::run(&mut student, &cfg)?;
     let report = Some(phases::dist_report(&*comm, &end.expert_digests));
     if !end.summary.completed {
         return Ok(Summary { dist: report, ..end.summary });
     }
     if lead {
-        let gen_base = |p: usize| student.gen_base(p);
         write_outputs(r, &tc, &run, &sched, &paths, &digests, &recipe_sha, &geos[0], &emb_file, &gen_base, bases[0].family())?;
         let plots = out.join("plots");
         std::fs::create_dir_all(&plots).with_file(&plots)?;

@@ -185,10 +185,11 @@ pub fn write_outputs(
     // Without a file for every base, the manifest names none (the assembler then asks for --base).
     let all = used.iter().all(|&j| base_rel[j].is_some());
     let base = if all { base_rel[used[0]].clone() } else { None };
+    let ranges = sched.expert_ranges(tc.expert_boundary, gen_base);
     let mut experts = Vec::new();
     let mut info_experts = Vec::new();
     for (k, ph) in sched.phases.iter().enumerate() {
-        let (lo, hi) = sched.expert_range(k);
+        let (lo, hi) = ranges[k];
         experts.push(serde_json::json!({
             "path": RunDir::expert_rel(k),
             "sigma_lo": lo,

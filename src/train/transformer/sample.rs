@@ -81,11 +81,8 @@ impl TransformerRun {
 
     /// The expert routed for σ (its `[lo, hi)` holds σ; σ = 1 goes to the first).
     pub fn route(&self, sigma: f64) -> usize {
-        self.info
-            .experts
-            .iter()
-            .position(|e| sigma >= e.sigma_range[0] && (sigma < e.sigma_range[1] || e.sigma_range[1] >= 1.0))
-            .unwrap_or(self.experts.len() - 1)
+        let ranges: Vec<(f64, f64)> = self.info.experts.iter().map(|e| (e.sigma_range[0], e.sigma_range[1])).collect();
+        schedule::route(&ranges, sigma).unwrap_or(self.experts.len() - 1)
     }
 
     /// `n` latents (`[n, …item]`), sample `i` conditioned on prompt `i mod N`, Euler over the
