@@ -543,6 +543,7 @@ pub fn quickstart(a: &QuickstartArgs, json: bool, quiet: bool) -> Result<()> {
     }
     let t = table(&rows);
     crate::atomic::write_file(&out.join("metrics.md"), t.as_bytes())?;
+    super::plot::metrics_plot(&rows, &out.join("metrics.png"))?;
     if json {
         let v: Vec<_> = rows.iter().map(|(n, m)| serde_json::json!({ "sampler": n, "metrics": m })).collect();
         print_json(&serde_json::json!({ "ok": true, "out": out, "seconds": t0.elapsed().as_secs_f64(), "rows": v }));
