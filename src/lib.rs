@@ -22,6 +22,7 @@ pub mod plot;
 pub mod progress;
 pub mod quant;
 pub mod replica;
+pub mod report;
 pub mod safetensors;
 pub mod store;
 pub mod train;

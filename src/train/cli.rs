@@ -544,14 +544,16 @@ pub fn quickstart(a: &QuickstartArgs, json: bool, quiet: bool) -> Result<()> {
     let t = table(&rows);
     crate::atomic::write_file(&out.join("metrics.md"), t.as_bytes())?;
     super::plot::metrics_plot(&rows, &out.join("metrics.png"))?;
+    let report = crate::report::quickstart(out, &rows)?;
     if json {
         let v: Vec<_> = rows.iter().map(|(n, m)| serde_json::json!({ "sampler": n, "metrics": m })).collect();
-        print_json(&serde_json::json!({ "ok": true, "out": out, "seconds": t0.elapsed().as_secs_f64(), "rows": v }));
+        print_json(&serde_json::json!({ "ok": true, "out": out, "report": report, "seconds": t0.elapsed().as_secs_f64(), "rows": v }));
     } else {
         println!("{t}");
         println!(
-            "done in {:.0} s. Plots: {out}/phased/plots/samples.png, {out}/dmd2/plots/samples.png, losses.png beside them.",
+            "done in {:.0} s. Report: {}. Plots: {out}/metrics.png, {out}/phased/plots/samples.png, {out}/dmd2/plots/samples.png, losses.png beside them.",
             t0.elapsed().as_secs_f64(),
+            report.display(),
             out = out.display()
         );
     }
