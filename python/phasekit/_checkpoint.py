@@ -243,7 +243,7 @@ class Checkpoint:
             class_=cls,
             cond=None if cond is None else os.fspath(cond),
             cond_seed=int(cond_seed),
-            latent=None if latent is None else tuple(latent),
+            latent=None if latent is None else (int(latent[0]), int(latent[1]), int(latent[2])),
         )
         return np.asarray(buf)
 

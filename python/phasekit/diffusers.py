@@ -178,7 +178,9 @@ class Router:
             unshifted = [1.0 - k / n for k in range(n)]
             original(sched, n, device=device, sigmas=unshifted)
 
-        sched.set_timesteps = set_timesteps  # type: ignore[method-assign]
+        # An instance attribute shadows the method: the pipeline's calls get the checkpoint's grid,
+        # and the scheduler's saved config stays a plain FlowMatchEulerDiscreteScheduler's.
+        setattr(sched, "set_timesteps", set_timesteps)
         pipe.register_modules(scheduler=sched)
 
         if getattr(pipe, "transformer", None) is None:
