@@ -147,6 +147,30 @@ fn report_of_a_folder_of_runs_compares_them() {
 }
 
 #[test]
+fn report_of_a_transformer_run() {
+    let d = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/wan2.2-tiny-2phase.toml");
+    let out = d.path().join("wan");
+    run_ok(&["train", "--recipe", &s(&recipe), "--out", &s(&out), "--quiet"]);
+    let moe = d.path().join("wan.safetensors");
+    run_ok(&["assemble", "--run", &s(&out), "-o", &s(&moe)]);
+    let page = d.path().join("wan.html");
+    run_ok(&["report", &s(&out), "-o", &s(&page)]);
+    let html = std::fs::read_to_string(&page).unwrap();
+    // The loss plot the trainer wrote; no sample plot (latents), said in words.
+    assert_eq!(images(&html), vec![std::fs::read(out.join("plots/losses.png")).unwrap()]);
+    assert!(html.contains("No sample plot"));
+    assert!(html.contains("wan2.2-t2v-a14b"), "the model");
+    for k in 0..2 {
+        assert!(html.contains(&sha256_file(&out.join(format!("experts/expert-{k}.safetensors")))));
+    }
+    assert!(!html.contains("as recorded"), "transformer runs record no expert hashes to check against");
+    assert!(html.contains("1000, 937.5") && html.contains("833.333, 625"), "timesteps");
+    assert!(html.contains(&MoeCheckpoint::open(&moe).unwrap().meta().digest), "found beside the run");
+    assert!(html.contains("high_noise · lora") || html.contains("e0 · lora"));
+}
+
+#[test]
 fn report_refuses_bad_folders_and_writes_nothing() {
     let d = tempfile::tempdir().unwrap();
     let page = d.path().join("r.html");

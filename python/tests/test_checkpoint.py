@@ -128,6 +128,30 @@ def test_views_are_zero_copy_and_private(two_full):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
+def test_sharded_checkpoint_reads_like_one_file(two_full_f32, cli, tmp_path):
+    path, high, low = two_full_f32
+    out = tmp_path / "sharded.safetensors"
+    cli(
+        [
+            "assemble",
+            "--expert", high, "--sigma-range", "0.875:1",
+            "--expert", low, "--sigma-range", "0:0.875",
+            "--steps", "4", "--shift", "5", "--shard-size", "20KB", "-o", out,
+        ]
+    )  # fmt: skip
+    index = tmp_path / "sharded.safetensors.index.json"
+    assert index.is_file()
+    one, many = phasekit.open(path), phasekit.open(index)
+    assert len(many.files) > 2 and len(one.files) == 1
+    assert many.routing == one.routing  # (the digests differ: the title is the file stem)
+    for e in one.experts:
+        a, b = one.state_dict(e), many.state_dict(e)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert np.array_equal(a[k], b[k]), k
+    many.verify()
+
+
 def test_layout_renames_match_convert(two_full, cli, tmp_path):
     path, high, _ = two_full
     ck = phasekit.open(path)
