@@ -87,7 +87,7 @@ fn report_of_a_run_holds_what_the_run_folder_says() {
         assert!(html.contains(&sha256_file(&f)), "expert {k}'s sha256");
     }
     assert_eq!(html.matches("✓ as recorded").count(), 2);
-    assert!(html.contains("[0.75, 1)") && html.contains("[0, 0.75)"), "σ ranges");
+    assert!(html.contains("[0.75, 1]") && html.contains("[0, 0.75)"), "σ ranges (the top one closed: it serves σ = 1)");
     assert!(html.contains("1000, 750") && html.contains("500, 250"), "timesteps");
     // Time per phase: the log's seconds, phase by phase.
     let log: Vec<serde_json::Value> =

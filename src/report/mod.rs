@@ -345,7 +345,8 @@ fn run_section(h: &mut Html, i: usize, r: &Run) -> Result<()> {
         let hi = e.get("sigma_hi").and_then(Value::as_f64);
         let range = match (lo, hi) {
             (Some(lo), Some(hi)) if hi - lo < 1e-6 => format!("σ = {}", num_text(hi)),
-            (Some(lo), Some(hi)) => format!("[{}, {})", num_text(lo), num_text(hi)),
+            // The expert whose range ends at 1 also serves σ = 1: a closed interval.
+            (Some(lo), Some(hi)) => format!("[{}, {}{}", num_text(lo), num_text(hi), if hi >= 1.0 { "]" } else { ")" }),
             _ => "–".into(),
         };
         let ts = e
@@ -485,11 +486,12 @@ fn checkpoint_section(h: &mut Html, m: &MoeCheckpoint, path: &Path) {
     for e in &r.experts {
         let ts: Vec<String> = e.timesteps.iter().map(|t| num_text(*t)).collect();
         h.raw(&format!(
-            "<tr><td>{}</td><td>{}</td><td>[{}, {})</td><td>{}</td></tr>\n",
+            "<tr><td>{}</td><td>{}</td><td>[{}, {}{}</td><td>{}</td></tr>\n",
             esc(&e.name),
             e.kind.as_str(),
             num_text(e.sigma_lo),
             num_text(e.sigma_hi),
+            if e.sigma_hi >= 1.0 { "]" } else { ")" },
             ts.join(", ")
         ));
     }

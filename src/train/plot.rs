@@ -69,7 +69,8 @@ pub fn loss_plot(run_dir: &Path, dir: &Path) -> Result<()> {
         Some(if hi - lo < 1e-6 {
             format!(": σ = {}", plot::tick(hi))
         } else {
-            format!(": σ ∈ [{}, {})", plot::tick(lo), plot::tick(hi))
+            // The expert whose range ends at 1 also serves σ = 1: a closed interval.
+            format!(": σ ∈ [{}, {}{}", plot::tick(lo), plot::tick(hi), if hi >= 1.0 { "]" } else { ")" })
         })
     };
     let panels = (0..phases)
