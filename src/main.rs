@@ -124,6 +124,12 @@ enum Command {
     /// LoRA files: merge into a base, extract from two checkpoints, convert key styles, inspect (docs/lora.md).
     #[command(subcommand)]
     Lora(phasekit::lora::cli::LoraCommand),
+    /// Write one self-contained HTML page about a run: recipe, phases (σ ranges, experts and their
+    /// sha256), time and peak memory per phase, loss curves, samples, metrics, checkpoint digest.
+    ///
+    /// Images are inlined; the page has no script and loads nothing. RUN_DIR may also be a folder of
+    /// runs (the quickstart's), which adds the comparison of their metrics.
+    Report(phasekit::report::cli::ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -440,6 +446,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Pack(a) => phasekit::moe::cli::pack(a, cli.json, quiet),
         Command::Unpack(a) => phasekit::moe::cli::unpack(a, cli.json, quiet),
         Command::Lora(c) => phasekit::lora::cli::run(c, cli.json, quiet),
+        Command::Report(a) => phasekit::report::cli::run(&a, cli.json),
         Command::Bench(BenchCommand::Moe(a)) => phasekit::moe::cli::bench(a, cli.json),
         Command::Train(a) => phasekit::train::cli::train(&a, cli.json, quiet),
         Command::Sample(a) => phasekit::train::cli::sample(&a, cli.json),

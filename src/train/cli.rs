@@ -496,12 +496,13 @@ pub fn quickstart(a: &QuickstartArgs, json: bool, quiet: bool) -> Result<()> {
     let rep = quickstart::run(&quickstart::Options { out: a.out.clone(), force: a.force, seed: a.seed }, &bars)?;
     if json {
         let v: Vec<_> = rep.rows.iter().map(|(n, m)| serde_json::json!({ "sampler": n, "metrics": m })).collect();
-        print_json(&serde_json::json!({ "ok": true, "out": rep.out, "seconds": rep.seconds, "rows": v }));
+        print_json(&serde_json::json!({ "ok": true, "out": rep.out, "report": rep.report, "seconds": rep.seconds, "rows": v }));
     } else {
         println!("{}", rep.table);
         println!(
-            "done in {:.0} s. Plots: {out}/phased/plots/samples.png, {out}/dmd2/plots/samples.png, losses.png beside them.",
+            "done in {:.0} s. Report: {}. Plots: {out}/metrics.png, {out}/phased/plots/samples.png, {out}/dmd2/plots/samples.png, losses.png beside them.",
             rep.seconds,
+            rep.report.display(),
             out = rep.out.display()
         );
     }

@@ -63,6 +63,8 @@ pub struct Report {
     pub rows: Vec<(String, Metrics)>,
     /// The rows as a Markdown table (also written to `metrics.md`).
     pub table: String,
+    /// The HTML report of the folder (`report.html`).
+    pub report: PathBuf,
 }
 
 /// Run the quickstart into `o.out` (see the module docs).
@@ -156,6 +158,8 @@ pub fn run(o: &Options, progress: &dyn Progress) -> Result<Report> {
     }
     let table = metrics::table(&rows);
     crate::atomic::write_file(&out.join("metrics.md"), table.as_bytes())?;
+    super::plot::metrics_plot(&rows, &out.join("metrics.png"))?;
+    let report = crate::report::quickstart(out, &rows)?;
     Ok(Report {
         out: out.clone(),
         seconds: t0.elapsed().as_secs_f64(),
@@ -165,5 +169,6 @@ pub fn run(o: &Options, progress: &dyn Progress) -> Result<Report> {
         tensors_verified: v.tensors_checked,
         rows,
         table,
+        report,
     })
 }
