@@ -49,6 +49,9 @@ pub struct ModelReport {
     /// A phasekit MoE checkpoint's routing and storage, read from its metadata.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeSummary>,
+    /// A PyTorch source's non-tensor values and what the reader decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pytorch: Option<crate::pytorch::Info>,
 }
 
 /// One expert of a MoE checkpoint as `inspect` shows it.
@@ -192,6 +195,7 @@ pub fn inspect_checkpoint(role: &str, ck: &Checkpoint) -> ModelReport {
         gguf,
         fp8_scales: fp8,
         moe: moe_summary(ck),
+        pytorch: ck.pytorch.clone(),
     }
 }
 
@@ -306,6 +310,9 @@ pub fn render(r: &ModelReport) -> String {
         for f in &r.files {
             s.push_str(&format!("  {} ({} tensors, {})\n", f.file, f.tensors, human(f.bytes)));
         }
+    }
+    if let Some(p) = &r.pytorch {
+        s.push_str(&crate::pytorch::render(p));
     }
     if let Some(t) = r.index_total_size {
         s.push_str(&format!("index total_size: {t}\n"));

@@ -19,6 +19,7 @@ pub mod lora;
 pub mod model;
 pub mod moe;
 pub mod progress;
+pub mod pytorch;
 pub mod quant;
 pub mod replica;
 pub mod safetensors;

@@ -69,6 +69,9 @@ pub fn verify(path: &Path, quiet: bool) -> Result<VerifyReport> {
                 ck.tensors.len()
             ),
             crate::store::Format::Safetensors => format!("{label}{} tensors; header, offsets and sizes valid", ck.tensors.len()),
+            crate::store::Format::Pytorch | crate::store::Format::Dcp => {
+                format!("{label}{} tensors; archive, pickle (no code), storages and byte ranges valid", ck.tensors.len())
+            }
         };
         checks.push(Check { check: "structure".into(), ok: true, detail });
         if crate::moe::verify::is_moe(ck) {
