@@ -89,6 +89,8 @@ pub struct MoeSummary {
     pub padding_tensors: usize,
     pub padding_bytes: u64,
     pub digest: String,
+    /// Where the experts switch, as σ, timestep and step index (`moe::boundary`).
+    pub boundaries: Vec<crate::moe::boundary::Boundary>,
 }
 
 /// The MoE summary of `ck`, or `None` when it is not a (readable) MoE checkpoint: `verify`
@@ -138,6 +140,7 @@ fn moe_summary(ck: &Checkpoint) -> Option<MoeSummary> {
         padding_tensors,
         padding_bytes,
         digest: meta.digest.clone(),
+        boundaries: crate::moe::boundary::boundaries(&meta.routing),
     })
 }
 
@@ -267,6 +270,12 @@ fn render_moe(m: &MoeSummary) -> String {
         m.padding_tensors,
         human(m.padding_bytes)
     ));
+    for b in &m.boundaries {
+        s.push_str(&format!(
+            "  switch {} → {}: σ {} = timestep {} = step index {} (σ ≥ {} stays on {})\n",
+            b.high, b.low, b.sigma, b.timestep, b.step_index, b.sigma, b.high
+        ));
+    }
     s.push_str(&format!("digest:     {}\n", m.digest));
     s
 }

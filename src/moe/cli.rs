@@ -153,6 +153,7 @@ pub fn assemble_options(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Opti
                         guidance: None,
                         kind: None,
                         base: a.expert_bases.get(i).cloned(),
+                        lora_alpha: None,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -466,6 +467,7 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
                 guidance: None,
                 kind: None,
                 base: None,
+                lora_alpha: None,
             })
             .collect(),
         steps: 4,

@@ -171,7 +171,19 @@ fn full_tensors(m: &MoeCheckpoint, i: usize, dtype: Option<DType>, name: &dyn Fn
                 let lp = p.strip_suffix(".weight");
                 let get = |part: LoraPart| lp.and_then(|lp| params.get(&format!("{lp}{}", part.suffix()))).map(|s| idx[s.as_str()]);
                 let src = match (get(LoraPart::Down), get(LoraPart::Up)) {
-                    (Some(down), Some(up)) => Src::Merge { base: (0, bt), ck: 0, down, up, alpha: get(LoraPart::Alpha) },
+                    (Some(down), Some(up)) => {
+                        let alpha = match get(LoraPart::Alpha) {
+                            Some(a) => {
+                                let e = &ck.tensors[a];
+                                let v = crate::lora::keys::alpha_value(dt(a), ck.bytes(e)).ok_or_else(|| {
+                                    Error::malformed(&ck.path, format!("LoRA alpha '{}' is not one integer or float value", clean(&e.name)))
+                                })?;
+                                Some(v as f32)
+                            }
+                            None => None,
+                        };
+                        Src::Merge { base: (0, bt), ck: 0, down, up, alpha }
+                    }
                     _ => Src::Copy { ck: 0, t: bt },
                 };
                 out.push(OutT { name: name(&p)?, dtype: cast(dt(bt)), shape: ck.tensors[bt].shape.clone(), src });

@@ -14,6 +14,7 @@
 //! - [`cli`]: argument types and run functions of `assemble`, `pack`, `unpack`, `export`.
 
 pub mod assemble;
+pub mod boundary;
 pub mod cli;
 pub mod digest;
 pub mod export;
