@@ -49,6 +49,12 @@ pub struct ModelReport {
     /// A phasekit MoE checkpoint's routing and storage, read from its metadata.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeSummary>,
+    /// For 14B Wan shapes: Wan2.2 A14B expert or Wan2.1-14B, and the evidence (`crate::pitfalls`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wan_release: Option<crate::pitfalls::WanRelease>,
+    /// Problems that make the file read silently wrong (a scaled-fp8 weight without a scale).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
     /// A PyTorch source's non-tensor values and what the reader decided.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pytorch: Option<crate::pytorch::Info>,
@@ -170,6 +176,7 @@ pub fn inspect_checkpoint(role: &str, ck: &Checkpoint) -> ModelReport {
         let kv: serde_json::Map<String, serde_json::Value> = g.kv.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
         serde_json::json!({ "version": g.version, "alignment": g.alignment, "kv": kv })
     });
+    let wan_release = det.as_ref().ok().and_then(|d| crate::pitfalls::wan_release(ck, Some(d)));
     let (detection, detection_error) = match det {
         Ok(d) => (Some(d), None),
         Err(e) => (None, Some(e.message().to_string())),
@@ -197,6 +204,8 @@ pub fn inspect_checkpoint(role: &str, ck: &Checkpoint) -> ModelReport {
         config: ck.config.as_ref().map(|c| c.json.clone()),
         gguf,
         fp8_scales: fp8,
+        wan_release,
+        problems: crate::pitfalls::check_scaled_fp8(ck).err().map(|e| e.message().to_string()).into_iter().collect(),
         moe: moe_summary(ck),
         pytorch: ck.pytorch.clone(),
     }
@@ -319,6 +328,12 @@ pub fn render(r: &ModelReport) -> String {
         for f in &r.files {
             s.push_str(&format!("  {} ({} tensors, {})\n", f.file, f.tensors, human(f.bytes)));
         }
+    }
+    if let Some(w) = &r.wan_release {
+        s.push_str(&format!("release:    {}\n", w.summary()));
+    }
+    for p in &r.problems {
+        s.push_str(&format!("PROBLEM:    {p}\n"));
     }
     if let Some(p) = &r.pytorch {
         s.push_str(&crate::pytorch::render(p));

@@ -462,6 +462,26 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
         }
     }
     let mut notes = Vec::new();
+    // Mistakes the files can reveal (`crate::pitfalls`): a Wan2.2 A14B expert on the wrong σ
+    // range, one expert used twice or alone, fp8 scales missing, a LoRA over an fp8 base.
+    for ck in &cks {
+        crate::pitfalls::check_scaled_fp8(ck)?;
+    }
+    let served: Vec<crate::pitfalls::Served> = opts
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (ck, lora) = match (kinds[i], base_of[i]) {
+                (ExpertKind::Lora, Some(b)) => (&cks[b], Some(&cks[i])),
+                _ => (&cks[i], None),
+            };
+            crate::pitfalls::Served { name: &names[i], sigma_lo: e.sigma_lo, sigma_hi: e.sigma_hi, ck, lora }
+        })
+        .collect();
+    notes.extend(crate::pitfalls::check_experts(&served)?);
+    notes.extend(served.iter().filter_map(|s| s.lora.and_then(|l| crate::pitfalls::lora_on_fp8_base(l, s.ck))));
+    drop(served);
 
     // Model family: every full model must be the same family and variant.
     let mut model = ModelInfo::default();
@@ -701,6 +721,28 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
             classes
         })
         .collect();
+    // Two experts whose every tensor is equal are one expert given twice.
+    for i in 0..n {
+        for j in i + 1..n {
+            let same = logical[i].len() == logical[j].len()
+                && params.iter().zip(&classes).all(|(p, cls)| {
+                    logical[i].contains_key(*p) == logical[j].contains_key(*p)
+                        && (!logical[i].contains_key(*p) || cls.iter().any(|c| c.contains(&i) && c.contains(&j)))
+                });
+            let same_base = base_of[i] == base_of[j] || kinds[i] == ExpertKind::Full;
+            if same && same_base {
+                return Err(Error::inconsistent(
+                    &opts.experts[j].path,
+                    format!(
+                        "experts {} and {} hold identical weights{}: one expert given twice (each σ range needs its own expert)",
+                        names[i],
+                        names[j],
+                        if kinds[i] == ExpertKind::Lora { " over the same base" } else { "" }
+                    ),
+                ));
+            }
+        }
+    }
     let mut out: Vec<OutT> = Vec::new();
     let mut aliases = BTreeMap::new();
     let (mut shared, mut aliased) = (0, 0);

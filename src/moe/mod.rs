@@ -19,6 +19,7 @@ pub mod cli;
 pub mod digest;
 pub mod export;
 pub mod format;
+pub mod lightx2v;
 pub mod loader;
 pub mod pack;
 pub mod routing;
