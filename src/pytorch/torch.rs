@@ -264,7 +264,7 @@ fn tensor_ref(path: &Path, what: &str, pk: &Pickle, id: Id, name: &str) -> Resul
             }
         }
     };
-    let elem = dtype.size().ok_or_else(|| bad(format!("{dtype} has no whole-byte size")))? as u64;
+    dtype.size().ok_or_else(|| bad(format!("{dtype} has no whole-byte size")))?;
     // Typed storages count elements, untyped ones bytes.
     let storage_bytes = if class == "UntypedStorage" {
         numel
@@ -275,17 +275,16 @@ fn tensor_ref(path: &Path, what: &str, pk: &Pickle, id: Id, name: &str) -> Resul
     let offset = non_negative(pk, a[1]).ok_or_else(|| bad("the storage offset is not a non-negative integer".into()))?;
     let shape = ints(pk, a[2]).ok_or_else(|| bad("the size is not a tuple of non-negative integers".into()))?;
     let stride = ints(pk, a[3]).ok_or_else(|| bad("the stride is not a tuple of non-negative integers".into()))?;
-    let _ = elem;
     Ok(Some(Ref { key, dtype, storage_bytes, offset, shape, stride }))
 }
 
 /// Place a tensor reference in the archive: its byte range, checked.
 fn place(path: &Path, what: &str, parsed: &Parsed, r: Ref, name: String) -> Result<Tensor> {
-    let bad = |kind: Kind, m: String| Error::at(kind, path, format!("{what}: tensor '{}': {m}", clean(&name)));
+    let bad = |kind: Kind, m: String| Error::at(kind, path, format!("{what}: tensor '{}' {m}", clean(&name)));
     if r.shape.len() != r.stride.len() {
-        return Err(bad(Kind::Malformed, format!("{} sizes but {} strides", r.shape.len(), r.stride.len())));
+        return Err(bad(Kind::Malformed, format!("has {} sizes but {} strides", r.shape.len(), r.stride.len())));
     }
-    let numel = crate::dtype::numel(&r.shape).ok_or_else(|| bad(Kind::Malformed, format!("shape {:?} overflows", r.shape)))?;
+    let numel = crate::dtype::numel(&r.shape).ok_or_else(|| bad(Kind::Malformed, format!("has a shape {:?} that overflows", r.shape)))?;
     // Row-major contiguity; a dimension of size 1 may carry any stride.
     let mut want = 1u64;
     for (d, (&n, &s)) in r.shape.iter().zip(&r.stride).enumerate().rev() {
@@ -304,32 +303,32 @@ fn place(path: &Path, what: &str, parsed: &Parsed, r: Ref, name: String) -> Resu
     let e = parsed
         .archive
         .get(&entry_name)
-        .ok_or_else(|| bad(Kind::Malformed, format!("its storage '{}' is not in the archive", clean(&entry_name))))?;
+        .ok_or_else(|| bad(Kind::Malformed, format!("refers to storage '{}', which is not in the archive", clean(&entry_name))))?;
     if !e.stored() {
         return Err(bad(
             Kind::Unsupported,
             format!(
-                "its storage '{}' is compressed (method {}); phasekit maps stored entries only: save the file again with torch.save",
+                "is in '{}', a compressed entry (method {}); phasekit maps stored entries only: save the file again with torch.save",
                 clean(&e.name),
                 e.method
             ),
         ));
     }
     if e.size != r.storage_bytes {
-        return Err(bad(
-            Kind::Malformed,
-            format!("its storage declares {} bytes but '{}' holds {}", r.storage_bytes, clean(&e.name), e.size),
-        ));
+        return Err(bad(Kind::Malformed, format!("has a storage of {} bytes but '{}' holds {}", r.storage_bytes, clean(&e.name), e.size)));
     }
     let elem = r.dtype.size().expect("checked") as u64;
     let len = numel * elem;
-    let start =
-        if numel == 0 { 0 } else { r.offset.checked_mul(elem).ok_or_else(|| bad(Kind::Malformed, "the offset overflows".into()))? };
+    let start = if numel == 0 {
+        0
+    } else {
+        r.offset.checked_mul(elem).ok_or_else(|| bad(Kind::Malformed, "has an offset that overflows".into()))?
+    };
     if start.checked_add(len).is_none_or(|end| end > r.storage_bytes) {
         return Err(bad(
             Kind::Malformed,
             format!(
-                "elements {}..{} lie past the end of its storage ({} elements)",
+                "takes elements {}..{}, past the end of its storage ({} elements)",
                 r.offset,
                 r.offset.saturating_add(numel),
                 r.storage_bytes / elem
