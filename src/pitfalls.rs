@@ -92,32 +92,14 @@ fn release_in(text: &str) -> Option<&'static str> {
     }
 }
 
-/// The release of a Wan checkpoint whose shapes are a 14B model's, from what surrounds its
-/// tensors. `None` when the checkpoint is not such a model.
-pub fn wan_release(ck: &Checkpoint, det: Option<&Detection>) -> Option<WanRelease> {
-    let det = det?;
-    if det.family != "wan22" {
-        return None;
-    }
-    let variant = det.variant.as_str();
-    match variant {
-        "Wan2.1 I2V-14B" => {
-            return Some(WanRelease {
-                release: "Wan2.1-14B".into(),
-                role: None,
-                evidence: vec!["the CLIP image embedder (img_emb.*) only Wan2.1 I2V has".into()],
-            })
-        }
-        "T2V-A14B expert" | "I2V-A14B expert" => {}
-        _ => return None,
-    }
+/// Which expert a checkpoint says it is, and where it says so: folder and file names (the file,
+/// then up to three folders), a diffusers pipeline's `transformer` / `transformer_2` beside a
+/// `model_index.json` with `boundary_ratio`, metadata (safetensors `__metadata__`, GGUF
+/// `general.*`). Also the release its names or metadata mention (`Wan2.1`, `Wan2.2`).
+fn evidence(ck: &Checkpoint) -> (Option<Role>, Option<&'static str>, Vec<String>) {
     let mut evidence = Vec::new();
     let mut role = None;
-    let mut release: Option<&str> = (variant == "I2V-A14B expert").then_some("Wan2.2");
-    if release.is_some() {
-        evidence.push("I2V shapes without Wan2.1's image embedder (img_emb.*)".into());
-    }
-    // Folder and file names, nearest first (the file, then up to three folders).
+    let mut release = None;
     let path = ck.path.canonicalize().unwrap_or_else(|_| ck.path.clone());
     let names: Vec<String> = path
         .components()
@@ -142,8 +124,7 @@ pub fn wan_release(ck: &Checkpoint, det: Option<&Detection>) -> Option<WanReleas
             }
         }
     }
-    // A diffusers pipeline folder: transformer / transformer_2 with boundary_ratio.
-    let dir = if ck.path.is_dir() { ck.path.clone() } else { ck.path.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let dir = if path.is_dir() { path.clone() } else { path.parent().map(Path::to_path_buf).unwrap_or_default() };
     if let (Some(sub), Some(parent)) = (dir.file_name().and_then(|n| n.to_str()), dir.parent()) {
         if (sub == "transformer" || sub == "transformer_2") && parent.join("transformer_2").is_dir() {
             let index =
@@ -155,7 +136,6 @@ pub fn wan_release(ck: &Checkpoint, det: Option<&Detection>) -> Option<WanReleas
             }
         }
     }
-    // Metadata (safetensors __metadata__, GGUF general.* keys).
     let mut texts: Vec<String> = ck.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
     if let Some(g) = &ck.gguf {
         texts.extend(g.kv.iter().filter(|(k, _)| k.starts_with("general.")).map(|(k, v)| format!("{k}={}", v.to_json())));
@@ -174,6 +154,33 @@ pub fn wan_release(ck: &Checkpoint, det: Option<&Detection>) -> Option<WanReleas
                 evidence.push(format!("metadata '{}'", clean(key)));
             }
         }
+    }
+    (role, release, evidence)
+}
+
+/// The release of a Wan checkpoint whose shapes are a 14B model's, from what surrounds its
+/// tensors. `None` when the checkpoint is not such a model.
+pub fn wan_release(ck: &Checkpoint, det: Option<&Detection>) -> Option<WanRelease> {
+    let det = det?;
+    if det.family != "wan22" {
+        return None;
+    }
+    let variant = det.variant.as_str();
+    match variant {
+        "Wan2.1 I2V-14B" => {
+            return Some(WanRelease {
+                release: "Wan2.1-14B".into(),
+                role: None,
+                evidence: vec!["the CLIP image embedder (img_emb.*) only Wan2.1 I2V has".into()],
+            })
+        }
+        "T2V-A14B expert" | "I2V-A14B expert" => {}
+        _ => return None,
+    }
+    let (role, mut release, mut evidence) = evidence(ck);
+    if variant == "I2V-A14B expert" {
+        release = Some("Wan2.2");
+        evidence.insert(0, "I2V shapes without Wan2.1's image embedder (img_emb.*)".into());
     }
     if role.is_some() && release.is_none() {
         release = Some("Wan2.2");
@@ -213,8 +220,45 @@ fn detect(ck: &Checkpoint) -> Option<Detection> {
 /// expert's own checkpoint, or its base when it is a LoRA).
 pub fn check_experts(models: &[Served]) -> Result<Vec<String>> {
     let mut notes = Vec::new();
-    let found: Vec<Option<WanRelease>> = models.iter().map(|m| wan_release(m.ck, detect(m.ck).as_ref())).collect();
+    // Every Wan model: its release when its shapes are 14B's, else just the expert role its
+    // names give (Wan2.2's expert folders name the role whatever the size).
+    let found: Vec<Option<WanRelease>> = models
+        .iter()
+        .map(|m| {
+            let det = detect(m.ck)?;
+            wan_release(m.ck, Some(&det)).or_else(|| {
+                let (role, _, evidence) = evidence(m.ck);
+                (det.family == "wan22" && role.is_some()).then(|| WanRelease { release: "Wan2.2 expert".into(), role, evidence })
+            })
+        })
+        .collect();
     let label = |m: &Served| if m.lora.is_some() { format!("the base of expert {}", m.name) } else { format!("expert {}", m.name) };
+    // One expert used for two σ ranges.
+    for i in 0..models.len() {
+        for j in i + 1..models.len() {
+            let (a, b) = (&models[i], &models[j]);
+            let (Some(wa), Some(wb)) = (&found[i], &found[j]) else { continue };
+            if wa.is_wan22_expert()
+                && wb.is_wan22_expert()
+                && wa.role.is_some()
+                && wa.role == wb.role
+                && a.lora.is_none() == b.lora.is_none()
+            {
+                return Err(Error::at(
+                    Kind::Inconsistent,
+                    &b.ck.path,
+                    format!(
+                        "{} and {} are both the Wan2.2 A14B {} expert ({} / {}); the other σ range needs the other expert",
+                        label(a),
+                        label(b),
+                        wa.role.map_or("", Role::as_str),
+                        wa.evidence.join("; "),
+                        wb.evidence.join("; ")
+                    ),
+                ));
+            }
+        }
+    }
     for (m, w) in models.iter().zip(&found) {
         let Some(w) = w else { continue };
         if w.release == "Wan2.1-14B" {
@@ -271,32 +315,6 @@ pub fn check_experts(models: &[Served]) -> Result<Vec<String>> {
                 m.ck.path.display(),
                 if m.sigma_hi == 1.0 { "high-noise" } else { "low-noise" }
             ));
-        }
-    }
-    // One expert used for two σ ranges.
-    for i in 0..models.len() {
-        for j in i + 1..models.len() {
-            let (a, b) = (&models[i], &models[j]);
-            let (Some(wa), Some(wb)) = (&found[i], &found[j]) else { continue };
-            if wa.is_wan22_expert()
-                && wb.is_wan22_expert()
-                && wa.role.is_some()
-                && wa.role == wb.role
-                && a.lora.is_none() == b.lora.is_none()
-            {
-                return Err(Error::at(
-                    Kind::Inconsistent,
-                    &b.ck.path,
-                    format!(
-                        "{} and {} are both the Wan2.2 A14B {} expert ({} / {}); the other σ range needs the other expert",
-                        label(a),
-                        label(b),
-                        wa.role.map_or("", Role::as_str),
-                        wa.evidence.join("; "),
-                        wb.evidence.join("; ")
-                    ),
-                ));
-            }
         }
     }
     Ok(notes)
