@@ -73,12 +73,23 @@ impl WanRelease {
 fn role_in(text: &str) -> Option<Role> {
     let t = text.to_ascii_lowercase().replace(['-', ' '], "_");
     if t.contains("high_noise") || t.contains("highnoise") {
-        Some(Role::HighNoise)
-    } else if t.contains("low_noise") || t.contains("lownoise") {
-        Some(Role::LowNoise)
-    } else {
-        None
+        return Some(Role::HighNoise);
     }
+    if t.contains("low_noise") || t.contains("lownoise") {
+        return Some(Role::LowNoise);
+    }
+    // TurboDiffusion: `TurboWan2.2-I2V-A14B-high-720P.pth`; a bare `high`/`low` word counts only
+    // beside the A14B name.
+    let words: Vec<&str> = t.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    if words.contains(&"a14b") {
+        if words.contains(&"high") {
+            return Some(Role::HighNoise);
+        }
+        if words.contains(&"low") {
+            return Some(Role::LowNoise);
+        }
+    }
+    None
 }
 
 fn release_in(text: &str) -> Option<&'static str> {
@@ -407,6 +418,9 @@ mod tests {
         assert_eq!(role_in("Wan2.2-T2V-A14B-LowNoise-Q4_K_M.gguf"), Some(Role::LowNoise));
         assert_eq!(role_in("low_noise_model"), Some(Role::LowNoise));
         assert_eq!(role_in("wan2.1_t2v_14B_bf16.safetensors"), None);
+        assert_eq!(role_in("TurboWan2.2-I2V-A14B-high-720P.pth"), Some(Role::HighNoise));
+        assert_eq!(role_in("TurboWan2.2-I2V-A14B-low-720P-quant.pth"), Some(Role::LowNoise));
+        assert_eq!(role_in("highlights_low_res.safetensors"), None);
         assert_eq!(release_in("wan2.1_t2v_14B_bf16.safetensors"), Some("Wan2.1"));
         assert_eq!(release_in("Wan2.1-T2V-14B"), Some("Wan2.1"));
         assert_eq!(release_in("Wan2.2-T2V-A14B"), Some("Wan2.2"));

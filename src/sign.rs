@@ -444,7 +444,7 @@ mod tests {
     fn pae_and_order_match_model_signing() {
         assert_eq!(pae(b"{}"), b"DSSEv1 28 application/vnd.in-toto+json 2 {}".to_vec());
         // PurePath order: components compared one by one.
-        let mut v = vec![vec!["a.txt".to_string()], vec!["a".into(), "b".into()], vec!["b.bin".into()]];
+        let mut v = [vec!["a.txt".to_string()], vec!["a".into(), "b".into()], vec!["b.bin".into()]];
         v.sort();
         assert_eq!(v[0], vec!["a".to_string(), "b".into()]);
         assert!(ignored(&["x".into(), ".git".into()], &[vec!["x".into()]]));

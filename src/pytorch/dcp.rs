@@ -402,3 +402,53 @@ pub fn consolidate(located: &[Located], files: &[(&Path, &[u8])], out: &File, ou
     out.set_len(at).with_file(out_path)?;
     Ok(offsets)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(offsets: &[u64], sizes: &[u64]) -> Chunk {
+        Chunk { offsets: offsets.to_vec(), sizes: sizes.to_vec(), file: 0, item_offset: 0, item_len: 0 }
+    }
+
+    #[test]
+    fn chunks_must_tile_the_tensor() {
+        let p = Path::new(".metadata");
+        check_tiling(p, "w", &[4, 6], &[chunk(&[0, 0], &[2, 6]), chunk(&[2, 0], &[2, 6])]).unwrap();
+        check_tiling(p, "w", &[4, 6], &[chunk(&[0, 0], &[4, 3]), chunk(&[0, 3], &[4, 3]), chunk(&[4, 0], &[0, 6])]).unwrap();
+        for (chunks, want) in [
+            (vec![chunk(&[0, 0], &[3, 6]), chunk(&[2, 0], &[2, 6])], "overlap"),
+            (vec![chunk(&[0, 0], &[2, 6])], "12 of its 24"),
+            (vec![chunk(&[0, 0], &[2, 6]), chunk(&[3, 0], &[2, 6])], "reaches past"),
+            (vec![chunk(&[0], &[4])], "1 offsets"),
+        ] {
+            let e = check_tiling(p, "w", &[4, 6], &chunks).unwrap_err();
+            assert_eq!(e.kind(), Kind::Inconsistent);
+            assert!(e.message().contains(want), "{want}: {e}");
+        }
+    }
+
+    #[test]
+    fn consolidation_puts_every_element_back() {
+        // A [3, 4] tensor of i16 values 0..12 in three chunks: rows 0-1 split by columns, row 2 whole.
+        let full: Vec<i16> = (0..12).collect();
+        let pick = |r: std::ops::Range<usize>, c: std::ops::Range<usize>| -> Vec<u8> {
+            r.flat_map(|i| c.clone().map(move |j| i * 4 + j)).flat_map(|k| full[k].to_le_bytes()).collect()
+        };
+        let parts = [pick(0..2, 0..1), pick(0..2, 1..4), pick(2..3, 0..4)];
+        let mut file = Vec::new();
+        let mut located = Located { name: "w".into(), dtype: DType::I16, shape: vec![3, 4], parts: Vec::new() };
+        for (c, bytes) in [chunk(&[0, 0], &[2, 1]), chunk(&[0, 1], &[2, 3]), chunk(&[2, 0], &[1, 4])].into_iter().zip(&parts) {
+            located.parts.push((c, 0, file.len() as u64, bytes.len() as u64));
+            file.extend_from_slice(bytes);
+        }
+        let whole = Located { name: "b".into(), dtype: DType::I16, shape: vec![2], parts: vec![(chunk(&[0], &[2]), 0, 0, 4)] };
+        let out = tempfile::tempfile().unwrap();
+        let offs = consolidate(&[whole, located], &[(Path::new("x.distcp"), &file)], &out, Path::new("spill")).unwrap();
+        assert_eq!(offs, vec![None, Some(0)]);
+        let mut got = vec![0u8; 24];
+        out.read_exact_at(&mut got, 0).unwrap();
+        let want: Vec<u8> = full.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(got, want);
+    }
+}

@@ -574,12 +574,8 @@ mod tests {
         assert_eq!(e.kind(), Kind::Unsupported, "{e}");
         // A list nested 100000 deep parses (the tree is flat in memory); readers stop at MAX_DEPTH.
         let mut b = b"\x80\x02".to_vec();
-        for _ in 0..100_000 {
-            b.push(b']');
-        }
-        for _ in 0..99_999 {
-            b.push(b'a');
-        }
+        b.extend(std::iter::repeat_n(b']', 100_000));
+        b.extend(std::iter::repeat_n(b'a', 99_999));
         b.push(b'.');
         let pk = p(&b, &ANY).unwrap();
         assert_eq!(pk.nodes.len(), 100_000);

@@ -420,3 +420,83 @@ pub fn single(path: &Path, what: &str, parsed: &Parsed, name: &str) -> Result<Te
         .ok_or_else(|| Error::malformed(path, format!("{what}: holds a {}, not a tensor", pk.describe(pk.root))))?;
     place(path, what, parsed, r, name.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A torch.save-like archive of `{"w": [2, 2] F32, "v": view of the same storage at 2}`.
+    fn archive() -> Vec<u8> {
+        let s = |t: &str| {
+            let mut v = vec![b'X'];
+            v.extend_from_slice(&(t.len() as u32).to_le_bytes());
+            v.extend_from_slice(t.as_bytes());
+            v
+        };
+        let tensor = |offset: u8, size: &[u8], stride: &[u8]| {
+            let mut v = b"ctorch._utils\n_rebuild_tensor_v2\n((".to_vec();
+            v.extend(s("storage"));
+            v.extend_from_slice(b"ctorch\nFloatStorage\n");
+            v.extend(s("0"));
+            v.extend(s("cpu"));
+            v.extend_from_slice(b"K\x04tQK");
+            v.push(offset);
+            v.push(b'(');
+            for d in size {
+                v.extend_from_slice(&[b'K', *d]);
+            }
+            v.extend_from_slice(b"t(");
+            for d in stride {
+                v.extend_from_slice(&[b'K', *d]);
+            }
+            v.extend_from_slice(b"t\x89ccollections\nOrderedDict\n)RtR");
+            v
+        };
+        let mut pkl = b"\x80\x02}(".to_vec();
+        pkl.extend(s("w"));
+        pkl.extend(tensor(0, &[2, 2], &[2, 1]));
+        pkl.extend(s("v"));
+        pkl.extend(tensor(2, &[2], &[1]));
+        pkl.extend_from_slice(b"u.");
+        let data: Vec<u8> = [1f32, 2.0, 3.0, 4.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        crate::pytorch::zip::tests::zip(&[("a/data.pkl", &pkl), ("a/byteorder", b"little"), ("a/data/0", &data)])
+    }
+
+    fn read(b: &[u8]) -> Result<Loaded> {
+        let p = Path::new("t.pt");
+        tensors(p, "archive", &parse(p, "archive", b, 0)?)
+    }
+
+    #[test]
+    fn views_share_the_storage_bytes() {
+        let b = archive();
+        let l = read(&b).unwrap();
+        assert_eq!(l.tensors.len(), 2);
+        let (w, v) = (&l.tensors[0], &l.tensors[1]);
+        assert_eq!((w.name.as_str(), w.shape.as_slice(), w.len), ("w", &[2u64, 2][..], 16));
+        assert_eq!((v.name.as_str(), v.offset, v.len), ("v", w.offset + 8, 8));
+        assert_eq!(
+            &b[v.offset as usize..(v.offset + v.len) as usize],
+            [3f32, 4.0].iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>()
+        );
+    }
+
+    /// Every single-byte corruption of a valid archive: an error or tensors inside the input,
+    /// never a panic (the fuzz target `torch_archive` does this at scale).
+    #[test]
+    fn corrupted_bytes_never_panic_or_escape_the_input() {
+        let b = archive();
+        for i in 0..b.len() {
+            for x in [0u8, 0xff, b[i] ^ 1] {
+                let mut m = b.clone();
+                m[i] = x;
+                if let Ok(l) = read(&m) {
+                    for t in &l.tensors {
+                        assert!(t.offset + t.len <= m.len() as u64, "byte {i} = {x}: {t:?}");
+                        assert_eq!(t.dtype.byte_size(crate::dtype::numel(&t.shape).unwrap()), Some(t.len));
+                    }
+                }
+            }
+        }
+    }
+}
