@@ -346,8 +346,15 @@ pub fn locate(index: &Index, files: &[(&Path, &[u8])]) -> Result<Vec<Located>> {
 
 /// Copy the chunks of every tensor that is not stored in one piece into `out` (at increasing
 /// offsets, in order) and return each tensor's offset there (`None` for tensors served in
-/// place). Each chunk is written as runs of whole rows of its box: memory stays one run.
-pub fn consolidate(located: &[Located], files: &[(&Path, &[u8])], out: &File, out_path: &Path) -> Result<Vec<Option<u64>>> {
+/// place). Each chunk is written as runs of whole rows of its box; `release(file, offset, len)`
+/// is called for each chunk once copied, so that the map's pages can leave the resident set.
+pub fn consolidate(
+    located: &[Located],
+    files: &[(&Path, &[u8])],
+    out: &File,
+    out_path: &Path,
+    release: &dyn Fn(usize, u64, u64),
+) -> Result<Vec<Option<u64>>> {
     let mut at = 0u64;
     let mut offsets = Vec::with_capacity(located.len());
     for t in located {
@@ -395,6 +402,7 @@ pub fn consolidate(located: &[Located], files: &[(&Path, &[u8])], out: &File, ou
                 }
             }
             let _ = path;
+            release(*file, *src, *len);
         }
         offsets.push(Some(at));
         at += t.bytes();
@@ -444,7 +452,7 @@ mod tests {
         }
         let whole = Located { name: "b".into(), dtype: DType::I16, shape: vec![2], parts: vec![(chunk(&[0], &[2]), 0, 0, 4)] };
         let out = tempfile::tempfile().unwrap();
-        let offs = consolidate(&[whole, located], &[(Path::new("x.distcp"), &file)], &out, Path::new("spill")).unwrap();
+        let offs = consolidate(&[whole, located], &[(Path::new("x.distcp"), &file)], &out, Path::new("spill"), &|_, _, _| {}).unwrap();
         assert_eq!(offs, vec![None, Some(0)]);
         let mut got = vec![0u8; 24];
         out.read_exact_at(&mut got, 0).unwrap();

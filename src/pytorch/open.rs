@@ -91,7 +91,7 @@ pub fn open_dcp(dir: &Path) -> Result<Checkpoint> {
     let chunked: u64 = located.iter().filter(|t| t.whole().is_none()).map(|t| t.bytes()).sum();
     let spill = if chunked > 0 {
         let (file, p) = scratch()?;
-        let offsets = dcp::consolidate(&located, &views, &file, &p)?;
+        let offsets = dcp::consolidate(&located, &views, &file, &p, &|f, o, l| files[f].release(o, l))?;
         let n = offsets.iter().filter(|o| o.is_some()).count();
         notes.push(format!("{n} tensors are split into chunks (shards); copied once into a temporary file ({chunked} bytes)"));
         Some((file, offsets))
