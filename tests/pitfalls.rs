@@ -289,3 +289,34 @@ fn lora_over_an_fp8_base_warns() {
         assert_eq!(o.stdout.matches("grid artifacts").count(), warned, "{}", o.stdout);
     }
 }
+
+#[test]
+fn fp8_experts_assemble_and_verify() {
+    let d = tempfile::tempdir().unwrap();
+    let teacher = common::tests_dir("fixtures/lightx2v/teacher");
+    let (hi, lo) = (d.path().join("hi-fp8.safetensors"), d.path().join("lo-fp8.safetensors"));
+    run_ok(&["convert", &s(&teacher.join("high_noise_model")), &s(&hi), "--dtype", "fp8-e4m3"]);
+    run_ok(&["convert", &s(&teacher.join("low_noise_model")), &s(&lo), "--dtype", "fp8-e4m3"]);
+    let out = d.path().join("moe.safetensors");
+    run_ok(&[
+        "assemble",
+        "--expert",
+        &s(&hi),
+        "--sigma-range",
+        "0.875:1",
+        "--expert",
+        &s(&lo),
+        "--sigma-range",
+        "0:0.875",
+        "--steps",
+        "4",
+        "--shift",
+        "5",
+        "-o",
+        &s(&out),
+    ]);
+    let o = run_ok(&["verify", &s(&out)]);
+    assert!(!o.stdout.contains("FAIL"), "{}", o.stdout);
+    let f = read_safetensors(&out);
+    assert!(f.tensors.contains_key("shared.scaled_fp8"), "the marker is shared");
+}
