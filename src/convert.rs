@@ -148,6 +148,7 @@ fn family_of(d: &Option<Detection>) -> Option<&'static Family> {
 
 /// Decide names, encodings and operations for every output tensor.
 pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
+    crate::pitfalls::check_scaled_fp8(ck)?;
     let reg = Registry::builtin();
     let detection = reg.detect(&ck.names_and_shapes(), ck.config.as_ref().map(|c| &c.json));
     let needs_family = opts.layout.is_some() || opts.format == OutFormat::Gguf;

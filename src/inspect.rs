@@ -49,6 +49,15 @@ pub struct ModelReport {
     /// A phasekit MoE checkpoint's routing and storage, read from its metadata.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeSummary>,
+    /// For 14B Wan shapes: Wan2.2 A14B expert or Wan2.1-14B, and the evidence (`crate::pitfalls`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wan_release: Option<crate::pitfalls::WanRelease>,
+    /// Problems that make the file read silently wrong (a scaled-fp8 weight without a scale).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+    /// A PyTorch source's non-tensor values and what the reader decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pytorch: Option<crate::pytorch::Info>,
 }
 
 /// One expert of a MoE checkpoint as `inspect` shows it.
@@ -86,6 +95,8 @@ pub struct MoeSummary {
     pub padding_tensors: usize,
     pub padding_bytes: u64,
     pub digest: String,
+    /// Where the experts switch, as σ, timestep and step index (`moe::boundary`).
+    pub boundaries: Vec<crate::moe::boundary::Boundary>,
 }
 
 /// The MoE summary of `ck`, or `None` when it is not a (readable) MoE checkpoint: `verify`
@@ -135,6 +146,7 @@ fn moe_summary(ck: &Checkpoint) -> Option<MoeSummary> {
         padding_tensors,
         padding_bytes,
         digest: meta.digest.clone(),
+        boundaries: crate::moe::boundary::boundaries(&meta.routing),
     })
 }
 
@@ -164,6 +176,7 @@ pub fn inspect_checkpoint(role: &str, ck: &Checkpoint) -> ModelReport {
         let kv: serde_json::Map<String, serde_json::Value> = g.kv.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
         serde_json::json!({ "version": g.version, "alignment": g.alignment, "kv": kv })
     });
+    let wan_release = det.as_ref().ok().and_then(|d| crate::pitfalls::wan_release(ck, Some(d)));
     let (detection, detection_error) = match det {
         Ok(d) => (Some(d), None),
         Err(e) => (None, Some(e.message().to_string())),
@@ -191,7 +204,10 @@ pub fn inspect_checkpoint(role: &str, ck: &Checkpoint) -> ModelReport {
         config: ck.config.as_ref().map(|c| c.json.clone()),
         gguf,
         fp8_scales: fp8,
+        wan_release,
+        problems: crate::pitfalls::check_scaled_fp8(ck).err().map(|e| e.message().to_string()).into_iter().collect(),
         moe: moe_summary(ck),
+        pytorch: ck.pytorch.clone(),
     }
 }
 
@@ -263,6 +279,12 @@ fn render_moe(m: &MoeSummary) -> String {
         m.padding_tensors,
         human(m.padding_bytes)
     ));
+    for b in &m.boundaries {
+        s.push_str(&format!(
+            "  switch {} → {}: σ {} = timestep {} = step index {} (σ ≥ {} stays on {})\n",
+            b.high, b.low, b.sigma, b.timestep, b.step_index, b.sigma, b.high
+        ));
+    }
     s.push_str(&format!("digest:     {}\n", m.digest));
     s
 }
@@ -306,6 +328,15 @@ pub fn render(r: &ModelReport) -> String {
         for f in &r.files {
             s.push_str(&format!("  {} ({} tensors, {})\n", f.file, f.tensors, human(f.bytes)));
         }
+    }
+    if let Some(w) = &r.wan_release {
+        s.push_str(&format!("release:    {}\n", w.summary()));
+    }
+    for p in &r.problems {
+        s.push_str(&format!("PROBLEM:    {p}\n"));
+    }
+    if let Some(p) = &r.pytorch {
+        s.push_str(&crate::pytorch::render(p));
     }
     if let Some(t) = r.index_total_size {
         s.push_str(&format!("index total_size: {t}\n"));

@@ -100,8 +100,21 @@ enum Command {
     },
     /// Validate structure (every safetensors rule, index vs shards, GGUF offsets) and .sha256 sidecars.
     ///
-    /// Exit 0 only when everything holds.
-    Verify { path: PathBuf },
+    /// Exit 0 only when everything holds. With --signature, check an OpenSSF Model Signing
+    /// bundle instead: its signature with --key, then every file of PATH against it (exit 8 on
+    /// any difference).
+    Verify {
+        path: PathBuf,
+        /// A model.sig bundle (from `phasekit sign` or `model_signing sign key`) covering PATH.
+        #[arg(long, value_name = "SIG", requires = "key")]
+        signature: Option<PathBuf>,
+        /// The signer's public key, PEM (`BEGIN PUBLIC KEY`, ECDSA P-256).
+        #[arg(long, value_name = "KEY.pub", requires = "signature")]
+        key: Option<PathBuf>,
+    },
+    /// Sign a model folder or file with a local key: an OpenSSF Model Signing bundle (model.sig)
+    /// that `model_signing verify key` and `phasekit verify --signature` check.
+    Sign(phasekit::sign::SignArgs),
     /// Benchmarks that print ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -455,7 +468,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Bench(BenchCommand::Block(a)) => phasekit::model::bench::run(&a, cli.json),
         Command::Bench(BenchCommand::TrainToy(a)) => phasekit::train::cli::bench_train_toy(&a, cli.json, quiet),
         Command::Bench(BenchCommand::ToyStep(a)) => phasekit::train::cli::bench_toy_step(&a, cli.json, quiet),
-        Command::Verify { path } => {
+        Command::Sign(a) => phasekit::sign::run_sign(&a, cli.json),
+        Command::Verify { path, signature: Some(sig), key: Some(key) } => phasekit::sign::run_verify(&path, &sig, &key, cli.json),
+        Command::Verify { path, .. } => {
             let r = phasekit::verify::verify(&path, quiet)?;
             if cli.json {
                 // One object: the report, and on failure the error object as every command has.

@@ -26,6 +26,10 @@ pub enum Format {
     Safetensors,
     ShardedSafetensors,
     Gguf,
+    /// A `torch.save` zip archive (`crate::pytorch`).
+    Pytorch,
+    /// A `torch.distributed.checkpoint` folder (`crate::pytorch::dcp`).
+    Dcp,
 }
 
 impl Format {
@@ -34,6 +38,8 @@ impl Format {
             Format::Safetensors => "safetensors",
             Format::ShardedSafetensors => "safetensors (sharded)",
             Format::Gguf => "gguf",
+            Format::Pytorch => "pytorch (torch.save)",
+            Format::Dcp => "pytorch (torch.distributed.checkpoint)",
         }
     }
 }
@@ -73,6 +79,10 @@ pub struct SourceFile {
 impl SourceFile {
     pub fn open(path: &Path) -> Result<SourceFile> {
         let file = File::open(path).with_file(path)?;
+        Self::from_file(path, file)
+    }
+    /// Map a file that is already open (`path` names it in messages).
+    pub fn from_file(path: &Path, file: File) -> Result<SourceFile> {
         let meta = file.metadata().with_file(path)?;
         if meta.is_dir() {
             return Err(Error::at(Kind::Usage, path, "is a folder, expected a file"));
@@ -169,6 +179,8 @@ pub struct Checkpoint {
     pub index: Option<IndexInfo>,
     pub config: Option<ConfigFile>,
     pub gguf: Option<GgufInfo>,
+    /// What a PyTorch source held besides tensors (`crate::pytorch`).
+    pub pytorch: Option<crate::pytorch::Info>,
 }
 
 /// Largest index or config JSON we read (they are a few MB at most in practice).
@@ -242,6 +254,8 @@ impl Checkpoint {
             Self::open_sharded(path)?
         } else if name_ends(path, ".gguf") || is_gguf(path)? {
             Self::open_gguf(path)?
+        } else if crate::pytorch::has_torch_extension(path) || crate::pytorch::is_zip(path) {
+            crate::pytorch::open::open_torch(path)?
         } else {
             Self::open_safetensors(path)?
         };
@@ -252,6 +266,9 @@ impl Checkpoint {
     }
 
     fn open_dir(dir: &Path) -> Result<Checkpoint> {
+        if crate::pytorch::is_dcp_dir(dir) {
+            return crate::pytorch::open::open_dcp(dir);
+        }
         let entries = list_dir(dir)?;
         let indexes: Vec<&PathBuf> = entries.iter().filter(|p| name_ends(p, ".safetensors.index.json")).collect();
         let singles: Vec<&PathBuf> = entries.iter().filter(|p| name_ends(p, ".safetensors")).collect();
@@ -260,6 +277,9 @@ impl Checkpoint {
             (1, _, _) => Self::open_sharded(indexes[0])?,
             (0, 1, _) => Self::open_safetensors(singles[0])?,
             (0, 0, 1) => Self::open_gguf(ggufs[0])?,
+            (0, 0, 0) if entries.iter().filter(|p| crate::pytorch::has_torch_extension(p)).count() == 1 => {
+                crate::pytorch::open::open_torch(entries.iter().find(|p| crate::pytorch::has_torch_extension(p)).expect("one"))?
+            }
             (n, _, _) if n > 1 => {
                 return Err(Error::inconsistent(dir, format!("{n} *.safetensors.index.json files; name the one to use")));
             }
@@ -272,7 +292,11 @@ impl Checkpoint {
             _ => {
                 let subs = sub_models(dir);
                 return Err(if subs.is_empty() {
-                    Error::at(Kind::Unsupported, dir, "no .safetensors, .safetensors.index.json or .gguf file in this folder")
+                    Error::at(
+                        Kind::Unsupported,
+                        dir,
+                        "no .safetensors, .safetensors.index.json, .gguf or single .pt/.pth file in this folder, and no DCP .metadata",
+                    )
                 } else {
                     Error::at(
                         Kind::Usage,
@@ -317,6 +341,7 @@ impl Checkpoint {
             index: None,
             config: None,
             gguf: None,
+            pytorch: None,
         })
     }
 
@@ -344,6 +369,7 @@ impl Checkpoint {
             index: None,
             config: None,
             gguf: Some(GgufInfo { version: g.version, alignment: g.alignment, kv: g.kv }),
+            pytorch: None,
         })
     }
 
@@ -470,6 +496,7 @@ impl Checkpoint {
             index: Some(IndexInfo { path: index_path.to_path_buf(), total_size, extra_metadata: extra }),
             config: None,
             gguf: None,
+            pytorch: None,
         })
     }
 

@@ -69,8 +69,24 @@ pub fn verify(path: &Path, quiet: bool) -> Result<VerifyReport> {
                 ck.tensors.len()
             ),
             crate::store::Format::Safetensors => format!("{label}{} tensors; header, offsets and sizes valid", ck.tensors.len()),
+            crate::store::Format::Pytorch | crate::store::Format::Dcp => {
+                format!("{label}{} tensors; archive, pickle (no code), storages and byte ranges valid", ck.tensors.len())
+            }
         };
         checks.push(Check { check: "structure".into(), ok: true, detail });
+        // A scaled-fp8 file whose weights lack scales reads silently wrong (`crate::pitfalls`).
+        match crate::pitfalls::check_scaled_fp8(ck) {
+            Ok(0) => {}
+            Ok(n) => checks.push(Check {
+                check: "fp8".into(),
+                ok: true,
+                detail: format!("{label}{n} fp8 weights, each with a finite positive scale"),
+            }),
+            Err(e) => {
+                failure.get_or_insert(e.kind());
+                checks.push(Check { check: "fp8".into(), ok: false, detail: e.to_string() });
+            }
+        }
         if crate::moe::verify::is_moe(ck) {
             let r = crate::moe::verify::verify_checkpoint(ck);
             if let Some(k) = r.failure() {

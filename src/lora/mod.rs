@@ -243,14 +243,14 @@ struct Parts {
 }
 
 fn scalar(path: &Path, key: &str, r: &Raw) -> Result<f64> {
-    if r.numel() != 1 || !r.dtype.is_castable_float() {
-        return Err(Error::malformed(path, format!("'{}' must be one float value, found {} {:?}", clean(key), r.dtype, r.shape)));
+    match keys::alpha_value(r.dtype, &r.data) {
+        Some(v) if r.numel() == 1 => Ok(v),
+        _ => Err(Error::malformed(path, format!("'{}' must be one integer or float value, found {} {:?}", clean(key), r.dtype, r.shape))),
     }
-    Ok(r.to_f32()?[0] as f64)
 }
 
 /// α per module from `__metadata__`: phasekit's exact map, else diffusers' LoraConfig.
-fn metadata_alpha(path: &Path, md: &[(String, String)], module: &str) -> Result<Option<f64>> {
+pub(crate) fn metadata_alpha(path: &Path, md: &[(String, String)], module: &str) -> Result<Option<f64>> {
     let get = |k: &str| md.iter().find(|(m, _)| m == k).map(|(_, v)| v.as_str());
     if let Some(text) = get(META_ALPHA) {
         let v: Value =

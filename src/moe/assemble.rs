@@ -51,6 +51,9 @@ pub struct ExpertInput {
     /// The base this LoRA expert applies to, when not [`Options::base`] (Wan2.2 A14B: the
     /// high-noise LoRA on the high-noise model, the low-noise LoRA on the low-noise model).
     pub base: Option<PathBuf>,
+    /// α of the LoRA modules whose file states none (neither an `.alpha` tensor nor
+    /// `__metadata__`): the trainer's configured `lora_alpha` (a LightX2V run's config.yaml).
+    pub lora_alpha: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +221,7 @@ pub fn options_from_run(run: &Path) -> Result<(Options, Manifest)> {
                 guidance: e.guidance,
                 kind: Some(e.kind),
                 base: e.base.as_deref().map(rel).transpose()?,
+                lora_alpha: None,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -282,8 +286,11 @@ pub fn check_manifest_timesteps(m: &Manifest, r: &Routing) -> Result<()> {
 pub(crate) enum Src {
     /// A tensor of `cks[ck]`, copied or cast.
     Copy { ck: usize, t: usize },
-    /// Base weight + LoRA delta, in f32, encoded to the output dtype.
-    Merge { base: (usize, usize), ck: usize, down: usize, up: usize, alpha: Option<usize> },
+    /// Base weight + LoRA delta, in f32, encoded to the output dtype; `alpha` is the LoRA's α
+    /// (`None`: α = rank).
+    Merge { base: (usize, usize), ck: usize, down: usize, up: usize, alpha: Option<f32> },
+    /// Bytes computed while planning (a LoRA α stored as an F32 scalar).
+    Const(Vec<u8>),
 }
 
 #[derive(Debug, Clone)]
@@ -316,7 +323,7 @@ fn out_dtype(src: DType, want: Option<DType>, name: &str) -> DType {
 fn lora_names(ck: &Checkpoint) -> Result<BTreeMap<String, usize>> {
     let mut out = BTreeMap::new();
     for (i, t) in ck.tensors.iter().enumerate() {
-        let n = crate::lora::keys::strip_comfy_prefix(&t.name);
+        let n = crate::lora::keys::strip_key_prefix(&t.name).1;
         let (p, part) = lora_part(n)
             .ok_or_else(|| Error::malformed(&ck.path, format!("'{}' is not a LoRA tensor (.lora_down/.lora_up/.alpha)", clean(&t.name))))?;
         let key = format!("{p}{}", part.suffix());
@@ -455,6 +462,26 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
         }
     }
     let mut notes = Vec::new();
+    // Mistakes the files can reveal (`crate::pitfalls`): a Wan2.2 A14B expert on the wrong σ
+    // range, one expert used twice or alone, fp8 scales missing, a LoRA over an fp8 base.
+    for ck in &cks {
+        crate::pitfalls::check_scaled_fp8(ck)?;
+    }
+    let served: Vec<crate::pitfalls::Served> = opts
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (ck, lora) = match (kinds[i], base_of[i]) {
+                (ExpertKind::Lora, Some(b)) => (&cks[b], Some(&cks[i])),
+                _ => (&cks[i], None),
+            };
+            crate::pitfalls::Served { name: &names[i], sigma_lo: e.sigma_lo, sigma_hi: e.sigma_hi, ck, lora }
+        })
+        .collect();
+    notes.extend(crate::pitfalls::check_experts(&served)?);
+    notes.extend(served.iter().filter_map(|s| s.lora.and_then(|l| crate::pitfalls::lora_on_fp8_base(l, s.ck))));
+    drop(served);
 
     // Model family: every full model must be the same family and variant.
     let mut model = ModelInfo::default();
@@ -602,6 +629,33 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
                         OutT { name: k.clone(), dtype: out_dtype(d, opts.dtype, k), shape: s.clone(), src: Src::Copy { ck: i, t } },
                     );
                 }
+                // α of each module, as an F32 scalar whatever the file stored (I64 in some
+                // Lightning files), or from __metadata__ / the trainer's config when no tensor has it.
+                let mut alphas: BTreeMap<String, f32> = BTreeMap::new();
+                for (p, (_, _, a, _)) in &targets {
+                    let value = match a {
+                        Some(t) => {
+                            let e = &ck.tensors[*t];
+                            let v = crate::lora::keys::alpha_value(dense(ck, *t)?, ck.bytes(e)).ok_or_else(|| {
+                                Error::malformed(&ck.path, format!("LoRA alpha '{}' is not one integer or float value", clean(&e.name)))
+                            })?;
+                            Some(v)
+                        }
+                        None => crate::lora::metadata_alpha(&ck.path, &ck.metadata, p)?.or(opts.experts[i].lora_alpha),
+                    };
+                    if let Some(v) = value {
+                        alphas.insert(p.clone(), v as f32);
+                        let k = format!("{p}{}", LoraPart::Alpha.suffix());
+                        let shape = a.map(|t| ck.tensors[t].shape.clone()).unwrap_or_default();
+                        let normalised = a.is_some_and(|t| dense(ck, t).ok() == Some(DType::F32));
+                        if !normalised {
+                            m.insert(
+                                k.clone(),
+                                OutT { name: k, dtype: DType::F32, shape, src: Src::Const((v as f32).to_le_bytes().to_vec()) },
+                            );
+                        }
+                    }
+                }
                 for (p, (d, u, _, _)) in &targets {
                     if let (Some(d), Some(u)) = (d, u) {
                         if ck.tensors[*d].shape[0] != ck.tensors[*u].shape[1] {
@@ -623,7 +677,8 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
                         let d = dense(base, bt)?;
                         let p = e.name.strip_suffix(".weight");
                         let src = match p.and_then(|p| targets.get(p)) {
-                            Some(&(Some(down), Some(up), alpha, _)) => {
+                            Some(&(Some(down), Some(up), _, _)) => {
+                                let alpha = p.and_then(|p| alphas.get(p)).copied();
                                 if !d.is_castable_float() {
                                     return Err(Error::at(
                                         Kind::Unsupported,
@@ -666,6 +721,28 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
             classes
         })
         .collect();
+    // Two experts whose every tensor is equal are one expert given twice.
+    for i in 0..n {
+        for j in i + 1..n {
+            let same = logical[i].len() == logical[j].len()
+                && params.iter().zip(&classes).all(|(p, cls)| {
+                    logical[i].contains_key(*p) == logical[j].contains_key(*p)
+                        && (!logical[i].contains_key(*p) || cls.iter().any(|c| c.contains(&i) && c.contains(&j)))
+                });
+            let same_base = base_of[i] == base_of[j] || kinds[i] == ExpertKind::Full;
+            if same && same_base {
+                return Err(Error::inconsistent(
+                    &opts.experts[j].path,
+                    format!(
+                        "experts {} and {} hold identical weights{}: one expert given twice (each σ range needs its own expert)",
+                        names[i],
+                        names[j],
+                        if kinds[i] == ExpertKind::Lora { " over the same base" } else { "" }
+                    ),
+                ));
+            }
+        }
+    }
     let mut out: Vec<OutT> = Vec::new();
     let mut aliases = BTreeMap::new();
     let (mut shared, mut aliased) = (0, 0);
@@ -710,6 +787,7 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
         base_sources: if stored_bases.len() > 1 { stored_bases.iter().map(|&b| base_file(b)).collect() } else { Vec::new() },
     };
     let mut extra = format::modelspec(&routing, &model, &title, None, false);
+    extra.extend(super::boundary::metadata(&routing));
     if let Some(l) = opts.latent {
         extra.push((format::KEY_SAMPLE.to_string(), serde_json::json!({ "latent": l }).to_string()));
     }
@@ -774,16 +852,9 @@ fn same_bytes(cks: &[Checkpoint], a: &OutT, b: &OutT) -> bool {
             let eqt = |x: (usize, usize), y: (usize, usize)| {
                 x == y || cks[x.0].bytes(&cks[x.0].tensors[x.1]) == cks[y.0].bytes(&cks[y.0].tensors[y.1])
             };
-            a.dtype == b.dtype
-                && b1 == b2
-                && eqt((*c1, *d1), (*c2, *d2))
-                && eqt((*c1, *u1), (*c2, *u2))
-                && match (a1, a2) {
-                    (Some(x), Some(y)) => eqt((*c1, *x), (*c2, *y)),
-                    (None, None) => true,
-                    _ => false,
-                }
+            a.dtype == b.dtype && b1 == b2 && eqt((*c1, *d1), (*c2, *d2)) && eqt((*c1, *u1), (*c2, *u2)) && a1 == a2
         }
+        (Src::Const(x), Src::Const(y)) => a.dtype == b.dtype && a.shape == b.shape && x == y,
         _ => false,
     }
 }
@@ -812,16 +883,13 @@ pub(crate) fn materialize<'a>(cks: &'a [Checkpoint], t: &OutT) -> Result<Cow<'a,
             };
             let mut w = f32_of(b, base.1)?;
             let c = &cks[*ck];
-            let a = match alpha {
-                Some(a) => f32_of(c, *a)?.first().copied(),
-                None => None,
-            };
-            let l = Lora::new(f32_of(c, *down)?, &c.tensors[*down].shape, f32_of(c, *up)?, &c.tensors[*up].shape, a).map_err(ctx)?;
+            let l = Lora::new(f32_of(c, *down)?, &c.tensors[*down].shape, f32_of(c, *up)?, &c.tensors[*up].shape, *alpha).map_err(ctx)?;
             apply_lora_delta(&mut w, &be.shape, &l).map_err(ctx)?;
             let mut out = vec![0u8; size_of(t) as usize];
             cast::encode_f32(t.dtype, &w, &mut out).map_err(ctx)?;
             Ok(Cow::Owned(out))
         }
+        Src::Const(bytes) => Ok(Cow::Owned(bytes.clone())),
     }
 }
 

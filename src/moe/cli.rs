@@ -47,9 +47,16 @@ pub struct AssembleArgs {
     /// Names of the experts, in order (default: high_noise/low_noise for two, else e0, e1, ...).
     #[arg(long = "expert-name", value_name = "NAME")]
     pub names: Vec<String>,
-    /// A trainer run folder: experts and routing come from RUN_DIR/manifest.json.
+    /// A trainer run folder: experts and routing come from RUN_DIR/manifest.json (phasekit's
+    /// trainer), or from a LightX2V Phased DMD run's config.yaml (detected; see --lightx2v-run).
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["experts", "sigma_ranges", "expert_bases"])]
     pub run: Option<PathBuf>,
+    /// A LightX2V Phased DMD run (its output_dir, newest finished checkpoint-*, or one
+    /// checkpoint): students, their LoRA α, bases and the switch step come from its config.yaml.
+    /// LoRA students apply to the teacher experts the config names (relative to the current
+    /// folder, as the trainer ran); --expert-base (high, then low) or --base replace them.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["experts", "sigma_ranges", "run"])]
+    pub lightx2v_run: Option<PathBuf>,
     /// The model LoRA experts apply to (stored under base.; checks full experts' shapes).
     #[arg(long, value_name = "PATH")]
     pub base: Option<PathBuf>,
@@ -116,12 +123,25 @@ fn print_json(v: &impl serde::Serialize) {
 
 /// Build assemble options from the arguments (no I/O apart from reading a manifest).
 pub fn assemble_options(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Options, Option<assemble::Manifest>)> {
-    let (mut opts, manifest) = match &a.run {
-        Some(run) => {
+    assemble_options_noted(a, quiet).map(|(o, m, _)| (o, m))
+}
+
+/// [`assemble_options`] and what reading a LightX2V run found out.
+fn assemble_options_noted(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Options, Option<assemble::Manifest>, Vec<String>)> {
+    let lightx2v =
+        a.lightx2v_run.clone().or_else(|| a.run.clone().filter(|r| !r.join("manifest.json").exists() && super::lightx2v::is_run(r)));
+    let mut notes = Vec::new();
+    let (mut opts, manifest) = match (&a.run, lightx2v) {
+        (_, Some(dir)) => {
+            let imp = super::lightx2v::import(&dir, &a.expert_bases, a.base.as_deref())?;
+            notes = imp.notes;
+            (imp.options, None)
+        }
+        (Some(run), None) => {
             let (o, m) = assemble::options_from_run(run)?;
             (o, Some(m))
         }
-        None => {
+        (None, None) => {
             if a.experts.is_empty() {
                 return Err(Error::usage("give experts with --expert PATH --sigma-range LO:HI (repeat), or --run RUN_DIR"));
             }
@@ -153,6 +173,7 @@ pub fn assemble_options(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Opti
                         guidance: None,
                         kind: None,
                         base: a.expert_bases.get(i).cloned(),
+                        lora_alpha: None,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -190,17 +211,18 @@ pub fn assemble_options(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Opti
     opts.sync = !a.no_sync;
     opts.force = a.force;
     opts.quiet = quiet;
-    Ok((opts, manifest))
+    Ok((opts, manifest, notes))
 }
 
 /// `phasekit assemble`.
 pub fn assemble(a: AssembleArgs, json: bool, quiet: bool) -> Result<()> {
-    let (opts, manifest) = assemble_options(&a, quiet)?;
+    let (opts, manifest, notes) = assemble_options_noted(&a, quiet)?;
     if let Some(m) = &manifest {
         // Timesteps the trainer declared must be the ones the routing gives.
         assemble::check_run_options(m, &opts)?;
     }
-    let r = assemble::assemble(&opts, &a.out)?;
+    let mut r = assemble::assemble(&opts, &a.out)?;
+    r.notes.splice(0..0, notes);
     if json {
         print_json(&serde_json::json!({ "ok": true, "report": r }));
     } else {
@@ -466,6 +488,7 @@ fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnM
                 guidance: None,
                 kind: None,
                 base: None,
+                lora_alpha: None,
             })
             .collect(),
         steps: 4,

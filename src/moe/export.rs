@@ -6,7 +6,9 @@
 //!   `boundary_ratio`, `scheduler/scheduler_config.json` with the distilled shift;
 //! - `lora`: Lightning/kohya files per LoRA expert (`high_noise_model.safetensors`, keys
 //!   `[diffusion_model.]<param>.lora_down.weight` / `.lora_up.weight` / `.alpha`, nothing else);
-//! - `gguf`: one GGUF per expert through the conversion pipeline (ComfyUI-GGUF rules).
+//! - `gguf`: one GGUF per expert through the conversion pipeline (ComfyUI-GGUF rules);
+//! - `lightx2v`: LightX2V's Wan2.2 distill layout, per-expert files plus the `config.json` keys
+//!   its runner reads (`denoising_step_list`, `boundary_step_index`, ...; [`super::lightx2v`]).
 //!
 //! Every target gets a `README.md` with the sampler settings the experts were distilled for.
 //! The folder appears only when complete.
@@ -35,6 +37,8 @@ pub enum Target {
     Diffusers,
     Lora,
     Gguf,
+    /// LightX2V's Wan2.2 distill runner (`--model_cls wan2.2_moe_distill`).
+    Lightx2v,
 }
 
 #[derive(Debug, Clone)]
@@ -124,12 +128,13 @@ pub fn readme(m: &MoeCheckpoint, target: Target, files: &[String]) -> String {
         Target::Diffusers => "diffusers: copy `text_encoder/`, `tokenizer/` and `vae/` from the base pipeline into this folder, then `Pipeline.from_pretrained(folder)` and call it with `num_inference_steps` and `guidance_scale` above. `boundary_ratio` in `model_index.json` routes `transformer` (t ≥ boundary) and `transformer_2`.\n",
         Target::Lora => "LoRA (Lightning/kohya keys): load `high_noise_model.safetensors` on the high-noise model and `low_noise_model.safetensors` on the low-noise model at strength 1 (ComfyUI `LoraLoaderModelOnly`; diffusers `load_lora_weights(..., load_into_transformer_2=True)` for the second).\n",
         Target::Gguf => "GGUF: put the files in `models/unet/` for ComfyUI-GGUF (`UnetLoaderGGUF`), or pass them to stable-diffusion.cpp as `--high-noise-diffusion-model` / `--diffusion-model` with `--steps`, `--high-noise-steps`, `--flow-shift` and `--cfg-scale 1` as above.\n",
+        Target::Lightx2v => "LightX2V: `python -m lightx2v.infer --model_cls wan2.2_moe_distill --task t2v --model_path <Wan2.2-A14B folder> --config_json config.json ...` from this folder (the file paths in `config.json` are relative to it; make them absolute to run from elsewhere). `--model_path` supplies the VAE and text encoder, and for LoRA exports the two base experts (`high_noise_model/`, `low_noise_model/`). `boundary_step_index` switches experts by step, `denoising_step_list` with `sample_shift` gives the same σ as above.\n",
     });
     s
 }
 
 /// Rename a stored parameter name into `to`'s names (identity without a known family).
-fn rename(m: &MoeCheckpoint, name: &str, to: Layout) -> Result<String> {
+pub(super) fn rename(m: &MoeCheckpoint, name: &str, to: Layout) -> Result<String> {
     let info = &m.meta().model;
     let (Some(f), Some(l)) = (info.family.as_deref(), info.layout.as_deref()) else { return Ok(name.to_string()) };
     let fam = Registry::builtin().require(f)?;
@@ -145,7 +150,7 @@ fn index_of(m: &MoeCheckpoint) -> std::collections::HashMap<&str, usize> {
 }
 
 /// Expert i as full weights (LoRA merged), names mapped by `name`.
-fn full_tensors(m: &MoeCheckpoint, i: usize, dtype: Option<DType>, name: &dyn Fn(&str) -> Result<String>) -> Result<Vec<OutT>> {
+pub(super) fn full_tensors(m: &MoeCheckpoint, i: usize, dtype: Option<DType>, name: &dyn Fn(&str) -> Result<String>) -> Result<Vec<OutT>> {
     let idx = index_of(m);
     let ck = m.checkpoint();
     let dt = |t: usize| match ck.tensors[t].encoding {
@@ -171,7 +176,19 @@ fn full_tensors(m: &MoeCheckpoint, i: usize, dtype: Option<DType>, name: &dyn Fn
                 let lp = p.strip_suffix(".weight");
                 let get = |part: LoraPart| lp.and_then(|lp| params.get(&format!("{lp}{}", part.suffix()))).map(|s| idx[s.as_str()]);
                 let src = match (get(LoraPart::Down), get(LoraPart::Up)) {
-                    (Some(down), Some(up)) => Src::Merge { base: (0, bt), ck: 0, down, up, alpha: get(LoraPart::Alpha) },
+                    (Some(down), Some(up)) => {
+                        let alpha = match get(LoraPart::Alpha) {
+                            Some(a) => {
+                                let e = &ck.tensors[a];
+                                let v = crate::lora::keys::alpha_value(dt(a), ck.bytes(e)).ok_or_else(|| {
+                                    Error::malformed(&ck.path, format!("LoRA alpha '{}' is not one integer or float value", clean(&e.name)))
+                                })?;
+                                Some(v as f32)
+                            }
+                            None => None,
+                        };
+                        Src::Merge { base: (0, bt), ck: 0, down, up, alpha }
+                    }
                     _ => Src::Copy { ck: 0, t: bt },
                 };
                 out.push(OutT { name: name(&p)?, dtype: cast(dt(bt)), shape: ck.tensors[bt].shape.clone(), src });
@@ -181,7 +198,7 @@ fn full_tensors(m: &MoeCheckpoint, i: usize, dtype: Option<DType>, name: &dyn Fn
     Ok(out)
 }
 
-fn write_one(
+pub(super) fn write_one(
     m: &MoeCheckpoint,
     tensors: &[OutT],
     path: &Path,
@@ -201,7 +218,7 @@ fn write_one(
     Ok(written)
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<Written> {
+pub(super) fn write_json(path: &Path, v: &serde_json::Value) -> Result<Written> {
     let mut text = serde_json::to_string_pretty(v).expect("json");
     text.push('\n');
     crate::atomic::write_file(path, text.as_bytes())?;
@@ -221,6 +238,7 @@ pub fn export(input: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
     let info = m.meta().model.clone();
     let family = info.family.as_deref().map(|f| Registry::builtin().require(f)).transpose()?;
     let mut files: Vec<Written> = Vec::new();
+    let mut extra_readme = String::new();
     let order = sampling_order(&r);
     let ms = |i: usize, lora: bool| -> Vec<(String, String)> {
         let mut v = vec![("format".to_string(), "pt".to_string())];
@@ -320,32 +338,44 @@ pub fn export(input: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
             )?);
             files.push(write_json(&dir.path().join("model_index.json"), &index)?);
         }
+        Target::Lightx2v => {
+            let f = family.filter(|f| f.name() == "wan22").ok_or_else(|| {
+                Error::unsupported(format!(
+                    "LightX2V export is for Wan2.2 experts; this checkpoint records family {}",
+                    info.family.as_deref().unwrap_or("none")
+                ))
+            })?;
+            let (hi, lo, _) = r.two_expert_boundary().ok_or_else(|| {
+                Error::unsupported(format!(
+                    "LightX2V's Wan2.2 runner switches between two experts; this checkpoint has {}",
+                    r.experts.len()
+                ))
+            })?;
+            let lora = m.kind(hi) == ExpertKind::Lora && m.kind(lo) == ExpertKind::Lora;
+            let names_to = f.comfy_names_layout();
+            let mut names = Vec::new();
+            for (i, tag) in [(hi, "high_noise"), (lo, "low_noise")] {
+                let fname = format!("{stem}_{tag}{}.safetensors", if lora { "_lora" } else { "" });
+                let ts = if lora {
+                    lora_tensors(&m, i, opts, names_to, input)?
+                } else {
+                    full_tensors(&m, i, opts.dtype, &|p| rename(&m, p, names_to))?
+                };
+                files.extend(write_one(&m, &ts, &dir.path().join(&fname), ms(i, lora), opts, &progress)?);
+                names.push(fname);
+            }
+            let (cfg, err) = super::lightx2v::runtime_config(&r, (&names[0], &names[1]), lora)?;
+            files.push(write_json(&dir.path().join("config.json"), &cfg)?);
+            if err > 1e-9 {
+                extra_readme.push_str(&format!(
+                    "\nNote: `denoising_step_list` rounds the steps to whole timesteps; LightX2V samples σ up to {err:.2e} away from the σ above.\n"
+                ));
+            }
+        }
         Target::Lora => {
             let names_to = family.map_or(Layout::Comfy, |f| f.comfy_names_layout());
-            let idx = index_of(&m);
             for &i in &order {
-                if m.kind(i) != ExpertKind::Lora {
-                    return Err(Error::new(
-                        Kind::Unsupported,
-                        format!("expert {} holds full weights; LoRA export needs LoRA experts (use --to comfy)", r.experts[i].name),
-                    ));
-                }
-                let mut ts = Vec::new();
-                for (p, stored) in m.expert_params(i) {
-                    let (target, part) =
-                        lora_part(&p).ok_or_else(|| Error::inconsistent(input, format!("'{}' is not a LoRA tensor", clean(&p))))?;
-                    let w = rename(&m, &format!("{target}.weight"), names_to)?;
-                    let base = w.strip_suffix(".weight").unwrap_or(&w);
-                    let key = format!("{}{base}{}", if opts.lora_prefix { "diffusion_model." } else { "" }, part.suffix());
-                    let t = idx[stored.as_str()];
-                    let ck = m.checkpoint();
-                    let d = match ck.tensors[t].encoding {
-                        Encoding::Dense(d) => d,
-                        Encoding::Ggml(_) => DType::U8,
-                    };
-                    let want = if part == LoraPart::Alpha { d } else { opts.dtype.filter(|_| d.is_castable_float()).unwrap_or(d) };
-                    ts.push(OutT { name: key, dtype: want, shape: ck.tensors[t].shape.clone(), src: Src::Copy { ck: 0, t } });
-                }
+                let ts = lora_tensors(&m, i, opts, names_to, input)?;
                 let fname = if r.two_expert_boundary().is_some() {
                     format!("{}_model.safetensors", role(&r, i))
                 } else {
@@ -357,7 +387,7 @@ pub fn export(input: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
     }
     let names: Vec<String> =
         files.iter().filter_map(|w| w.path.strip_prefix(dir.path()).ok().map(|p| format!("`{}`", p.display()))).collect();
-    files.push(write_json_text(&dir.path().join("README.md"), &readme(&m, opts.target, &names))?);
+    files.push(write_json_text(&dir.path().join("README.md"), &(readme(&m, opts.target, &names) + &extra_readme))?);
     dir.commit()?;
     progress.finish();
     for w in &mut files {
@@ -372,6 +402,34 @@ pub fn export(input: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
         files,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Expert i's LoRA tensors under Lightning/kohya keys in `names_to` names (`diffusion_model.`
+/// prefix when `opts.lora_prefix`).
+fn lora_tensors(m: &MoeCheckpoint, i: usize, opts: &ExportOptions, names_to: Layout, input: &Path) -> Result<Vec<OutT>> {
+    if m.kind(i) != ExpertKind::Lora {
+        return Err(Error::new(
+            Kind::Unsupported,
+            format!("expert {} holds full weights; LoRA export needs LoRA experts (use --to comfy)", m.routing().experts[i].name),
+        ));
+    }
+    let idx = index_of(m);
+    let mut ts = Vec::new();
+    for (p, stored) in m.expert_params(i) {
+        let (target, part) = lora_part(&p).ok_or_else(|| Error::inconsistent(input, format!("'{}' is not a LoRA tensor", clean(&p))))?;
+        let w = rename(m, &format!("{target}.weight"), names_to)?;
+        let base = w.strip_suffix(".weight").unwrap_or(&w);
+        let key = format!("{}{base}{}", if opts.lora_prefix { "diffusion_model." } else { "" }, part.suffix());
+        let t = idx[stored.as_str()];
+        let ck = m.checkpoint();
+        let d = match ck.tensors[t].encoding {
+            Encoding::Dense(d) => d,
+            Encoding::Ggml(_) => DType::U8,
+        };
+        let want = if part == LoraPart::Alpha { d } else { opts.dtype.filter(|_| d.is_castable_float()).unwrap_or(d) };
+        ts.push(OutT { name: key, dtype: want, shape: ck.tensors[t].shape.clone(), src: Src::Copy { ck: 0, t } });
+    }
+    Ok(ts)
 }
 
 fn write_json_text(path: &Path, text: &str) -> Result<Written> {

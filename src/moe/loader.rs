@@ -146,7 +146,13 @@ impl MoeCheckpoint {
         let (Some(d), Some(u)) = (get(LoraPart::Down), get(LoraPart::Up)) else { return Ok(None) };
         let (d, u) = (self.raw(d)?, self.raw(u)?);
         let alpha = match get(LoraPart::Alpha) {
-            Some(a) => Some(decode(&self.raw(a)?)?.first().copied().unwrap_or(0.0)),
+            Some(a) => {
+                let t = self.raw(a)?;
+                let v = crate::lora::keys::alpha_value(t.dtype, t.bytes).ok_or_else(|| {
+                    Error::malformed(&self.ck.path, format!("LoRA alpha '{}' is not one integer or float value", clean(a)))
+                })?;
+                Some(v as f32)
+            }
             None => None,
         };
         Ok(Some(Lora::new(decode(&d)?, d.shape, decode(&u)?, u.shape, alpha)?))

@@ -14,10 +14,12 @@
 //! - [`cli`]: argument types and run functions of `assemble`, `pack`, `unpack`, `export`.
 
 pub mod assemble;
+pub mod boundary;
 pub mod cli;
 pub mod digest;
 pub mod export;
 pub mod format;
+pub mod lightx2v;
 pub mod loader;
 pub mod pack;
 pub mod routing;

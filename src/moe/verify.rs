@@ -93,6 +93,12 @@ pub fn verify_checkpoint(ck: &Checkpoint) -> MoeReport {
     };
     let mut mismatches = Vec::new();
     let (mut checked, mut bytes) = (0, 0);
+    // The switch points, when recorded, must be the routing table's (`moe::boundary`).
+    if let (Some(m), Some((_, b))) = (&meta, ck.metadata.iter().find(|(k, _)| k == super::boundary::KEY_BOUNDARIES)) {
+        if let Err(e) = super::boundary::check(&m.routing, b) {
+            fault(e.kind(), e.message().to_string());
+        }
+    }
     if let Some(meta) = &meta {
         // Table vs header.
         let mut in_header = BTreeSet::new();

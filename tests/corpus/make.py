@@ -20,12 +20,15 @@ instead of failing.
 
 import filecmp
 import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
 import struct
 import sys
 import tempfile
+import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -129,6 +132,79 @@ GGUF_VALID = gguf([ARCH, kv_u32("general.alignment", 32)], [tinfo("w", [4, 2], "
 def q8_0_block(d=1.0):
     return struct.pack("<e", d) + bytes((i - 16) & 0xFF for i in range(32))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch: torch.save zip archives and their pickles, written opcode by opcode
+
+
+def zip_archive(entries, deflate=()):
+    """A zip archive with fixed timestamps; entries stored (as torch.save writes them) unless
+    named in `deflate` (then deflated at level 0, which is deterministic)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in entries:
+            zi = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            zi.compress_type = zipfile.ZIP_DEFLATED if name in deflate else zipfile.ZIP_STORED
+            z.writestr(zi, data, compresslevel=0 if name in deflate else None)
+    return buf.getvalue()
+
+
+def p_str(s):
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def p_int(v):
+    return b"K" + bytes([v]) if 0 <= v < 256 else b"J" + struct.pack("<i", v)
+
+
+def p_tuple(items):
+    return b"(" + b"".join(items) + b"t"
+
+
+def p_global(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def p_tensor(key, numel, size, offset=0, storage="FloatStorage"):
+    """torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())."""
+    stride, acc = [], 1
+    for d in reversed(size):
+        stride.insert(0, acc)
+        acc *= d
+    pid = p_tuple([p_str("storage"), p_global("torch", storage), p_str(key), p_str("cpu"), p_int(numel)]) + b"Q"
+    args = [pid, p_int(offset), p_tuple([p_int(x) for x in size]), p_tuple([p_int(x) for x in stride]), b"\x89", p_global("collections", "OrderedDict") + b")R"]
+    return p_global("torch._utils", "_rebuild_tensor_v2") + p_tuple(args) + b"R"
+
+
+def p_state_dict(items):
+    """Protocol 2 `{name: value, ...}`, as torch.save writes a state dict."""
+    return b"\x80\x02}(" + b"".join(p_str(k) + v for k, v in items) + b"u."
+
+
+def torch_file(pkl, storages, prefix="archive", deflate=()):
+    entries = [(prefix + "/data.pkl", pkl), (prefix + "/byteorder", b"little")]
+    entries += [(prefix + "/data/" + k, v) for k, v in storages]
+    entries.append((prefix + "/version", b"3\n"))
+    return zip_archive(entries, deflate=tuple(prefix + "/" + d for d in deflate))
+
+
+class Popen:
+    """What an attacker pickles: unpickling calls subprocess.Popen(["id"])."""
+
+    def __reduce__(self):
+        import subprocess
+
+        return (subprocess.Popen, (["id"],))
+
+
+class System:
+    def __reduce__(self):
+        return (os.system, ("id",))
+
+
+W_F32 = f32(1, 2, 3, 4)
 
 # ---------------------------------------------------------------------------------------------
 # cases
@@ -537,6 +613,55 @@ def build(c):
 
     c.write("gg_ne_negative.gguf", gguf([ARCH], [tinfo("w", [2**64 - 1, 2], "F32", 0)], F32_8))
     c.case("gg_ne_negative", "gg_ne_negative.gguf", "ne[0] = -1 as int64", "malformed", "'w'")
+
+    # ----- PyTorch: pickles that would run code, and broken archives ---------------------------
+    PT = ("verify", "inspect", "convert")
+    c.write("pk_valid.pt", torch_file(p_state_dict([("w", p_tensor("0", 4, [2, 2]))]), [("0", W_F32)]))
+    c.case("pk_valid", "pk_valid.pt", "valid torch.save archive: one F32 [2,2] tensor", "ok", commands=PT)
+    evil = p_global("os", "system") + p_str("touch /tmp/phasekit-pwned") + b"\x85R"
+    c.write("pk_os_system.pt", torch_file(b"\x80\x02" + evil + b".", []))
+    c.case("pk_os_system", "pk_os_system.pt", "data.pkl is GLOBAL os.system + REDUCE (runs a shell command on torch.load)", "malformed", "refuses global 'os.system'", commands=PT)
+    hidden = p_state_dict([("w", p_tensor("0", 4, [2, 2])), ("x", evil)])
+    c.write("pk_os_system_in_state_dict.pt", torch_file(hidden, [("0", W_F32)]))
+    c.case("pk_os_system_in_state_dict", "pk_os_system_in_state_dict.pt", "a valid tensor, then a value that calls os.system", "malformed", "refuses global 'os.system'", commands=PT)
+    stack_eval = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93\x8c\x1a__import__('os').system('id')\x85R."
+    c.write("pk_eval_stack_global.pt", torch_file(stack_eval, []))
+    c.case("pk_eval_stack_global", "pk_eval_stack_global.pt", "protocol 4 STACK_GLOBAL builtins.eval + REDUCE", "malformed", "refuses global 'builtins.eval'", commands=PT)
+    c.write("pk_reduce_popen.pt", torch_file(pickle.dumps({"w": Popen()}, protocol=4), []))
+    c.case("pk_reduce_popen", "pk_reduce_popen.pt", "what pickle.dumps (protocol 4) writes for an object whose __reduce__ returns subprocess.Popen", "malformed", "refuses global 'subprocess.Popen'", commands=PT)
+    c.write("pk_reduce_popen_p2.pt", torch_file(pickle.dumps({"w": Popen()}, protocol=2), []))
+    c.case("pk_reduce_popen_p2", "pk_reduce_popen_p2.pt", "the same at protocol 2, where pickle names it by its Python 2 module (commands.Popen)", "malformed", "refuses global 'commands.Popen'", commands=PT)
+    c.write("pk_reduce_system.pt", torch_file(pickle.dumps({"w": System()}, protocol=2), []))
+    c.case("pk_reduce_system", "pk_reduce_system.pt", "__reduce__ returning os.system (pickled as posix.system)", "malformed", "refuses global 'posix.system'", commands=PT)
+    inst = b"(X\x02\x00\x00\x00idios\nsystem\n."
+    c.write("pk_inst_opcode.pt", torch_file(inst, []))
+    c.case("pk_inst_opcode", "pk_inst_opcode.pt", "protocol-0 INST opcode (creates an object by name)", "malformed", "INST", commands=PT)
+    c.write("pk_memo_missing.pt", torch_file(b"\x80\x02j\xff\xff\xff\xff.", []))
+    c.case("pk_memo_missing", "pk_memo_missing.pt", "LONG_BINGET of memo index 2^32-1, never stored", "malformed", "never stored", commands=PT)
+    huge_put = b"\x80\x02}r\xf0\xff\xff\xff(" + p_str("w") + p_tensor("0", 4, [2, 2]) + b"u."
+    c.write("pk_memo_huge_index.pt", torch_file(huge_put, [("0", W_F32)]))
+    c.case("pk_memo_huge_index", "pk_memo_huge_index.pt", "valid: the state dict memoised at index 4294967280 (stored sparsely, no allocation)", "ok", commands=PT)
+    deep = p_state_dict([("w", p_tensor("0", 4, [2, 2])), ("deep", b"]" * 100000 + b"a" * 99999)])
+    c.write("pk_deep_nesting.pt", torch_file(deep, [("0", W_F32)]))
+    c.case("pk_deep_nesting", "pk_deep_nesting.pt", "a value nested in 100000 lists", "limit", "nested deeper than 64", commands=PT)
+    c.write("pk_string_past_end.pt", torch_file(b"\x80\x02X\xff\xff\xff\x7fab", []))
+    c.case("pk_string_past_end", "pk_string_past_end.pt", "BINUNICODE of 2 GiB in a 10-byte pickle", "truncated", "runs past the end", commands=PT)
+    whole = torch_file(p_state_dict([("w", p_tensor("0", 4, [2, 2]))]), [("0", W_F32)])
+    c.write("pk_truncated_zip.pt", whole[: len(whole) // 2])
+    c.case("pk_truncated_zip", "pk_truncated_zip.pt", "a torch.save archive cut in half", "truncated", "end-of-central-directory", commands=PT)
+    c.write("pk_storage_past_end.pt", torch_file(p_state_dict([("w", p_tensor("0", 4, [2, 2], offset=2))]), [("0", W_F32)]))
+    c.case("pk_storage_past_end", "pk_storage_past_end.pt", "a [2,2] tensor at element 2 of a 4-element storage", "malformed", "past the end of its storage", commands=PT)
+    c.write("pk_storage_size.pt", torch_file(p_state_dict([("w", p_tensor("0", 8, [2, 2]))]), [("0", W_F32)]))
+    c.case("pk_storage_size", "pk_storage_size.pt", "storage declares 8 floats, the entry holds 4", "malformed", "holds 16", commands=PT)
+    c.write("pk_missing_storage.pt", torch_file(p_state_dict([("w", p_tensor("7", 4, [2, 2]))]), [("0", W_F32)]))
+    c.case("pk_missing_storage", "pk_missing_storage.pt", "tensor refers to storage 7, which the archive lacks", "malformed", "not in the archive", commands=PT)
+    c.write("pk_deflated.pt", torch_file(p_state_dict([("w", p_tensor("0", 4, [2, 2]))]), [("0", W_F32)], deflate=("data/0",)))
+    c.case("pk_deflated", "pk_deflated.pt", "the storage entry is deflate-compressed (torch stores entries)", "unsupported", "compressed", commands=PT)
+    c.write("pk_not_a_pickle_global.pt", torch_file(p_state_dict([("w", p_tensor("0", 4, [2, 2], storage="QInt8Storage"))]), [("0", W_F32)]))
+    c.case("pk_not_a_pickle_global", "pk_not_a_pickle_global.pt", "a storage class outside the allow-list (torch.QInt8Storage)", "malformed", "refuses global 'torch.QInt8Storage'", commands=PT)
+    c.write("pk_dcp_evil/.metadata", b"\x80\x04" + evil + b".")
+    c.write("pk_dcp_evil/__0_0.distcp", b"")
+    c.case("pk_dcp_evil", "pk_dcp_evil/", "a DCP folder whose .metadata pickle calls os.system", "malformed", "refuses global 'os.system'", commands=PT, out="out_model")
 
     # ----- sha256 sidecars -----------------------------------------------------------------------
     good = hashlib.sha256(VALID).hexdigest()
