@@ -25,6 +25,7 @@ pub mod safetensors;
 pub mod store;
 pub mod train;
 pub mod verify;
+pub mod write;
 pub mod writeback;
 
 pub use dtype::DType;
