@@ -19,21 +19,8 @@ use crate::error::{clean, Error, IoContext, Kind, Result};
 use crate::layout::{Detection, Family, Layout, Registry};
 use crate::progress::Progress;
 use crate::quant::{self, GgmlType};
-use crate::store::{Checkpoint, Encoding, TensorEntry};
+use crate::store::{Checkpoint, Encoding, TensorEntry, INPUT_SCALE_SUFFIXES, SCALED_FP8_MARKER, SCALE_SUFFIXES};
 use crate::write::{self, Sink, Written, WEIGHTS_NAME};
-
-/// Suffixes of fp8 scale companions, and the convention each belongs to.
-const SCALE_SUFFIXES: [&str; 2] = [".scale_weight", ".weight_scale"];
-const INPUT_SCALE_SUFFIXES: [&str; 2] = [".scale_input", ".input_scale"];
-/// ComfyUI's scaled-fp8 marker tensor (its dtype names the fp8 type).
-pub const SCALED_FP8_MARKER: &str = "scaled_fp8";
-
-/// Whether a tensor name is an fp8 scale or the scaled-fp8 marker rather than a weight.
-pub fn is_scale_companion(name: &str) -> bool {
-    SCALE_SUFFIXES.iter().chain(&INPUT_SCALE_SUFFIXES).any(|s| name.ends_with(s))
-        || name == SCALED_FP8_MARKER
-        || name.ends_with(&format!(".{SCALED_FP8_MARKER}"))
-}
 
 /// How fp8 outputs record their per-tensor scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -141,6 +128,39 @@ pub struct Plan {
 
 fn family_of(d: &Option<Detection>) -> Option<&'static Family> {
     d.as_ref().and_then(|d| Registry::builtin().family(&d.family))
+}
+
+/// The output policy of `convert`, from what was asked: the container follows OUT's extension
+/// (`.gguf`) unless `format` names one; `quant` applies to GGUF only and `sharded` to safetensors
+/// only; a GGUF output without `quant` takes its tensor type from `dtype` (F32, F16 or BF16; the
+/// fp8 types have no GGUF counterpart) or, with `keep`, from the input (see [`plan`]). Returns the
+/// format, dtype and quant of [`Options`].
+pub fn output_policy(
+    out: &Path,
+    format: Option<OutFormat>,
+    dtype: DTypeChoice,
+    quant: Option<GgmlType>,
+    sharded: bool,
+) -> Result<(OutFormat, DTypeChoice, Option<GgmlType>)> {
+    let format = format.unwrap_or(if out.extension().is_some_and(|e| e == "gguf") { OutFormat::Gguf } else { OutFormat::Safetensors });
+    if quant.is_some() && format != OutFormat::Gguf {
+        return Err(Error::usage("--quant applies to GGUF output (add --format gguf or name OUT *.gguf)"));
+    }
+    if format == OutFormat::Gguf && sharded {
+        return Err(Error::usage("--shard-size applies to safetensors output"));
+    }
+    if format == OutFormat::Safetensors {
+        return Ok((format, dtype, None));
+    }
+    let quant = match (quant, dtype) {
+        (Some(q), _) => Some(q),
+        (None, DTypeChoice::To(DType::F32)) => Some(GgmlType::F32),
+        (None, DTypeChoice::To(DType::F16)) => Some(GgmlType::F16),
+        (None, DTypeChoice::To(DType::BF16)) => Some(GgmlType::BF16),
+        (None, DTypeChoice::To(d)) => return Err(Error::usage(format!("GGUF output cannot hold {d}; use --quant"))),
+        (None, DTypeChoice::Keep) => None,
+    };
+    Ok((format, DTypeChoice::Keep, quant))
 }
 
 /// Decide names, encodings and operations for every output tensor.
@@ -524,31 +544,6 @@ fn transcode(ck: &Checkpoint, t: &OutTensor, src: usize, scale: f32, sink: &mut 
 /// Output bytes per transcoding window (two windows are kept per writer).
 const WINDOW_BYTES: usize = 8 << 20;
 
-/// Parse a size like `5GB`, `500MB`, `10GiB` or a byte count (huggingface_hub's units: GB = 10^9).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.trim().parse().map_err(|_| Error::usage(format!("invalid size '{s}' (examples: 5GB, 500MB, 2GiB)")))?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        "TIB" => 1024f64.powi(4),
-        _ => return Err(Error::usage(format!("invalid size unit in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)"))),
-    };
-    let v = num * mult;
-    if !(1.0..1e18).contains(&v) {
-        return Err(Error::usage(format!("size '{s}' out of range")));
-    }
-    Ok(v as u64)
-}
-
 /// Write the plan as safetensors at `weights` (a file path inside the final output location,
 /// which may be a temporary folder): one file, or shards with an index. Plain copies come
 /// straight from the map; transcoded tensors are produced window by window.
@@ -841,11 +836,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_like_huggingface_hub() {
-        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
-        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
-        assert_eq!(parse_size("123").unwrap(), 123);
-        assert!(parse_size("5XB").is_err());
-        assert!(parse_size("-1GB").is_err());
+    fn output_policy_follows_the_extension_and_the_dtype() {
+        let p = |out: &str, f, d, q, sh| output_policy(Path::new(out), f, d, q, sh);
+        let st = OutFormat::Safetensors;
+        let gg = OutFormat::Gguf;
+        let f16 = DTypeChoice::To(DType::F16);
+        assert_eq!(p("m.safetensors", None, f16, None, true).unwrap(), (st, f16, None));
+        assert_eq!(p("m.gguf", None, DTypeChoice::Keep, None, false).unwrap(), (gg, DTypeChoice::Keep, None));
+        assert_eq!(p("m.gguf", None, f16, None, false).unwrap(), (gg, DTypeChoice::Keep, Some(GgmlType::F16)));
+        assert_eq!(p("m.gguf", None, DTypeChoice::To(DType::BF16), None, false).unwrap().2, Some(GgmlType::BF16));
+        assert_eq!(p("m.gguf", None, DTypeChoice::To(DType::F32), Some(GgmlType::Q8_0), false).unwrap().2, Some(GgmlType::Q8_0));
+        assert_eq!(p("folder", Some(gg), DTypeChoice::To(DType::F32), None, false).unwrap().2, Some(GgmlType::F32));
+        assert_eq!(p("m.gguf", Some(st), f16, None, false).unwrap().0, st);
+        let usage = |r: Result<(OutFormat, DTypeChoice, Option<GgmlType>)>, needle: &str| {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), Kind::Usage);
+            assert!(e.to_string().contains(needle), "{e}");
+        };
+        usage(p("m.safetensors", None, f16, Some(GgmlType::Q8_0), false), "--quant applies to GGUF");
+        usage(p("m.gguf", None, f16, None, true), "--shard-size applies to safetensors");
+        usage(p("m.gguf", None, DTypeChoice::To(DType::F8E4M3), None, false), "cannot hold");
     }
 }

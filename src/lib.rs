@@ -7,6 +7,7 @@
 pub mod atomic;
 pub mod bench;
 pub mod cast;
+pub mod cli;
 pub mod convert;
 pub mod device;
 pub mod dtype;

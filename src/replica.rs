@@ -11,14 +11,14 @@ use crate::error::Result;
 use crate::progress::Progress;
 use crate::write::{Data, Metadata, Options, Tensor};
 
-/// Which real model to replicate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which real model to replicate (the variant docs are `bench replica`'s help).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Model {
-    /// Qwen-Image transformer (diffusers names), 1933 tensors, 20,430,401,088 params.
+    /// Qwen-Image transformer, 1933 tensors, 20.4B parameters (diffusers names).
     QwenImage,
-    /// One Wan2.2 T2V-A14B expert (original names), 1095 tensors, 14,288,491,584 params.
+    /// One Wan2.2 T2V-A14B expert, 1095 tensors, 14.3B parameters (original names).
     WanT2vA14b,
-    /// One Wan2.2 I2V-A14B expert (in_dim 36).
+    /// One Wan2.2 I2V-A14B expert (36 input channels).
     WanI2vA14b,
     /// Wan2.2 TI2V-5B.
     WanTi2v5b,

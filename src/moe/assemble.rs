@@ -23,13 +23,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::format::{self, expert_prefix, lora_part, LoraPart, ModelInfo, MoeMeta, Provenance, TensorHash, PADDING, SHARED};
+use super::manifest::Manifest;
 use super::routing::{ExpertKind, Routing};
 use crate::cast;
 use crate::dtype::DType;
-use crate::error::{clean, Error, IoContext, Kind, Result};
+use crate::error::{clean, Error, Kind, Result};
 use crate::lora::delta::{apply_lora_delta, Lora};
 use crate::progress::Progress;
 use crate::store::{Checkpoint, Encoding};
@@ -122,87 +123,10 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-/// The trainer's run manifest (`RUN_DIR/manifest.json`, schema `phasekit.run/1`, see
-/// `docs/moe-format.md`). Paths are relative to the run folder.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub format: String,
-    pub experts: Vec<ManifestExpert>,
-    #[serde(default)]
-    pub base: Option<String>,
-    pub shift: f64,
-    pub steps: u32,
-    #[serde(default = "euler")]
-    pub solver: String,
-    #[serde(default = "one")]
-    pub guidance: f64,
-    #[serde(default = "thousand")]
-    pub num_train_timesteps: f64,
-    #[serde(default)]
-    pub teacher_digests: Vec<String>,
-    #[serde(default)]
-    pub recipe_digest: Option<String>,
-    #[serde(default)]
-    pub title: Option<String>,
-    /// Model description for models no layout family covers (the toy: `kind = "toy-mlp"`).
-    #[serde(default)]
-    pub model: Option<ModelInfo>,
-    /// The latent size `[frames, height, width]` the run trained at (stored as
-    /// `phasekit.moe.sample`, the default of `sample --moe`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latent: Option<[usize; 3]>,
-}
-
-fn euler() -> String {
-    "euler".into()
-}
-fn one() -> f64 {
-    1.0
-}
-fn thousand() -> f64 {
-    1000.0
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ManifestExpert {
-    pub path: String,
-    pub sigma_lo: f64,
-    pub sigma_hi: f64,
-    /// Timesteps the trainer distilled this expert for; checked against the routing.
-    #[serde(default)]
-    pub timesteps: Option<Vec<f64>>,
-    pub kind: ExpertKind,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub guidance: Option<f64>,
-    /// The base this LoRA expert applies to, when not the manifest's `base`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base: Option<String>,
-}
-
-pub const MANIFEST_TAG: &str = "phasekit.run/1";
-
 /// Read `RUN_DIR/manifest.json` into assemble options (other fields at their defaults).
 pub fn options_from_run(run: &Path) -> Result<(Options, Manifest)> {
-    let p = run.join("manifest.json");
-    let text = std::fs::read(&p).with_file(&p)?;
-    if text.len() > 16 << 20 {
-        return Err(Error::limit(&p, "manifest larger than 16 MiB"));
-    }
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| Error::malformed(&p, format!("invalid manifest: {e}")))?;
-    if m.format != MANIFEST_TAG {
-        return Err(Error::at(Kind::Unsupported, &p, format!("manifest format '{}' is not {MANIFEST_TAG}", clean(&m.format))));
-    }
-    let rel = |s: &str| -> Result<PathBuf> {
-        let q = Path::new(s);
-        if s.is_empty() || q.is_absolute() || q.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-            return Err(Error::malformed(&p, format!("path '{}' must be relative and inside the run folder", clean(s))));
-        }
-        Ok(run.join(q))
-    };
+    let m = Manifest::read(run)?;
+    let rel = |s: &str| m.path_in(run, s);
     let experts = m
         .experts
         .iter()
@@ -246,7 +170,7 @@ pub fn check_run_options(m: &Manifest, opts: &Options) -> Result<()> {
         .map(|(i, e)| (e.name.clone().unwrap_or(format!("e{i}")), ExpertKind::Full, e.sigma_lo, e.sigma_hi, None))
         .collect();
     let r = Routing::new(names, opts.steps, opts.shift, &opts.solver, opts.guidance, opts.num_train_timesteps)?;
-    check_manifest_timesteps(m, &r)
+    m.check_timesteps(&r)
 }
 
 /// Assemble a trainer run folder (`RUN_DIR/manifest.json`) into `output` with default options.
@@ -255,23 +179,6 @@ pub fn assemble_run(run: &Path, output: &Path, force: bool) -> Result<Report> {
     let opts = Options { force, ..opts };
     check_run_options(&m, &opts)?;
     assemble(&opts, output)
-}
-
-/// Check a manifest's declared timesteps against the routing built from its ranges.
-pub fn check_manifest_timesteps(m: &Manifest, r: &Routing) -> Result<()> {
-    for (i, e) in m.experts.iter().enumerate() {
-        if let Some(ts) = &e.timesteps {
-            let have = &r.experts[i].timesteps;
-            let same = ts.len() == have.len() && ts.iter().zip(have).all(|(a, b)| (a - b).abs() <= 1e-6 * r.num_train_timesteps);
-            if !same {
-                return Err(Error::new(
-                    Kind::Inconsistent,
-                    format!("manifest expert {i} lists timesteps {ts:?} but steps {} with shift {} route {have:?} to it", r.steps, r.shift),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// How one output tensor's bytes are produced.

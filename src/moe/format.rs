@@ -24,7 +24,7 @@ pub const KEY_MODEL: &str = "phasekit.moe.model";
 pub const KEY_PROVENANCE: &str = "phasekit.moe.provenance";
 pub const KEY_TENSORS: &str = "phasekit.moe.tensors";
 pub const KEY_ALIASES: &str = "phasekit.moe.aliases";
-pub const KEY_DIGEST: &str = "phasekit.moe.digest";
+pub use super::digest::KEY_DIGEST;
 /// Optional: `{"latent": [frames, height, width]}`, the latent size `sample --moe` defaults to.
 pub const KEY_SAMPLE: &str = "phasekit.moe.sample";
 

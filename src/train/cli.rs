@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::Serialize;
 
 use super::denoiser::ExactMixture;
 use super::metrics::{self, Metrics};
 use super::recipe::Recipe;
 use super::run::{self, Event, LoadedMoe, LoadedRun, TrainOptions};
+use crate::cli::printer::print_json;
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::model::cli::ComputeDtype;
 
@@ -195,12 +195,6 @@ fn train_with_bar(r: &Recipe, text: &str, out: &Path, opts: &TrainOptions, quiet
     let s = run::train(r, text, out, opts, &on);
     b.finish_and_clear();
     s
-}
-
-fn print_json(v: &impl Serialize) {
-    if let Ok(t) = serde_json::to_string_pretty(v) {
-        println!("{t}");
-    }
 }
 
 /// `phasekit train`.
@@ -598,7 +592,7 @@ pub fn bench_train_toy(a: &BenchTrainToyArgs, json: bool, _quiet: bool) -> Resul
 /// thread) against the PyTorch twin `benches/toy_torch.py` when `python3` has torch.
 pub fn bench_toy_step(a: &BenchToyStepArgs, json: bool, quiet: bool) -> Result<()> {
     use super::speed;
-    use crate::bench::{render, Line};
+    use crate::bench::report::{render, Line};
     super::single_threaded_kernels();
     let log = |m: &str| {
         if !json && !quiet {

@@ -872,9 +872,9 @@ pub const TOP_EXPERT_WIDTH: f64 = 1e-9;
 
 /// The assembler's `phasekit.run/1` manifest of a toy run: full MLP experts, no base, model kind
 /// `toy-mlp` with the mixture and MLP shape as its config.
-fn assembler_manifest(m: &Manifest) -> crate::moe::assemble::Manifest {
-    use crate::moe::assemble::{Manifest as RunManifest, ManifestExpert, MANIFEST_TAG};
+fn assembler_manifest(m: &Manifest) -> crate::moe::manifest::Manifest {
     use crate::moe::format::{ModelInfo, KIND_TOY_MLP};
+    use crate::moe::manifest::{Manifest as RunManifest, ManifestExpert, MANIFEST_TAG};
     use crate::moe::routing::ExpertKind;
     let config = ToyModelConfig { method: m.method.clone(), mixture: m.mixture.clone(), mlp: m.mlp.clone() };
     // A one-step first phase serves σ = 1 only: its range here is the degenerate [1, 1), σ = 1
