@@ -132,3 +132,43 @@ pub fn run(cli: Cli) -> Result<ExitStatus> {
     }
     Ok(ExitStatus::Success)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::{DTypeChoice, OutFormat};
+    use crate::quant::GgmlType;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn convert_arguments_become_options_through_the_policy() {
+        let opts = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["phasekit", "--quiet", "convert"].iter().chain(args)).unwrap();
+            let Command::Convert(a) = cli.command else { panic!("not convert") };
+            convert::options(&a, cli.quiet)
+        };
+        let o = opts(&["in", "out.gguf", "--dtype", "bf16"]).unwrap();
+        assert_eq!((o.format, o.dtype, o.quant), (OutFormat::Gguf, DTypeChoice::Keep, Some(GgmlType::BF16)));
+        let o = opts(&["in", "out", "--dtype", "fp8-e4m3", "--shard-size", "2GB", "--no-sync", "--layout", "comfy"]).unwrap();
+        assert_eq!(
+            (o.format, o.dtype, o.shard_size, o.sync),
+            (OutFormat::Safetensors, DTypeChoice::To(crate::DType::F8E4M3), Some(2_000_000_000), false)
+        );
+        assert_eq!(o.layout, Some(crate::layout::Layout::Comfy));
+        let e = opts(&["in", "out.safetensors", "--quant", "Q8_0"]).unwrap_err();
+        assert_eq!(e.kind(), Kind::Usage);
+        // Sizes are checked after the policy, as before the CLI moved into the library.
+        assert!(opts(&["in", "out.gguf", "--shard-size", "huge"]).unwrap_err().to_string().contains("--shard-size applies"));
+    }
+
+    #[test]
+    fn exit_status_codes() {
+        assert_eq!(ExitStatus::Success.code(), 0);
+        assert_eq!(ExitStatus::Failure(Kind::Integrity).code(), 8);
+    }
+}
