@@ -2,10 +2,13 @@
 //!
 //! 1. [`plan`] decides, per input tensor, its output name (layout rules), encoding (dtype cast,
 //!    fp8 with scale, GGUF quant type) and the operation that produces its bytes.
-//! 2. [`write_safetensors`] / [`write_gguf`] compute the header from the plan first, then stream
-//!    every tensor into a temporary file: plain copies go through `copy_file_range` (skipping
-//!    holes like `cp`), casts and quantisation run on all cores in bounded windows. Memory is
-//!    bounded by the window size, whatever the checkpoint's size.
+//! 2. [`write_safetensors`] hands the plan to the one safetensors writer (`crate::write`): plain
+//!    copies as mapped ranges (runs of them go to `copy_file_range`, skipping holes like `cp`),
+//!    casts and quantisation as producers that run on all cores in bounded windows.
+//!    [`write_gguf`] streams through the same sink. Memory is bounded by the window size,
+//!    whatever the checkpoint's size.
+//!
+//! [`output_policy`] is the command line's policy (container from the extension, GGUF defaults).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -8,14 +8,14 @@
 //!    parameter, dtype and shape; differing tensors differ within their first bytes, so this
 //!    costs almost nothing) and stored once: `shared.<param>` when every expert has it, else
 //!    under the first expert's name plus an alias.
-//! 3. The header is planned first (hashes as zero placeholders of their final length; files
-//!    that copy ≥ 64 MiB in source order with `padding.<k>` tensors that keep each copied run
-//!    at its source offset modulo 64 KiB), then data streams straight from the maps into a
-//!    temporary file (`copy_file_range` for plain copies, casts and LoRA merges in bounded
-//!    windows) while the sha256 of every tensor is computed from the same bytes on the other
-//!    cores; durable outputs start their writeback as they are written (`crate::writeback`).
-//!    The header is then rewritten in place
-//!    with the real hashes and digest (same length), the file synced and renamed; the
+//! 3. The output goes through the one safetensors writer (`crate::write`): the header is
+//!    planned first (hashes as zero placeholders of their final length; files that copy ≥ 64 MiB
+//!    in source order with `padding.<k>` tensors that keep each copied run at its source offset
+//!    modulo 64 KiB), then data streams straight from the maps into a temporary file
+//!    (`copy_file_range` for plain copies, casts and LoRA merges computed in bounded batches)
+//!    while the sha256 of every tensor is computed from the same bytes on the other cores;
+//!    durable outputs start their writeback as they are written. The header is then rewritten in
+//!    place with the real hashes and digest (same length), the file synced and renamed; the
 //!    `<file>.sha256` sidecar is written last. Any error leaves nothing under the final name.
 
 use std::collections::{BTreeMap, HashMap};

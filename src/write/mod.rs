@@ -197,7 +197,8 @@ pub enum Metadata<'m> {
     Fixed(Option<Vec<(String, String)>>),
     /// Called with no hashes to plan the headers, then with every tensor's hash once the data is
     /// written; the headers are rewritten in place, so both results must serialise to the same
-    /// length (hashes as zero placeholders of their final length). Needs [`Options::tensor_hashes`].
+    /// length (hashes as zero placeholders of their final length). Needs [`Options::tensor_hashes`]
+    /// (and, for sidecars, [`FileHash::AfterWriting`]).
     AfterHashes(&'m mut dyn FnMut(&Hashes) -> Vec<(String, String)>),
 }
 
@@ -269,8 +270,9 @@ pub fn safetensors<'a>(
     opts: &Options,
     progress: &Progress,
 ) -> Result<Output> {
-    if matches!(metadata, Metadata::AfterHashes(_)) && !opts.tensor_hashes {
-        return Err(Error::internal("metadata after hashes needs tensor hashes"));
+    if matches!(metadata, Metadata::AfterHashes(_)) && (!opts.tensor_hashes || opts.file_hash == FileHash::WhileWriting) {
+        // The sink would hash the placeholder header, not the final one.
+        return Err(Error::internal("metadata after hashes needs tensor hashes and a file hash after writing"));
     }
     let sizes: Vec<u64> = tensors.iter().map(Tensor::size).collect::<Result<_>>()?;
     let mut shards = match opts.shard_size {

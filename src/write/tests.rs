@@ -263,6 +263,9 @@ fn metadata_after_hashes_is_rewritten_in_place() {
     for (i, b) in data.iter().enumerate() {
         assert_eq!(meta[&format!("t{i}")], crate::hash::sha256_hex(b));
     }
-    // The sidecar hashes the final file, not the placeholder.
+    // The sidecar hashes the final file, not the placeholder; a hash while writing would not.
     assert_eq!(w[0].sha256.as_deref(), Some(crate::hash::sha256_hex(&std::fs::read(&out).unwrap()).as_str()));
+    let opts = Options { tensor_hashes: true, file_hash: FileHash::WhileWriting, ..Options::default() };
+    let t = vec![Tensor::new("t", DType::U8, vec![1], Data::Bytes(vec![1].into()))];
+    assert!(safetensors(&d.path().join("x.safetensors"), t, Metadata::AfterHashes(&mut f), &opts, &Progress::hidden()).is_err());
 }
