@@ -31,7 +31,7 @@ pub fn init(json: bool) -> crate::Result<()> {
     JSON.store(json, Ordering::Relaxed);
     if let Some(v) = std::env::var_os("PHASEKIT_HOST_MEMORY_LIMIT") {
         let v = v.to_string_lossy().to_string();
-        let n = crate::convert::parse_size(&v).map_err(|_| {
+        let n = crate::cli::args::parse_size(&v).map_err(|_| {
             crate::Error::usage(format!("PHASEKIT_HOST_MEMORY_LIMIT={} is not a size (e.g. 512MB, 2GiB)", crate::error::clean(&v)))
         })?;
         LIMIT.store(n, Ordering::Relaxed);

@@ -2,41 +2,28 @@
 //!
 //! 1. [`plan`] decides, per input tensor, its output name (layout rules), encoding (dtype cast,
 //!    fp8 with scale, GGUF quant type) and the operation that produces its bytes.
-//! 2. [`write_safetensors`] / [`write_gguf`] compute the header from the plan first, then stream
-//!    every tensor into a temporary file: plain copies go through `copy_file_range` (skipping
-//!    holes like `cp`), casts and quantisation run on all cores in bounded windows. Memory is
-//!    bounded by the window size, whatever the checkpoint's size.
+//! 2. [`write_safetensors`] hands the plan to the one safetensors writer (`crate::write`): plain
+//!    copies as mapped ranges (runs of them go to `copy_file_range`, skipping holes like `cp`),
+//!    casts and quantisation as producers that run on all cores in bounded windows.
+//!    [`write_gguf`] streams through the same sink. Memory is bounded by the window size,
+//!    whatever the checkpoint's size.
+//!
+//! [`output_policy`] is the command line's policy (container from the extension, GGUF defaults).
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 
-use crate::atomic::{AtomicDir, AtomicFile};
+use crate::atomic::AtomicDir;
 use crate::cast;
 use crate::dtype::{self, DType};
 use crate::error::{clean, Error, IoContext, Kind, Result};
 use crate::layout::{Detection, Family, Layout, Registry};
 use crate::progress::Progress;
 use crate::quant::{self, GgmlType};
-use crate::store::{Checkpoint, Encoding, SourceFile, TensorEntry};
-
-/// Suffixes of fp8 scale companions, and the convention each belongs to.
-const SCALE_SUFFIXES: [&str; 2] = [".scale_weight", ".weight_scale"];
-const INPUT_SCALE_SUFFIXES: [&str; 2] = [".scale_input", ".input_scale"];
-/// ComfyUI's scaled-fp8 marker tensor (its dtype names the fp8 type).
-pub const SCALED_FP8_MARKER: &str = "scaled_fp8";
-
-/// Whether a tensor name is an fp8 scale or the scaled-fp8 marker rather than a weight.
-pub fn is_scale_companion(name: &str) -> bool {
-    SCALE_SUFFIXES.iter().chain(&INPUT_SCALE_SUFFIXES).any(|s| name.ends_with(s))
-        || name == SCALED_FP8_MARKER
-        || name.ends_with(&format!(".{SCALED_FP8_MARKER}"))
-}
+use crate::store::{Checkpoint, Encoding, TensorEntry, INPUT_SCALE_SUFFIXES, SCALED_FP8_MARKER, SCALE_SUFFIXES};
+use crate::write::{self, Sink, Written, WEIGHTS_NAME};
 
 /// How fp8 outputs record their per-tensor scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -144,6 +131,39 @@ pub struct Plan {
 
 fn family_of(d: &Option<Detection>) -> Option<&'static Family> {
     d.as_ref().and_then(|d| Registry::builtin().family(&d.family))
+}
+
+/// The output policy of `convert`, from what was asked: the container follows OUT's extension
+/// (`.gguf`) unless `format` names one; `quant` applies to GGUF only and `sharded` to safetensors
+/// only; a GGUF output without `quant` takes its tensor type from `dtype` (F32, F16 or BF16; the
+/// fp8 types have no GGUF counterpart) or, with `keep`, from the input (see [`plan`]). Returns the
+/// format, dtype and quant of [`Options`].
+pub fn output_policy(
+    out: &Path,
+    format: Option<OutFormat>,
+    dtype: DTypeChoice,
+    quant: Option<GgmlType>,
+    sharded: bool,
+) -> Result<(OutFormat, DTypeChoice, Option<GgmlType>)> {
+    let format = format.unwrap_or(if out.extension().is_some_and(|e| e == "gguf") { OutFormat::Gguf } else { OutFormat::Safetensors });
+    if quant.is_some() && format != OutFormat::Gguf {
+        return Err(Error::usage("--quant applies to GGUF output (add --format gguf or name OUT *.gguf)"));
+    }
+    if format == OutFormat::Gguf && sharded {
+        return Err(Error::usage("--shard-size applies to safetensors output"));
+    }
+    if format == OutFormat::Safetensors {
+        return Ok((format, dtype, None));
+    }
+    let quant = match (quant, dtype) {
+        (Some(q), _) => Some(q),
+        (None, DTypeChoice::To(DType::F32)) => Some(GgmlType::F32),
+        (None, DTypeChoice::To(DType::F16)) => Some(GgmlType::F16),
+        (None, DTypeChoice::To(DType::BF16)) => Some(GgmlType::BF16),
+        (None, DTypeChoice::To(d)) => return Err(Error::usage(format!("GGUF output cannot hold {d}; use --quant"))),
+        (None, DTypeChoice::Keep) => None,
+    };
+    Ok((format, DTypeChoice::Keep, quant))
 }
 
 /// Decide names, encodings and operations for every output tensor.
@@ -473,521 +493,101 @@ fn out_bytes(enc: Encoding, elems: usize) -> usize {
     }
 }
 
-/// Output sink: a file written through a buffer, with hole skipping, hashing and progress.
-pub struct Sink<'a> {
-    file: &'a mut File,
-    path: PathBuf,
-    buf: Vec<u8>,
-    hasher: Option<Sha256>,
-    progress: &'a Progress,
-    pos: u64,
-    /// Whether the file position is past data that was skipped (a hole to materialise at the end).
-    sparse_tail: bool,
-    /// Early writeback of durable outputs (see [`crate::writeback`]).
-    writeback: Option<crate::writeback::Writeback>,
-}
-
-const SINK_BUF: usize = 8 << 20;
-const HOLE_GRAIN: usize = 64 << 10;
-/// Blocks at least this large are written without going through the buffer.
-const DIRECT_WRITE: usize = 1 << 20;
-/// Copies at least this long go through the kernel (`copy_file_range`); shorter ones through the buffer.
-pub(crate) const KERNEL_COPY_MIN: u64 = 1 << 20;
-/// Kernel copies are issued in calls that end on multiples of this many source bytes.
-const COPY_CALL: u64 = 64 << 20;
-/// Outputs that copy at least [`CONGRUENT_MIN_BYTES`] are laid out so that copied bytes sit at
-/// their source offset modulo this. On ext4 with large folios (Linux 6.16+), `copy_file_range`
-/// between offsets that agree only modulo the 4 KiB page measured 25–40 % slower than between
-/// offsets that agree modulo 64 KiB, and splitting one contiguous copy into a call per tensor
-/// cost as much again; see docs/performance.md.
-pub(crate) const CONGRUENCE: u64 = 64 << 10;
-
-impl<'a> Sink<'a> {
-    pub fn new(file: &'a mut File, path: &Path, hash: bool, progress: &'a Progress) -> Self {
-        Sink {
-            file,
-            path: path.to_path_buf(),
-            buf: Vec::with_capacity(SINK_BUF),
-            hasher: hash.then(Sha256::new),
-            progress,
-            pos: 0,
-            sparse_tail: false,
-            writeback: None,
+/// The producer of a transcoded tensor: decode the input (dense with a scale, or ggml blocks)
+/// to f32 and encode it, in windows of at least 8 MiB of output (whole chunks). Two windows are
+/// kept per writer: the pool fills one while this thread writes the other, so the kernel's copy
+/// overlaps the casting.
+fn transcode(ck: &Checkpoint, t: &OutTensor, src: usize, scale: f32, sink: &mut Sink, window: (&mut Vec<u8>, &mut Vec<u8>)) -> Result<()> {
+    let e = &ck.tensors[src];
+    let bytes = ck.bytes(e);
+    let n = e.numel() as usize;
+    let threads = rayon::current_num_threads().max(1);
+    let chunk_out = out_bytes(t.encoding, CHUNK_ELEMS).max(1);
+    let per_window = CHUNK_ELEMS * threads.max((WINDOW_BYTES / chunk_out).max(1));
+    let fill = |lo: usize, buf: &mut Vec<u8>| -> Result<usize> {
+        let hi = (lo + per_window).min(n);
+        let total = out_bytes(t.encoding, hi - lo);
+        if buf.len() < total {
+            buf.resize(total, 0);
         }
-    }
-
-    /// Start the disk writing what the sink wrote while it goes on (for outputs that end with
-    /// an fsync: the fsync then waits only for the tail).
-    pub fn with_writeback(mut self, on: bool) -> Self {
-        self.writeback = if on { crate::writeback::Writeback::new(self.file) } else { None };
-        self
-    }
-
-    fn advanced(&mut self, n: u64) {
-        self.pos += n;
-        self.progress.inc(n);
-        if let Some(w) = &mut self.writeback {
-            w.written_to(self.pos);
-        }
-    }
-
-    pub fn write(&mut self, mut bytes: &[u8]) -> Result<()> {
-        if bytes.len() >= DIRECT_WRITE {
-            // Large blocks skip the buffer copy (hashed in place).
-            self.flush_buf()?;
-            if let Some(h) = &mut self.hasher {
-                h.update(bytes);
-            }
-            return self.write_direct(bytes);
-        }
-        while !bytes.is_empty() {
-            let room = SINK_BUF - self.buf.len();
-            let n = room.min(bytes.len());
-            self.buf.extend_from_slice(&bytes[..n]);
-            bytes = &bytes[n..];
-            if self.buf.len() == SINK_BUF {
-                self.flush_buf()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Write the buffer, seeking over 64 KiB runs of zeros (they become holes, as `cp` does).
-    fn flush_buf(&mut self) -> Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        if let Some(h) = &mut self.hasher {
-            h.update(&self.buf);
-        }
-        let buf = std::mem::take(&mut self.buf);
-        self.write_direct(&buf)?;
-        self.buf = buf;
-        self.buf.clear();
-        Ok(())
-    }
-
-    fn write_direct(&mut self, buf: &[u8]) -> Result<()> {
-        // Runs of data are written with one call; whole, file-aligned 64 KiB grains of zeros
-        // are skipped with a seek.
-        let mut start = 0;
-        let mut run_start = 0;
-        while start < buf.len() {
-            let pos = self.pos + start as u64;
-            let to_grain = (HOLE_GRAIN as u64 - pos % HOLE_GRAIN as u64) as usize;
-            let end = (start + to_grain).min(buf.len());
-            let piece = &buf[start..end];
-            if piece.len() == HOLE_GRAIN && is_zero(piece) {
-                self.write_run(&buf[run_start..start])?;
-                self.file.seek(SeekFrom::Current(piece.len() as i64)).with_file(&self.path)?;
-                self.sparse_tail = true;
-                run_start = end;
-            }
-            start = end;
-        }
-        self.write_run(&buf[run_start..])?;
-        self.advanced(buf.len() as u64);
-        Ok(())
-    }
-
-    fn write_run(&mut self, run: &[u8]) -> Result<()> {
-        if !run.is_empty() {
-            self.file.write_all(run).with_file(&self.path)?;
-            self.sparse_tail = false;
-        }
-        Ok(())
-    }
-
-    /// Whether the sink hashes what it writes (then copies go through the buffer).
-    pub fn hashing(&self) -> bool {
-        self.hasher.is_some()
-    }
-
-    /// Copy `len` bytes at `offset` of a source file. Without hashing this is done in the kernel
-    /// (`copy_file_range`), skipping holes of sparse inputs.
-    pub fn copy_from(&mut self, src: &SourceFile, offset: u64, len: u64) -> Result<()> {
-        if self.hasher.is_some() || len < KERNEL_COPY_MIN {
-            return self.write(&src.bytes()[offset as usize..(offset + len) as usize]);
-        }
-        self.flush_buf()?;
-        let (ifd, ofd) = (src.file().as_raw_fd(), self.file.as_raw_fd());
-        let end = offset + len;
-        let mut at = offset;
-        while at < end {
-            // Find the next data segment (holes are skipped, like cp --sparse=auto).
-            let data = unsafe { libc::lseek(ifd, at as i64, libc::SEEK_DATA) };
-            let data = if data < 0 { end } else { (data as u64).min(end) };
-            if data > at {
-                let gap = data - at;
-                self.file.seek(SeekFrom::Current(gap as i64)).with_file(&self.path)?;
-                self.sparse_tail = true;
-                self.advanced(gap);
-                at = data;
-                continue;
-            }
-            let hole = unsafe { libc::lseek(ifd, at as i64, libc::SEEK_HOLE) };
-            let seg_end = if hole < 0 { end } else { (hole as u64).min(end).max(at + 1) };
-            let mut off_in = at as i64;
-            // Calls end at multiples of COPY_CALL in the source, so every call after the first
-            // starts on the same page-cache boundary in both files (progress stays fine-grained).
-            let want = (seg_end.min((at / COPY_CALL + 1) * COPY_CALL) - at) as usize;
-            let n = unsafe { libc::copy_file_range(ifd, &mut off_in, ofd, std::ptr::null_mut(), want, 0) };
-            if n <= 0 {
-                // Not supported here (or nothing copied): fall back to writing from the map.
-                let bytes = &src.bytes()[at as usize..seg_end as usize];
-                self.file.write_all(bytes).with_file(&self.path)?;
-                self.advanced(bytes.len() as u64);
-                at = seg_end;
-            } else {
-                self.advanced(n as u64);
-                at += n as u64;
-            }
-            self.sparse_tail = false;
-        }
-        Ok(())
-    }
-
-    /// Flush, materialise a trailing hole, and return the sha256 (when hashing).
-    pub fn finish(mut self) -> Result<Option<String>> {
-        self.flush_buf()?;
-        if self.sparse_tail {
-            self.file.set_len(self.pos).with_file(&self.path)?;
-        }
-        Ok(self.hasher.take().map(|h| crate::hash::hex(&h.finalize())))
-    }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    let (pre, mid, post) = unsafe { b.align_to::<u128>() };
-    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
-}
-
-/// Stream one output tensor's bytes into the sink.
-fn write_tensor(ck: &Checkpoint, t: &OutTensor, sink: &mut Sink, window: (&mut Vec<u8>, &mut Vec<u8>)) -> Result<()> {
-    match &t.op {
-        Op::Literal(b) => sink.write(b),
-        Op::Copy { src } => {
-            let e = &ck.tensors[*src];
-            sink.copy_from(&ck.files[e.file], e.offset, e.len)?;
-            ck.release(e);
-            Ok(())
-        }
-        Op::Transcode { src, scale } => {
-            let e = &ck.tensors[*src];
-            let bytes = ck.bytes(e);
-            let n = e.numel() as usize;
-            // Windows of at least 8 MiB of output (whole chunks), two of them: the pool fills
-            // one while this thread writes the other, so the kernel's copy overlaps the casting.
-            let threads = rayon::current_num_threads().max(1);
-            let chunk_out = out_bytes(t.encoding, CHUNK_ELEMS).max(1);
-            let per_window = CHUNK_ELEMS * threads.max((WINDOW_BYTES / chunk_out).max(1));
-            let fill = |lo: usize, buf: &mut Vec<u8>| -> Result<usize> {
-                let hi = (lo + per_window).min(n);
-                let total = out_bytes(t.encoding, hi - lo);
-                if buf.len() < total {
-                    buf.resize(total, 0);
-                }
-                buf[..total]
-                    .par_chunks_mut(chunk_out)
-                    .enumerate()
-                    .try_for_each(|(c, out)| -> Result<()> {
-                        let a = lo + c * CHUNK_ELEMS;
-                        let b = (a + CHUNK_ELEMS).min(hi);
-                        F32_BUF.with_borrow_mut(|vals| {
-                            vals.resize(CHUNK_ELEMS, 0.0);
-                            let vals = &mut vals[..b - a];
-                            decode_range(e, bytes, a, b, *scale, vals)?;
-                            encode_range(t.encoding, vals, out)
-                        })
-                    })
-                    .map_err(|err| err.context(format!("tensor '{}'", clean(&t.name))))?;
-                Ok(total)
-            };
-            let (cur, next) = window;
-            let mut lo = 0;
-            let mut len = if n > 0 { fill(0, cur)? } else { 0 };
-            while lo < n {
-                let hi = (lo + per_window).min(n);
-                if hi < n {
-                    let (w, f) = rayon::join(|| sink.write(&cur[..len]), || fill(hi, next));
-                    w?;
-                    len = f?;
-                    std::mem::swap(cur, next);
-                } else {
-                    sink.write(&cur[..len])?;
-                }
-                lo = hi;
-            }
-            ck.release(e);
-            Ok(())
-        }
-    }
-}
-
-/// The run of entries from `at` on whose bytes follow each other in one source: its end
-/// (exclusive) and byte length. `source(k)` gives entry k's (source key, offset, length), or
-/// `None` for an entry that is not a plain copy (which ends the run).
-pub(crate) fn source_run<K: PartialEq>(at: usize, source: impl Fn(usize) -> Option<(K, u64, u64)>) -> (usize, u64) {
-    let Some((key, start, _)) = source(at) else { return (at, 0) };
-    let (mut end, mut len) = (at, 0);
-    while let Some((k, offset, l)) = source(end) {
-        if k != key || offset != start + len {
-            break;
-        }
-        len += l;
-        end += 1;
-    }
-    (end, len)
-}
-
-/// Stream tensors that follow each other without gaps (a safetensors data buffer). Runs of
-/// copies whose sources are also contiguous in one file go to the kernel as one copy: one
-/// `copy_file_range` per tensor measured up to 30 % slower than one per run on ext4.
-fn write_packed(ck: &Checkpoint, order: &[&OutTensor], sink: &mut Sink, window: (&mut Vec<u8>, &mut Vec<u8>)) -> Result<()> {
-    let (cur, next) = window;
-    let copy_src = |t: &OutTensor| match t.op {
-        Op::Copy { src } => Some(&ck.tensors[src]),
-        _ => None,
+        buf[..total]
+            .par_chunks_mut(chunk_out)
+            .enumerate()
+            .try_for_each(|(c, out)| -> Result<()> {
+                let a = lo + c * CHUNK_ELEMS;
+                let b = (a + CHUNK_ELEMS).min(hi);
+                F32_BUF.with_borrow_mut(|vals| {
+                    vals.resize(CHUNK_ELEMS, 0.0);
+                    let vals = &mut vals[..b - a];
+                    decode_range(e, bytes, a, b, scale, vals)?;
+                    encode_range(t.encoding, vals, out)
+                })
+            })
+            .map_err(|err| err.context(format!("tensor '{}'", clean(&t.name))))?;
+        Ok(total)
     };
-    let mut i = 0;
-    while i < order.len() {
-        let (j, len) = if sink.hashing() {
-            (i, 0)
+    let (cur, next) = window;
+    let mut lo = 0;
+    let mut len = if n > 0 { fill(0, cur)? } else { 0 };
+    while lo < n {
+        let hi = (lo + per_window).min(n);
+        if hi < n {
+            let (w, f) = rayon::join(|| sink.write(&cur[..len]), || fill(hi, next));
+            w?;
+            len = f?;
+            std::mem::swap(cur, next);
         } else {
-            source_run(i, |k| order.get(k).and_then(|t| copy_src(t)).map(|e| (e.file, e.offset, e.len)))
-        };
-        if j > i + 1 && len >= KERNEL_COPY_MIN {
-            let first = copy_src(order[i]).expect("a copy");
-            sink.copy_from(&ck.files[first.file], first.offset, len)?;
-            ck.files[first.file].release(first.offset, len);
-            i = j;
-        } else {
-            write_tensor(ck, order[i], sink, (&mut *cur, &mut *next))?;
-            i += 1;
+            sink.write(&cur[..len])?;
         }
+        lo = hi;
     }
+    ck.release(e);
     Ok(())
 }
 
 /// Output bytes per transcoding window (two windows are kept per writer).
 const WINDOW_BYTES: usize = 8 << 20;
 
-/// One written file: its path and sha256 when requested.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Written {
-    pub path: PathBuf,
-    pub bytes: u64,
-    pub sha256: Option<String>,
-}
-
-/// Parse a size like `5GB`, `500MB`, `10GiB` or a byte count (huggingface_hub's units: GB = 10^9).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.trim().parse().map_err(|_| Error::usage(format!("invalid size '{s}' (examples: 5GB, 500MB, 2GiB)")))?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        "TIB" => 1024f64.powi(4),
-        _ => return Err(Error::usage(format!("invalid size unit in '{s}' (use B, KB, MB, GB, KiB, MiB, GiB)"))),
-    };
-    let v = num * mult;
-    if !(1.0..1e18).contains(&v) {
-        return Err(Error::usage(format!("size '{s}' out of range")));
-    }
-    Ok(v as u64)
-}
-
-/// Split tensors into shards like huggingface_hub: in order, a new shard starts when adding a
-/// tensor would pass the limit; a tensor larger than the limit gets a shard of its own.
-pub fn split_shards(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
-    let mut shards: Vec<Vec<usize>> = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    let mut cur_size = 0u64;
-    for (i, &s) in sizes.iter().enumerate() {
-        if s > max {
-            shards.push(vec![i]);
-            continue;
-        }
-        if !cur.is_empty() && cur_size + s > max {
-            shards.push(std::mem::take(&mut cur));
-            cur_size = 0;
-        }
-        cur.push(i);
-        cur_size += s;
-    }
-    if !cur.is_empty() {
-        shards.push(cur);
-    }
-    shards
-}
-
-fn atomic_file(path: &Path, opts: &Options) -> Result<AtomicFile> {
-    let f = AtomicFile::create(path)?;
-    Ok(if opts.sync { f } else { f.without_sync() })
-}
-
-/// Write one safetensors file holding `tensors` (indices into the plan) to `path`.
-fn write_one_safetensors(
-    ck: &Checkpoint,
-    plan: &Plan,
-    idx: &[usize],
-    path: &Path,
-    opts: &Options,
-    progress: &Progress,
-) -> Result<(AtomicFile, Written)> {
-    let planned: Vec<crate::safetensors::Planned> = idx
-        .iter()
-        .map(|&i| {
-            let t = &plan.tensors[i];
-            match t.encoding {
-                Encoding::Dense(d) => Ok(crate::safetensors::Planned { name: t.name.clone(), dtype: d, shape: t.shape.clone() }),
-                Encoding::Ggml(g) => Err(Error::internal(format!("{g} in a safetensors plan"))),
-            }
-        })
-        .collect::<Result<_>>()?;
-    let by_name: HashMap<&str, usize> = idx.iter().map(|&i| (plan.tensors[i].name.as_str(), i)).collect();
-    let header = if copied_bytes(ck, plan, idx) >= CONGRUENT_MIN_BYTES {
-        // Large copies: keep the source's data order so that one header padding puts every
-        // copied tensor at its source's offset within a page.
-        let mut planned = planned;
-        planned.sort_by_key(|p| source_position(ck, &plan.tensors[by_name[p.name.as_str()]]));
-        let mut h = crate::safetensors::plan_in_order(planned, Some(&plan.metadata))?;
-        if let Some(pad) = page_congruent_padding(ck, plan, &h, &by_name) {
-            h.pad_json(pad)?;
-        }
-        h
-    } else {
-        crate::safetensors::plan(planned, Some(&plan.metadata))?
-    };
-    let mut out = atomic_file(path, opts)?;
-    let tmp = out.temp_path().to_path_buf();
-    let (mut win_a, mut win_b) = (Vec::new(), Vec::new());
-    let hash;
-    {
-        let mut sink = Sink::new(out.file(), &tmp, opts.sha256, progress).with_writeback(opts.sync);
-        sink.write(&header.bytes)?;
-        let order: Vec<&OutTensor> = header.order.iter().map(|t| &plan.tensors[by_name[t.name.as_str()]]).collect();
-        write_packed(ck, &order, &mut sink, (&mut win_a, &mut win_b))?;
-        hash = sink.finish()?;
-    }
-    let len = header.file_len();
-    let actual = out.file().metadata().with_file(&tmp)?.len();
-    if actual != len {
-        return Err(Error::internal(format!("wrote {actual} bytes, planned {len}")).with_path(path));
-    }
-    Ok((out, Written { path: path.to_path_buf(), bytes: len, sha256: hash }))
-}
-
-/// Copied bytes from which headers get padded for page-congruent copies.
-pub(crate) const CONGRUENT_MIN_BYTES: u64 = 64 << 20;
-
-/// Extra header padding (a multiple of 8, below 4096) that puts the most copied bytes at the
-/// same offset within a page as in their source file, or `None` when the output copies less
-/// than [`CONGRUENT_MIN_BYTES`] or is already best as it is. The kernel copies (and caches)
-/// whole pages when source and destination offsets agree modulo the page size; a misaligned
-/// `copy_file_range` measured 25–35 % slower on ext4. The padding is JSON whitespace: every
-/// safetensors reader accepts it (the official writer pads with spaces too, to 8 bytes).
-fn page_congruent_padding(
-    ck: &Checkpoint,
-    plan: &Plan,
-    header: &crate::safetensors::HeaderPlan,
-    by_name: &HashMap<&str, usize>,
-) -> Option<usize> {
-    let base = header.bytes.len() as u64;
-    let mut votes: HashMap<u64, u64> = HashMap::new();
-    for (t, (b, _)) in header.order.iter().zip(&header.offsets) {
-        let Some(e) = kernel_copy(ck, &plan.tensors[by_name[t.name.as_str()]]) else { continue };
-        let want = (e.offset + CONGRUENCE - (base + b) % CONGRUENCE) % CONGRUENCE;
-        if want % 8 == 0 {
-            *votes.entry(want).or_default() += e.len;
-        }
-    }
-    let (pad, _) = votes.into_iter().max_by_key(|&(p, bytes)| (bytes, std::cmp::Reverse(p)))?;
-    (pad != 0).then_some(pad as usize)
-}
-
-/// The source of a tensor that is copied by the kernel (`copy_file_range`, ≥ 1 MiB).
-fn kernel_copy<'c>(ck: &'c Checkpoint, t: &OutTensor) -> Option<&'c TensorEntry> {
-    let Op::Copy { src } = t.op else { return None };
-    let e = &ck.tensors[src];
-    (e.len >= KERNEL_COPY_MIN).then_some(e)
-}
-
-fn copied_bytes(ck: &Checkpoint, plan: &Plan, idx: &[usize]) -> u64 {
-    idx.iter().filter_map(|&i| kernel_copy(ck, &plan.tensors[i])).map(|e| e.len).sum()
-}
-
-/// Where a tensor's data comes from (file, offset); literals last.
-fn source_position(ck: &Checkpoint, t: &OutTensor) -> (usize, u64) {
-    match t.op {
-        Op::Copy { src } | Op::Transcode { src, .. } => (ck.tensors[src].file, ck.tensors[src].offset),
-        Op::Literal(_) => (usize::MAX, 0),
-    }
-}
-
-/// The names of safetensors outputs for a target: `model.safetensors` →
-/// `model-00001-of-00003.safetensors` and `model.safetensors.index.json`.
-pub fn shard_name(base: &Path, i: usize, n: usize) -> PathBuf {
-    let stem = base.file_name().and_then(|s| s.to_str()).and_then(|s| s.strip_suffix(".safetensors")).unwrap_or("model");
-    base.with_file_name(format!("{stem}-{:05}-of-{:05}.safetensors", i + 1, n))
-}
-
 /// Write the plan as safetensors at `weights` (a file path inside the final output location,
-/// which may be a temporary folder). Returns files to commit and what was written.
-fn write_safetensors(
-    ck: &Checkpoint,
-    plan: &Plan,
-    weights: &Path,
-    opts: &Options,
-    progress: &Progress,
-) -> Result<(Vec<AtomicFile>, Vec<Written>)> {
-    let sizes: Vec<u64> = plan.tensors.iter().map(|t| t.size()).collect::<Result<_>>()?;
-    let shards = match opts.shard_size {
-        Some(max) => split_shards(&sizes, max),
-        None => vec![(0..plan.tensors.len()).collect()],
+/// which may be a temporary folder): one file, or shards with an index. Plain copies come
+/// straight from the map; transcoded tensors are produced window by window.
+fn write_safetensors(ck: &Checkpoint, plan: &Plan, weights: &Path, opts: &Options, progress: &Progress) -> Result<write::Output> {
+    // The transcoding windows, reused from tensor to tensor (allocating them per tensor would
+    // fault their pages in again every time).
+    let windows = std::cell::RefCell::new((Vec::new(), Vec::new()));
+    let tensors = plan
+        .tensors
+        .iter()
+        .map(|t| {
+            let Encoding::Dense(d) = t.encoding else {
+                return Err(Error::internal(format!("{} in a safetensors plan", t.encoding.name())));
+            };
+            Ok(match &t.op {
+                Op::Copy { src } => {
+                    let e = &ck.tensors[*src];
+                    write::Tensor::mapped(t.name.clone(), d, t.shape.clone(), e.file, &ck.files[e.file], e.offset, e.len)
+                }
+                &Op::Transcode { src, scale } => {
+                    let e = &ck.tensors[src];
+                    let windows = &windows;
+                    write::Tensor::streamed(t.name.clone(), d, t.shape.clone(), move |sink| {
+                        let (a, b) = &mut *windows.borrow_mut();
+                        transcode(ck, t, src, scale, sink, (a, b))
+                    })
+                    .at(e.file, e.offset)
+                }
+                Op::Literal(b) => write::Tensor::new(t.name.clone(), d, t.shape.clone(), write::Data::Bytes(b.as_slice().into())),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let wopts = write::Options {
+        layout: write::Layout::SourceOrder,
+        shard_size: opts.shard_size,
+        sync: opts.sync,
+        file_hash: if opts.sha256 { write::FileHash::WhileWriting } else { write::FileHash::None },
+        ..write::Options::default()
     };
-    let mut files = Vec::new();
-    let mut written = Vec::new();
-    if shards.len() <= 1 {
-        let (f, w) = write_one_safetensors(ck, plan, shards.first().map_or(&[][..], |s| s), weights, opts, progress)?;
-        files.push(f);
-        written.push(w);
-        return Ok((files, written));
-    }
-    let n = shards.len();
-    let mut weight_map = std::collections::BTreeMap::new();
-    for (i, s) in shards.iter().enumerate() {
-        let p = shard_name(weights, i, n);
-        let fname = p.file_name().expect("file name").to_string_lossy().to_string();
-        for &t in s {
-            weight_map.insert(plan.tensors[t].name.clone(), serde_json::Value::String(fname.clone()));
-        }
-        let (f, w) = write_one_safetensors(ck, plan, s, &p, opts, progress)?;
-        files.push(f);
-        written.push(w);
-    }
-    let total: u64 = sizes.iter().sum();
-    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-    let mut text = serde_json::to_string_pretty(&index).expect("json");
-    text.push('\n');
-    let ipath = {
-        let mut s = weights.as_os_str().to_owned();
-        s.push(".index.json");
-        PathBuf::from(s)
-    };
-    let mut f = atomic_file(&ipath, opts)?;
-    f.write_all(text.as_bytes()).with_file(&ipath)?;
-    files.push(f);
-    written.push(Written { path: ipath, bytes: text.len() as u64, sha256: opts.sha256.then(|| crate::hash::sha256_hex(text.as_bytes())) });
-    Ok((files, written))
+    write::safetensors(weights, tensors, write::Metadata::Fixed(Some(plan.metadata.clone())), &wopts, progress)
 }
 
 /// ggml `general.file_type` (llama.h `llama_ftype`) for a uniform quant type.
@@ -1010,7 +610,7 @@ fn gguf_file_type(q: GgmlType) -> u32 {
     }
 }
 
-fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progress: &Progress) -> Result<(AtomicFile, Written)> {
+fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progress: &Progress) -> Result<write::Output> {
     use crate::gguf::{TensorPlan, Value};
     let family = family_of(&plan.detection).ok_or_else(|| Error::unsupported("GGUF export needs a known model family"))?;
     let q = opts.quant.unwrap_or(GgmlType::F16);
@@ -1035,7 +635,7 @@ fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progres
         })
         .collect();
     let gp = crate::gguf::plan(&kv, &tplans, 32)?;
-    let mut out = atomic_file(path, opts)?;
+    let mut out = write::create(path, opts.sync)?;
     let tmp = out.temp_path().to_path_buf();
     let (mut win_a, mut win_b) = (Vec::new(), Vec::new());
     let hash;
@@ -1044,16 +644,23 @@ fn write_gguf(ck: &Checkpoint, plan: &Plan, path: &Path, opts: &Options, progres
         sink.write(&gp.header)?;
         let mut at = 0u64;
         for (i, t) in plan.tensors.iter().enumerate() {
-            let pad = gp.offsets[i] - at;
-            sink.write(&vec![0u8; pad as usize])?;
-            write_tensor(ck, t, &mut sink, (&mut win_a, &mut win_b))?;
+            sink.zeros(gp.offsets[i] - at)?;
+            match &t.op {
+                Op::Literal(b) => sink.write(b)?,
+                Op::Copy { src } => {
+                    let e = &ck.tensors[*src];
+                    sink.copy_from(&ck.files[e.file], e.offset, e.len)?;
+                    ck.release(e);
+                }
+                &Op::Transcode { src, scale } => transcode(ck, t, src, scale, &mut sink, (&mut win_a, &mut win_b))?,
+            }
             at = gp.offsets[i] + gp.sizes[i];
         }
-        let end_pad = gp.total_len - gp.header.len() as u64 - at;
-        sink.write(&vec![0u8; end_pad as usize])?;
+        sink.zeros(gp.total_len - gp.header.len() as u64 - at)?;
         hash = sink.finish()?;
     }
-    Ok((out, Written { path: path.to_path_buf(), bytes: gp.total_len, sha256: hash }))
+    let w = Written { path: path.to_path_buf(), bytes: gp.total_len, sha256: hash };
+    Ok(write::Output::new(vec![out], vec![w], opts.sha256))
 }
 
 /// What a conversion did, for people and for `--json`.
@@ -1089,9 +696,6 @@ pub struct ModelReport {
     pub bytes_in: u64,
 }
 
-/// Default weights file name inside a model folder.
-pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
-
 /// Convert `input` into `output` (a `.safetensors` / `.gguf` file, or a model folder).
 pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
     let start = std::time::Instant::now();
@@ -1106,16 +710,8 @@ pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
     let progress = Progress::bytes(total, "convert", opts.quiet);
     let name = output.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let files = match opts.format {
-        OutFormat::Gguf => {
-            let (f, w) = write_gguf(&ck, &plan, output, opts, &progress)?;
-            commit_with_sidecars(vec![f], std::slice::from_ref(&w), opts)?;
-            vec![w]
-        }
-        OutFormat::Safetensors if name.ends_with(".safetensors") => {
-            let (fs, ws) = write_safetensors(&ck, &plan, output, opts, &progress)?;
-            commit_with_sidecars(fs, &ws, opts)?;
-            ws
-        }
+        OutFormat::Gguf => write_gguf(&ck, &plan, output, opts, &progress)?.commit()?,
+        OutFormat::Safetensors if name.ends_with(".safetensors") => write_safetensors(&ck, &plan, output, opts, &progress)?.commit()?,
         OutFormat::Safetensors => {
             let dir = AtomicDir::create(output)?;
             let ws = write_model_dir(&ck, &plan, dir.path(), opts, &progress)?;
@@ -1133,8 +729,7 @@ pub fn convert(input: &Path, output: &Path, opts: &Options) -> Result<Report> {
 }
 
 fn write_model_dir(ck: &Checkpoint, plan: &Plan, dir: &Path, opts: &Options, progress: &Progress) -> Result<Vec<Written>> {
-    let (fs, mut ws) = write_safetensors(ck, plan, &dir.join(WEIGHTS_NAME), opts, progress)?;
-    commit_with_sidecars(fs, &ws, opts)?;
+    let mut ws = write_safetensors(ck, plan, &dir.join(WEIGHTS_NAME), opts, progress)?.commit()?;
     if let Some(cfg) = &plan.config {
         let mut text = serde_json::to_string_pretty(cfg).expect("json");
         text.push('\n');
@@ -1143,20 +738,6 @@ fn write_model_dir(ck: &Checkpoint, plan: &Plan, dir: &Path, opts: &Options, pro
         ws.push(Written { path: p, bytes: text.len() as u64, sha256: None });
     }
     Ok(ws)
-}
-
-fn commit_with_sidecars(files: Vec<AtomicFile>, written: &[Written], opts: &Options) -> Result<()> {
-    for f in files {
-        f.commit()?;
-    }
-    if opts.sha256 {
-        for w in written {
-            if let Some(h) = &w.sha256 {
-                crate::atomic::write_file(&crate::hash::sidecar_path(&w.path), crate::hash::sidecar_line(h, &w.path).as_bytes())?;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn report(input: &Path, output: &Path, ck: &Checkpoint, plan: &Plan, files: Vec<Written>, start: std::time::Instant) -> Report {
@@ -1259,18 +840,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_like_huggingface_hub() {
-        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
-        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
-        assert_eq!(parse_size("123").unwrap(), 123);
-        assert!(parse_size("5XB").is_err());
-        assert!(parse_size("-1GB").is_err());
-    }
-
-    #[test]
-    fn shards_split_like_huggingface_hub() {
-        assert_eq!(split_shards(&[4, 4, 4], 10), vec![vec![0, 1], vec![2]]);
-        assert_eq!(split_shards(&[4, 20, 4], 10), vec![vec![1], vec![0, 2]]);
-        assert_eq!(shard_name(Path::new("/a/model.safetensors"), 0, 3), Path::new("/a/model-00001-of-00003.safetensors"));
+    fn output_policy_follows_the_extension_and_the_dtype() {
+        let p = |out: &str, f, d, q, sh| output_policy(Path::new(out), f, d, q, sh);
+        let st = OutFormat::Safetensors;
+        let gg = OutFormat::Gguf;
+        let f16 = DTypeChoice::To(DType::F16);
+        assert_eq!(p("m.safetensors", None, f16, None, true).unwrap(), (st, f16, None));
+        assert_eq!(p("m.gguf", None, DTypeChoice::Keep, None, false).unwrap(), (gg, DTypeChoice::Keep, None));
+        assert_eq!(p("m.gguf", None, f16, None, false).unwrap(), (gg, DTypeChoice::Keep, Some(GgmlType::F16)));
+        assert_eq!(p("m.gguf", None, DTypeChoice::To(DType::BF16), None, false).unwrap().2, Some(GgmlType::BF16));
+        assert_eq!(p("m.gguf", None, DTypeChoice::To(DType::F32), Some(GgmlType::Q8_0), false).unwrap().2, Some(GgmlType::Q8_0));
+        assert_eq!(p("folder", Some(gg), DTypeChoice::To(DType::F32), None, false).unwrap().2, Some(GgmlType::F32));
+        assert_eq!(p("m.gguf", Some(st), f16, None, false).unwrap().0, st);
+        let usage = |r: Result<(OutFormat, DTypeChoice, Option<GgmlType>)>, needle: &str| {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), Kind::Usage);
+            assert!(e.to_string().contains(needle), "{e}");
+        };
+        usage(p("m.safetensors", None, f16, Some(GgmlType::Q8_0), false), "--quant applies to GGUF");
+        usage(p("m.gguf", None, f16, None, true), "--shard-size applies to safetensors");
+        usage(p("m.gguf", None, DTypeChoice::To(DType::F8E4M3), None, false), "cannot hold");
     }
 }

@@ -8,6 +8,7 @@ pub mod alloc;
 pub mod atomic;
 pub mod bench;
 pub mod cast;
+pub mod cli;
 pub mod convert;
 pub mod device;
 pub mod dtype;
@@ -33,6 +34,7 @@ pub mod sign;
 pub mod store;
 pub mod train;
 pub mod verify;
+pub mod write;
 pub mod writeback;
 
 pub use dtype::DType;

@@ -341,7 +341,7 @@ pub fn check_scaled_fp8(ck: &Checkpoint) -> Result<usize> {
     if crate::moe::verify::is_moe(ck) {
         return Ok(0);
     }
-    let marker = ck.tensors.iter().any(|t| t.name == crate::convert::SCALED_FP8_MARKER || t.name.ends_with(".scaled_fp8"));
+    let marker = ck.tensors.iter().any(|t| t.name == crate::store::SCALED_FP8_MARKER || t.name.ends_with(".scaled_fp8"));
     let any_scale = ck.tensors.iter().any(|t| SCALES.iter().any(|s| t.name.ends_with(s)));
     if !marker && !any_scale {
         return Ok(0);

@@ -4,20 +4,21 @@
 //! sparse file (zeros that cost no disk), so memory and speed can be measured at real scale
 //! (40.9 GB for Qwen-Image, 28.6 GB for a Wan2.2 A14B expert) on a small machine.
 
-use std::io::Write;
 use std::path::Path;
 
 use crate::dtype::DType;
-use crate::error::{IoContext, Result};
+use crate::error::Result;
+use crate::progress::Progress;
+use crate::write::{Data, Metadata, Options, Tensor};
 
-/// Which real model to replicate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which real model to replicate (the variant docs are `bench replica`'s help).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Model {
-    /// Qwen-Image transformer (diffusers names), 1933 tensors, 20,430,401,088 params.
+    /// Qwen-Image transformer, 1933 tensors, 20.4B parameters (diffusers names).
     QwenImage,
-    /// One Wan2.2 T2V-A14B expert (original names), 1095 tensors, 14,288,491,584 params.
+    /// One Wan2.2 T2V-A14B expert, 1095 tensors, 14.3B parameters (original names).
     WanT2vA14b,
-    /// One Wan2.2 I2V-A14B expert (in_dim 36).
+    /// One Wan2.2 I2V-A14B expert (36 input channels).
     WanI2vA14b,
     /// Wan2.2 TI2V-5B.
     WanTi2v5b,
@@ -99,29 +100,26 @@ pub fn wan(dim: u64, ffn: u64, layers: usize, in_dim: u64, out_dim: u64) -> Vec<
 pub type Fill<'a> = &'a mut dyn FnMut(&str, &mut [u8]);
 
 /// Write a safetensors file with these tensors in `dtype`. With `fill = None` the data is a
-/// hole (a sparse file); otherwise `fill(name, bytes)` writes each tensor's bytes.
-pub fn write(path: &Path, tensors: &[(String, Vec<u64>)], dtype: DType, mut fill: Option<Fill>) -> Result<u64> {
-    let planned: Vec<crate::safetensors::Planned> =
-        tensors.iter().map(|(n, s)| crate::safetensors::Planned { name: n.clone(), dtype, shape: s.clone() }).collect();
+/// hole (a sparse file); otherwise `fill(name, bytes)` writes each tensor's bytes, tensor after
+/// tensor in the file's order.
+pub fn write(path: &Path, tensors: &[(String, Vec<u64>)], dtype: DType, fill: Option<Fill>) -> Result<u64> {
     let md = vec![("format".to_string(), "pt".to_string())];
-    let plan = crate::safetensors::plan(planned, Some(&md))?;
-    let mut f = crate::atomic::AtomicFile::create(path)?;
-    let tmp = f.temp_path().to_path_buf();
-    f.write_all(&plan.bytes).with_file(&tmp)?;
-    match fill.as_mut() {
-        None => f.file().set_len(plan.file_len()).with_file(&tmp)?,
-        Some(fill) => {
-            let mut buf = Vec::new();
-            for (t, (b, e)) in plan.order.iter().zip(&plan.offsets) {
-                buf.clear();
-                buf.resize((e - b) as usize, 0);
-                fill(&t.name, &mut buf);
-                f.write_all(&buf).with_file(&tmp)?;
-            }
-        }
-    }
-    f.commit()?;
-    Ok(plan.file_len())
+    let fill = fill.map(std::cell::RefCell::new);
+    let out: Vec<Tensor> = tensors
+        .iter()
+        .map(|(n, s)| match &fill {
+            None => Tensor::new(n.clone(), dtype, s.clone(), Data::Zeros),
+            Some(f) => Tensor::streamed(n.clone(), dtype, s.clone(), move |sink| {
+                let size = crate::dtype::numel(s).and_then(|k| dtype.byte_size(k)).unwrap_or(0);
+                let mut buf = vec![0u8; size as usize];
+                let mut fill = f.borrow_mut();
+                (*fill)(n, &mut buf);
+                sink.write(&buf)
+            }),
+        })
+        .collect();
+    let out = crate::write::safetensors(path, out, Metadata::Fixed(Some(md)), &Options::default(), &Progress::hidden())?;
+    Ok(out.commit()?.iter().map(|w| w.bytes).sum())
 }
 
 #[cfg(test)]

@@ -123,6 +123,20 @@ impl SourceFile {
     }
 }
 
+/// Suffixes of fp8 weight scales (ComfyUI's `scale_weight`, diffusers-style `weight_scale`).
+pub const SCALE_SUFFIXES: [&str; 2] = [".scale_weight", ".weight_scale"];
+/// Suffixes of fp8 input scales (kept only when the weights are copied as they are).
+pub const INPUT_SCALE_SUFFIXES: [&str; 2] = [".scale_input", ".input_scale"];
+/// ComfyUI's scaled-fp8 marker tensor (its dtype names the fp8 type).
+pub const SCALED_FP8_MARKER: &str = "scaled_fp8";
+
+/// Whether a tensor name is an fp8 scale or the scaled-fp8 marker rather than a weight.
+pub fn is_scale_companion(name: &str) -> bool {
+    SCALE_SUFFIXES.iter().chain(&INPUT_SCALE_SUFFIXES).any(|s| name.ends_with(s))
+        || name == SCALED_FP8_MARKER
+        || name.ends_with(&format!(".{SCALED_FP8_MARKER}"))
+}
+
 /// One tensor of a checkpoint: where its bytes are and what they mean.
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
@@ -521,7 +535,7 @@ impl Checkpoint {
 
     /// Number of parameters (elements), excluding fp8 scale companions.
     pub fn param_count(&self) -> u64 {
-        self.tensors.iter().filter(|t| !crate::convert::is_scale_companion(&t.name)).map(|t| t.numel()).sum()
+        self.tensors.iter().filter(|t| !is_scale_companion(&t.name)).map(|t| t.numel()).sum()
     }
 
     /// Names and shapes, as the layout detector wants them.

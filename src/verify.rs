@@ -92,7 +92,7 @@ pub fn verify(path: &Path, quiet: bool) -> Result<VerifyReport> {
             if let Some(k) = r.failure() {
                 failure.get_or_insert(k);
             }
-            checks.extend(crate::moe::verify::as_checks(&r));
+            checks.extend(moe_checks(&r));
         }
         for f in files_of(ck) {
             let sc = hash::sidecar_path(&f);
@@ -142,6 +142,35 @@ pub fn verify(path: &Path, quiet: bool) -> Result<VerifyReport> {
     progress.finish();
     let ok = checks.iter().all(|c| c.ok);
     Ok(VerifyReport { path: path.to_path_buf(), ok, checks, failure })
+}
+
+/// The report as `phasekit verify` checks (one per problem, one summary when all is well).
+fn moe_checks(r: &crate::moe::verify::MoeReport) -> Vec<Check> {
+    let mut v = Vec::new();
+    for f in &r.faults {
+        v.push(Check { check: "moe".into(), ok: false, detail: f.message.clone() });
+    }
+    for m in &r.mismatches {
+        v.push(Check {
+            check: "moe.sha256".into(),
+            ok: false,
+            detail: format!("tensor '{}': expected {} found {}", m.tensor, m.expected, m.found),
+        });
+    }
+    if r.ok {
+        v.push(Check {
+            check: "moe".into(),
+            ok: true,
+            detail: format!(
+                "{}: {} experts, metadata digest ok, {} tensors ({:.1} MB) match their sha256",
+                r.format,
+                r.experts,
+                r.tensors_checked,
+                r.bytes_hashed as f64 / 1e6
+            ),
+        });
+    }
+    v
 }
 
 impl VerifyReport {

@@ -271,6 +271,16 @@ fn sha256_sidecars_check_with_sha256sum_and_verify_catches_a_flipped_byte() {
     assert_eq!(lines.len(), 1, "{}", o.stderr);
     assert!(lines[0].starts_with("phasekit: error: ") && lines[0].contains("model.safetensors"), "{}", lines[0]);
     assert!(o.stdout.contains("FAIL"), "the check list shows the failure: {}", o.stdout);
+    // With --json: one object (the checks and the error), nothing on stderr, the same exit code.
+    let o = run(&[Path::new("--json"), Path::new("verify"), &file]);
+    assert_eq!(o.code, Some(8), "verify --json after flipping a byte: {}", o.both());
+    assert!(o.stderr.is_empty(), "{}", o.stderr);
+    let v = json_of(&o);
+    assert_eq!(
+        (&v["ok"], &v["error"]["kind"], &v["error"]["exit_code"]),
+        (&Value::Bool(false), &Value::from("integrity"), &Value::from(8))
+    );
+    assert!(v["checks"].as_array().unwrap().iter().any(|c| c["ok"] == false && c["check"] == "sha256"), "{v}");
     // inspect reads headers only: the flipped data byte does not matter to it.
     run_ok(&[Path::new("inspect"), &file]);
 

@@ -23,7 +23,7 @@ fn values(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
     let ck = Checkpoint::open(path).unwrap();
     let mut out = std::collections::BTreeMap::new();
     for t in &ck.tensors {
-        if phasekit::convert::is_scale_companion(&t.name) {
+        if phasekit::store::is_scale_companion(&t.name) {
             continue;
         }
         let n = t.numel() as usize;
@@ -86,7 +86,7 @@ fn fp8_conventions_round_trip_within_fp8_precision() {
         let back = d.path().join("back.safetensors");
         convert::convert(&out, &back, &Options { dtype: DTypeChoice::To(DType::F32), ..opts() }).unwrap();
         let bck = Checkpoint::open(&back).unwrap();
-        assert!(bck.tensors.iter().all(|t| !convert::is_scale_companion(&t.name)), "scale tensors dropped after casting up");
+        assert!(bck.tensors.iter().all(|t| !phasekit::store::is_scale_companion(&t.name)), "scale tensors dropped after casting up");
         let got = values(&back);
         assert_eq!(got.keys().collect::<Vec<_>>(), orig.keys().collect::<Vec<_>>());
         for (k, v) in &orig {

@@ -6,23 +6,12 @@ use phasekit::Kind;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::keys::{config, header, wan_original};
+
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
-}
-
-/// Tensor names and shapes from a safetensors header (8-byte length, then JSON).
-fn header(path: &Path) -> Vec<(String, Vec<u64>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let h: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    h.into_iter()
-        .filter(|(k, _)| k != "__metadata__")
-        .map(|(k, v)| (k, v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect()))
-        .collect()
-}
-
-fn config(rel: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(rel)).unwrap()).unwrap()
+    common::fixture(rel)
 }
 
 fn detect(t: &[(String, Vec<u64>)], cfg: Option<&Value>) -> phasekit::Result<Detection> {
@@ -36,46 +25,6 @@ fn with_prefix(t: &[(String, Vec<u64>)], p: &str) -> Vec<(String, Vec<u64>)> {
 
 fn params(t: &[(String, Vec<u64>)]) -> u64 {
     t.iter().map(|(_, s)| s.iter().product::<u64>()).sum()
-}
-
-/// One Wan expert in original names, from research/formats.md §4.2.
-fn wan_original(dim: u64, in_dim: u64, out_dim: u64, ffn: u64, layers: u64) -> Vec<(String, Vec<u64>)> {
-    let mut t: Vec<(String, Vec<u64>)> = vec![
-        ("patch_embedding.weight".into(), vec![dim, in_dim, 1, 2, 2]),
-        ("patch_embedding.bias".into(), vec![dim]),
-        ("text_embedding.0.weight".into(), vec![dim, 4096]),
-        ("text_embedding.0.bias".into(), vec![dim]),
-        ("text_embedding.2.weight".into(), vec![dim, dim]),
-        ("text_embedding.2.bias".into(), vec![dim]),
-        ("time_embedding.0.weight".into(), vec![dim, 256]),
-        ("time_embedding.0.bias".into(), vec![dim]),
-        ("time_embedding.2.weight".into(), vec![dim, dim]),
-        ("time_embedding.2.bias".into(), vec![dim]),
-        ("time_projection.1.weight".into(), vec![6 * dim, dim]),
-        ("time_projection.1.bias".into(), vec![6 * dim]),
-        ("head.head.weight".into(), vec![out_dim * 4, dim]),
-        ("head.head.bias".into(), vec![out_dim * 4]),
-        ("head.modulation".into(), vec![1, 2, dim]),
-    ];
-    for n in 0..layers {
-        let p = format!("blocks.{n}.");
-        t.push((format!("{p}modulation"), vec![1, 6, dim]));
-        for a in ["self_attn", "cross_attn"] {
-            for m in ["q", "k", "v", "o"] {
-                t.push((format!("{p}{a}.{m}.weight"), vec![dim, dim]));
-                t.push((format!("{p}{a}.{m}.bias"), vec![dim]));
-            }
-            t.push((format!("{p}{a}.norm_q.weight"), vec![dim]));
-            t.push((format!("{p}{a}.norm_k.weight"), vec![dim]));
-        }
-        t.push((format!("{p}norm3.weight"), vec![dim]));
-        t.push((format!("{p}norm3.bias"), vec![dim]));
-        t.push((format!("{p}ffn.0.weight"), vec![ffn, dim]));
-        t.push((format!("{p}ffn.0.bias"), vec![ffn]));
-        t.push((format!("{p}ffn.2.weight"), vec![dim, ffn]));
-        t.push((format!("{p}ffn.2.bias"), vec![dim]));
-    }
-    t
 }
 
 /// Qwen-Image in diffusers names, from research/formats.md §3.3.

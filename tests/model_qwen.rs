@@ -12,12 +12,14 @@ use phasekit::model::linear::LoraConfig;
 use phasekit::model::qwen::QwenImageTransformer;
 use phasekit::model::{rel_l2, Param, Parameters, TrainMode};
 
+mod common;
+
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen_image_tiny").join(p)
+    common::fixture("qwen_image_tiny").join(p)
 }
 
 fn inputs() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("forward.safetensors"), &Device::Cpu).unwrap()
+    common::model::load(&fixture("forward.safetensors"))
 }
 
 fn img_shape() -> [usize; 3] {
@@ -81,22 +83,12 @@ fn gguf_and_comfy_files_match() {
 #[test]
 fn cli_forward_reproduces_output() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_phasekit"))
-        .args(["--json", "forward", "--model"])
-        .arg(fixture("diffusers"))
-        .arg("--inputs")
-        .arg(fixture("forward.safetensors"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
-    assert_eq!(v["report"]["family"], "qwen_image");
-    assert!(v["report"]["rel_l2"].as_f64().unwrap() < 1e-5, "{v}");
-    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-    assert!(rel_l2(&got["output"], &inputs()["output"]).unwrap() < 1e-5);
+    common::model::forward_matches(
+        &fixture("diffusers"),
+        &fixture("forward.safetensors"),
+        &dir.path().join("out.safetensors"),
+        "qwen_image",
+    );
     // An explicit --img-shapes that does not fit the tokens is an error, not a panic.
     let st = std::process::Command::new(env!("CARGO_BIN_EXE_phasekit"))
         .args(["forward", "--img-shapes", "[[1, 5, 5]]", "--model"])

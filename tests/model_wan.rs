@@ -11,21 +11,24 @@ use phasekit::model::linear::LoraConfig;
 use phasekit::model::wan::WanTransformer;
 use phasekit::model::{rel_l2, Parameters, TrainMode};
 
+mod common;
+
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan22_t2v_tiny").join(p)
+    common::fixture("wan22_t2v_tiny").join(p)
 }
 
 fn inputs() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("forward.safetensors"), &Device::Cpu).unwrap()
+    common::model::load(&fixture("forward.safetensors"))
 }
 
-/// The TI2V-shaped fixture (48 channels, per-token timesteps), from scripts/make-ti2v-fixture.py.
+/// The TI2V-shaped fixture (48 channels, per-token timesteps), from
+/// tests/fixtures/wan22_ti2v_tiny/make.py.
 fn ti2v(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan22_ti2v_tiny").join(p)
+    common::fixture("wan22_ti2v_tiny").join(p)
 }
 
 fn ti2v_inputs() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(ti2v("forward.safetensors"), &Device::Cpu).unwrap()
+    common::model::load(&ti2v("forward.safetensors"))
 }
 
 fn run(m: &WanTransformer, i: &HashMap<String, Tensor>) -> Tensor {
@@ -94,22 +97,7 @@ fn gguf_comfy_and_fp8_free_conversions_match() {
 #[test]
 fn cli_forward_reproduces_output() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.safetensors");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_phasekit"))
-        .args(["--json", "forward", "--model"])
-        .arg(fixture("original"))
-        .arg("--inputs")
-        .arg(fixture("forward.safetensors"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
-    assert_eq!(v["report"]["family"], "wan22");
-    assert!(v["report"]["rel_l2"].as_f64().unwrap() < 1e-5, "{v}");
-    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-    assert!(rel_l2(&got["output"], &inputs()["output"]).unwrap() < 1e-5);
+    common::model::forward_matches(&fixture("original"), &fixture("forward.safetensors"), &dir.path().join("out.safetensors"), "wan22");
 }
 
 #[test]
@@ -385,32 +373,23 @@ fn wrong_timestep_shapes_are_errors() {
 fn cli_forward_per_token_timesteps() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    let forward = |inputs: &Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_phasekit"))
-            .args(["--json", "forward", "--model"])
-            .arg(ti2v("diffusers"))
-            .arg("--inputs")
-            .arg(inputs)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap()
-    };
-    let st = forward(&ti2v("forward.safetensors"));
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
-    assert_eq!(v["report"]["family"], "wan22");
+    let v = common::model::forward_matches(&ti2v("diffusers"), &ti2v("forward.safetensors"), &out, "wan22");
     assert_eq!(v["report"]["output_shape"], serde_json::json!([2, 48, 3, 4, 6]));
-    assert!(v["report"]["rel_l2"].as_f64().unwrap() < 1e-5, "{v}");
-    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-    assert!(rel_l2(&got["output"], &ti2v_inputs()["output"]).unwrap() < 1e-5);
     // A timestep that is neither [B] nor [B, S] is the inputs' fault: exit 6, no panic.
     let mut i = ti2v_inputs();
     i.insert("timestep".into(), Tensor::zeros((2, 17), DType::F32, &Device::Cpu).unwrap());
     let bad = dir.path().join("bad.safetensors");
     candle_core::safetensors::save(&i, &bad).unwrap();
-    let st = forward(&bad);
-    let text = format!("{}{}", String::from_utf8_lossy(&st.stdout), String::from_utf8_lossy(&st.stderr));
-    assert_eq!(st.status.code(), Some(6), "{text}");
-    assert!(text.contains("timestep") && !text.contains("panicked"), "{text}");
+    let o = common::run(&[
+        Path::new("--json"),
+        Path::new("forward"),
+        Path::new("--model"),
+        &ti2v("diffusers"),
+        Path::new("--inputs"),
+        &bad,
+        Path::new("--out"),
+        &out,
+    ]);
+    assert_eq!(o.code, Some(6), "{}", o.both());
+    assert!(o.both().contains("timestep") && !o.panicked(), "{}", o.both());
 }

@@ -1,5 +1,5 @@
 //! Image-to-video on Wan2.2: the two ways the models take a first frame, checked against
-//! diffusers' own `WanImageToVideoPipeline` run on tiny models (scripts/make-i2v-fixture.py),
+//! diffusers' own `WanImageToVideoPipeline` run on tiny models (tests/fixtures/wan22_i2v_tiny/make.py),
 //! and trained end to end.
 //!
 //! - I2V-A14B (`wan22_i2v_tiny`, 36 channels in, 16 out): a 20-channel condition (first-frame mask

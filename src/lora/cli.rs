@@ -1,15 +1,14 @@
-//! `phasekit lora merge|extract|convert|inspect` (main.rs only dispatches here).
+//! `phasekit lora merge|extract|convert|inspect` (`crate::cli` dispatches here).
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
 use super::svd::SvdOptions;
 use super::{ExtractOptions, MergeOptions, Style, WriteOptions};
+use crate::cli::args::DTypeArg;
+use crate::cli::printer::Printer;
 use crate::error::{Error, Result};
-
-pub use crate::moe::cli::DTypeArg;
 
 /// LoRA files: merge into a base, extract from two checkpoints, convert between key styles, inspect (docs/lora.md).
 #[derive(Subcommand, Debug)]
@@ -47,7 +46,7 @@ pub struct MergeArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub strength: Vec<f64>,
     /// Dtype of floating-point tensors of the output.
-    #[arg(long, value_enum, default_value = "keep")]
+    #[arg(long, value_parser = DTypeArg::without_fp8(), default_value = "keep")]
     pub dtype: DTypeArg,
     /// Replace OUT if it exists.
     #[arg(long)]
@@ -73,7 +72,7 @@ pub struct ExtractArgs {
     #[arg(long)]
     pub prefix: bool,
     /// Dtype of the LoRA tensors (keep = the base weight's).
-    #[arg(long, value_enum, default_value = "keep")]
+    #[arg(long, value_parser = DTypeArg::without_fp8(), default_value = "keep")]
     pub dtype: DTypeArg,
     /// Power (subspace) iterations of the randomized SVD.
     #[arg(long, default_value_t = 2)]
@@ -112,22 +111,16 @@ pub struct InspectArgs {
     pub family: Option<String>,
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| Error::internal(e.to_string()))?;
-    let _ = writeln!(std::io::stdout().lock(), "{text}");
-    Ok(())
-}
-
 /// Run one `lora` subcommand.
-pub fn run(cmd: LoraCommand, json: bool, quiet: bool) -> Result<()> {
+pub fn run(cmd: LoraCommand, p: &Printer) -> Result<()> {
+    let quiet = p.quiet();
     match cmd {
         LoraCommand::Merge(a) => {
             let opts = MergeOptions { strengths: a.strength, dtype: a.dtype.dtype(), force: a.force, quiet, sync: !a.no_sync };
             let r = super::merge(&a.base, &a.loras, &a.out, &opts)?;
-            if json {
-                print_json(&serde_json::json!({ "ok": true, "report": r }))
-            } else {
-                println!(
+            p.report(&r, |o| {
+                writeln!(
+                    o,
                     "merged {} LoRA file(s) ({} modules into {} of {} tensors) → {}: {:.1} MB in {:.2} s, f32 update",
                     r.loras.len(),
                     r.modules,
@@ -136,9 +129,9 @@ pub fn run(cmd: LoraCommand, json: bool, quiet: bool) -> Result<()> {
                     r.output.display(),
                     r.bytes_out as f64 / 1e6,
                     r.seconds
-                );
-                Ok(())
-            }
+                )
+            });
+            Ok(())
         }
         LoraCommand::Extract(a) => {
             if a.prefix && a.style == Style::Peft {
@@ -155,10 +148,9 @@ pub fn run(cmd: LoraCommand, json: bool, quiet: bool) -> Result<()> {
                 sync: !a.no_sync,
             };
             let r = super::extract(&a.base, &a.tuned, &a.out, &opts)?;
-            if json {
-                print_json(&serde_json::json!({ "ok": true, "report": r }))
-            } else {
-                println!(
+            p.report(&r, |o| {
+                writeln!(
+                    o,
                     "extracted {} modules at rank {} ({} style) → {}: max relative error {:.2e}, {:.2} s",
                     r.modules,
                     r.rank,
@@ -166,16 +158,18 @@ pub fn run(cmd: LoraCommand, json: bool, quiet: bool) -> Result<()> {
                     r.output.display(),
                     r.max_relative_error,
                     r.seconds
-                );
+                )?;
                 if !r.skipped.is_empty() {
-                    println!(
+                    writeln!(
+                        o,
                         "note: {} differing tensors are not 2-D weights and are not in the LoRA (first: {})",
                         r.skipped.len(),
                         r.skipped[0]
-                    );
+                    )?;
                 }
                 Ok(())
-            }
+            });
+            Ok(())
         }
         LoraCommand::Convert(a) => {
             if a.prefix && a.style == Style::Peft {
@@ -188,11 +182,11 @@ pub fn run(cmd: LoraCommand, json: bool, quiet: bool) -> Result<()> {
                 &a.out,
                 &WriteOptions { style: a.style, prefix: a.prefix, force: a.force, sync: true, metadata: Vec::new() },
             )?;
-            if json {
-                print_json(&serde_json::json!({ "ok": true, "input": a.input, "output": a.out, "from": info.style, "to": a.style,
-                    "family": set.family, "modules": set.modules.len(), "alpha_assumed": info.alpha_assumed, "bytes": bytes }))
-            } else {
-                println!(
+            let v = serde_json::json!({ "ok": true, "input": a.input, "output": a.out, "from": info.style, "to": a.style,
+                "family": set.family, "modules": set.modules.len(), "alpha_assumed": info.alpha_assumed, "bytes": bytes });
+            p.value(&v, |o| {
+                writeln!(
+                    o,
                     "converted {} ({}) → {} ({}): {} modules{}",
                     a.input.display(),
                     info.style.as_str(),
@@ -200,39 +194,38 @@ pub fn run(cmd: LoraCommand, json: bool, quiet: bool) -> Result<()> {
                     a.style.as_str(),
                     set.modules.len(),
                     if info.alpha_assumed > 0 { format!(", α = rank assumed for {}", info.alpha_assumed) } else { String::new() }
-                );
-                Ok(())
-            }
+                )
+            });
+            Ok(())
         }
         LoraCommand::Inspect(a) => {
             let (set, info) = super::read(&a.path, a.family.as_deref())?;
             let s = super::summarize(&set, info);
-            if json {
-                return print_json(&s);
-            }
-            let mut o = std::io::stdout().lock();
-            let _ = writeln!(o, "{}", s.info.path.display());
-            let _ = writeln!(
-                o,
-                "  style     {}{}{}",
-                s.info.style.as_str(),
-                if s.info.mixed { " (mixed suffixes)" } else { "" },
-                if s.info.prefix.is_empty() { String::new() } else { format!(", prefix {}", s.info.prefix) }
-            );
-            let _ = writeln!(o, "  family    {}", s.info.family.as_deref().unwrap_or("unknown"));
-            let _ = writeln!(o, "  modules   {} ({} parameters)", s.modules, s.parameters);
-            let _ = writeln!(o, "  ranks     {}", s.ranks.iter().map(|(r, n)| format!("{r}×{n}")).collect::<Vec<_>>().join(", "));
-            let _ = writeln!(o, "  alphas    {}", s.alphas.iter().map(|(a, n)| format!("{a}×{n}")).collect::<Vec<_>>().join(", "));
-            if s.info.alpha_assumed > 0 {
-                let _ = writeln!(o, "            (α = rank assumed for {} modules: the file does not state it)", s.info.alpha_assumed);
-            }
-            let _ = writeln!(o, "  dtypes    {}", s.dtypes.iter().map(|(d, n)| format!("{d}×{n}")).collect::<Vec<_>>().join(", "));
-            for n in &s.first {
-                let _ = writeln!(o, "  {n}");
-            }
-            if s.modules > s.first.len() {
-                let _ = writeln!(o, "  … {} more", s.modules - s.first.len());
-            }
+            p.value(&s, |o| {
+                writeln!(o, "{}", s.info.path.display())?;
+                writeln!(
+                    o,
+                    "  style     {}{}{}",
+                    s.info.style.as_str(),
+                    if s.info.mixed { " (mixed suffixes)" } else { "" },
+                    if s.info.prefix.is_empty() { String::new() } else { format!(", prefix {}", s.info.prefix) }
+                )?;
+                writeln!(o, "  family    {}", s.info.family.as_deref().unwrap_or("unknown"))?;
+                writeln!(o, "  modules   {} ({} parameters)", s.modules, s.parameters)?;
+                writeln!(o, "  ranks     {}", s.ranks.iter().map(|(r, n)| format!("{r}×{n}")).collect::<Vec<_>>().join(", "))?;
+                writeln!(o, "  alphas    {}", s.alphas.iter().map(|(a, n)| format!("{a}×{n}")).collect::<Vec<_>>().join(", "))?;
+                if s.info.alpha_assumed > 0 {
+                    writeln!(o, "            (α = rank assumed for {} modules: the file does not state it)", s.info.alpha_assumed)?;
+                }
+                writeln!(o, "  dtypes    {}", s.dtypes.iter().map(|(d, n)| format!("{d}×{n}")).collect::<Vec<_>>().join(", "))?;
+                for n in &s.first {
+                    writeln!(o, "  {n}")?;
+                }
+                if s.modules > s.first.len() {
+                    writeln!(o, "  … {} more", s.modules - s.first.len())?;
+                }
+                Ok(())
+            });
             Ok(())
         }
     }

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{dense_of, read, LoraModule};
-use crate::atomic::{AtomicDir, AtomicFile};
+use crate::atomic::AtomicDir;
 use crate::cast;
-use crate::convert::{Sink, WEIGHTS_NAME};
 use crate::dtype::DType;
-use crate::error::{clean, Error, IoContext, Kind, Result};
+use crate::error::{clean, Error, Kind, Result};
 use crate::layout::{Layout, Registry};
 use crate::progress::Progress;
 use crate::store::{Checkpoint, Format};
+use crate::write::{self, WEIGHTS_NAME};
 
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
@@ -143,43 +143,26 @@ pub fn merge(base: &Path, loras: &[PathBuf], out: &Path, opts: &MergeOptions) ->
         }
     }
 
-    // Plan the output: the base's names, order and metadata; dtypes as asked.
-    let out_dtype = |i: usize| -> Result<DType> {
-        let d = dense_of(&ck, i)?;
-        Ok(match opts.dtype {
-            Some(want) if d.is_castable_float() => want,
-            _ => d,
-        })
-    };
-    let planned: Vec<crate::safetensors::Planned> = ck
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| Ok(crate::safetensors::Planned { name: t.name.clone(), dtype: out_dtype(i)?, shape: t.shape.clone() }))
-        .collect::<Result<_>>()?;
+    // The output: the base's names, order and metadata; dtypes as asked.
     let mut metadata = ck.metadata.clone();
     if metadata.is_empty() {
         metadata.push(("format".into(), "pt".into()));
     }
-    let header = crate::safetensors::plan(planned, Some(&metadata))?;
-    let progress = Progress::bytes(header.file_len(), "merge", opts.quiet);
-
+    let total: u64 = ck.tensors.iter().map(|t| t.len).sum();
+    let progress = Progress::bytes(total, "merge", opts.quiet);
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let bytes_out = if name.ends_with(".safetensors") {
-        let f = write_file(&ck, &header, &by_name, &updates, out, opts, &progress, loras)?;
-        f.commit()?;
-        header.file_len()
+        write_file(&ck, &updates, out, opts, metadata, &progress, loras)?
     } else {
         let dir = AtomicDir::create(out)?;
-        let f = write_file(&ck, &header, &by_name, &updates, &dir.path().join(WEIGHTS_NAME), opts, &progress, loras)?;
-        f.commit()?;
+        let n = write_file(&ck, &updates, &dir.path().join(WEIGHTS_NAME), opts, metadata, &progress, loras)?;
         if let Some(c) = &ck.config {
             let mut text = serde_json::to_string_pretty(&c.json).expect("json");
             text.push('\n');
             crate::atomic::write_file(&dir.path().join("config.json"), text.as_bytes())?;
         }
         dir.commit()?;
-        header.file_len()
+        n
     };
     progress.finish();
     Ok(MergeReport {
@@ -198,57 +181,53 @@ pub fn merge(base: &Path, loras: &[PathBuf], out: &Path, opts: &MergeOptions) ->
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Write the merged checkpoint at `path`: unchanged tensors copied from the map, cast ones and
+/// updated ones computed one at a time. Returns the file's length.
 fn write_file(
     ck: &Checkpoint,
-    header: &crate::safetensors::HeaderPlan,
-    by_name: &HashMap<&str, usize>,
     updates: &HashMap<usize, Vec<Update>>,
     path: &Path,
     opts: &MergeOptions,
+    metadata: Vec<(String, String)>,
     progress: &Progress,
     loras: &[PathBuf],
-) -> Result<AtomicFile> {
-    let mut out = AtomicFile::create(path)?;
-    if !opts.sync {
-        out = out.without_sync();
-    }
-    let tmp = out.temp_path().to_path_buf();
-    {
-        let mut sink = Sink::new(out.file(), &tmp, false, progress).with_writeback(opts.sync);
-        sink.write(&header.bytes)?;
-        for p in &header.order {
-            let i = by_name[p.name.as_str()];
-            let e = &ck.tensors[i];
-            let src = dense_of(ck, i)?;
-            match updates.get(&i) {
-                None if src == p.dtype => sink.copy_from(&ck.files[e.file], e.offset, e.len)?,
-                None => {
-                    let mut buf = vec![0u8; p.size()? as usize];
-                    cast::cast(src, ck.bytes(e), p.dtype, &mut buf, 1.0).map_err(|err| err.context(clean(&e.name)).with_path(&ck.path))?;
-                    sink.write(&buf)?;
-                }
-                Some(ups) => {
-                    let mut w = vec![0f32; e.numel() as usize];
-                    cast::decode_f32(src, ck.bytes(e), &mut w, 1.0).map_err(|err| err.context(clean(&e.name)).with_path(&ck.path))?;
-                    for u in ups {
-                        let ctx = |err: Error| err.context(format!("LoRA module for '{}'", clean(&e.name))).with_path(&loras[u.lora]);
-                        let l = u.module.f32_pair(u.strength).map_err(ctx)?;
-                        let shape2 = [e.shape[0], e.numel() / e.shape[0].max(1)];
-                        crate::moe::loader::apply_lora_delta(&mut w, &shape2, &l).map_err(ctx)?;
-                    }
-                    let mut buf = vec![0u8; p.size()? as usize];
-                    cast::encode_f32(p.dtype, &w, &mut buf)?;
-                    sink.write(&buf)?;
-                }
+) -> Result<u64> {
+    let mut tensors = Vec::with_capacity(ck.tensors.len());
+    for (i, e) in ck.tensors.iter().enumerate() {
+        let src = dense_of(ck, i)?;
+        let dtype = match opts.dtype {
+            Some(want) if src.is_castable_float() => want,
+            _ => src,
+        };
+        let size = crate::dtype::numel(&e.shape).and_then(|n| dtype.byte_size(n)).unwrap_or(0) as usize;
+        let cx = |err: Error| err.context(clean(&e.name)).with_path(&ck.path);
+        tensors.push(match updates.get(&i) {
+            None if src == dtype => {
+                write::Tensor::mapped(e.name.clone(), dtype, e.shape.clone(), e.file, &ck.files[e.file], e.offset, e.len)
             }
-            ck.release(e);
-        }
-        sink.finish()?;
+            None => write::Tensor::computed(e.name.clone(), dtype, e.shape.clone(), move || {
+                let mut buf = vec![0u8; size];
+                cast::cast(src, ck.bytes(e), dtype, &mut buf, 1.0).map_err(cx)?;
+                ck.release(e);
+                Ok(buf)
+            }),
+            Some(ups) => write::Tensor::computed(e.name.clone(), dtype, e.shape.clone(), move || {
+                let mut w = vec![0f32; e.numel() as usize];
+                cast::decode_f32(src, ck.bytes(e), &mut w, 1.0).map_err(cx)?;
+                ck.release(e);
+                for u in ups {
+                    let ctx = |err: Error| err.context(format!("LoRA module for '{}'", clean(&e.name))).with_path(&loras[u.lora]);
+                    let l = u.module.f32_pair(u.strength).map_err(ctx)?;
+                    let shape2 = [e.shape[0], e.numel() / e.shape[0].max(1)];
+                    crate::lora::delta::apply_lora_delta(&mut w, &shape2, &l).map_err(ctx)?;
+                }
+                let mut buf = vec![0u8; size];
+                cast::encode_f32(dtype, &w, &mut buf)?;
+                Ok(buf)
+            }),
+        });
     }
-    let actual = out.file().metadata().with_file(&tmp)?.len();
-    if actual != header.file_len() {
-        return Err(Error::internal(format!("wrote {actual} bytes, planned {}", header.file_len())).with_path(path));
-    }
-    Ok(out)
+    let wopts = write::Options { sync: opts.sync, ..write::Options::default() };
+    let out = write::safetensors(path, tensors, write::Metadata::Fixed(Some(metadata)), &wopts, progress)?;
+    Ok(out.commit()?.iter().map(|w| w.bytes).sum())
 }

@@ -17,23 +17,23 @@
 //!   it, α = r (scale 1), which is what PEFT assumes when `lora_alpha` equals the rank.
 
 pub mod cli;
+pub mod delta;
 mod extract;
 pub mod keys;
 mod merge;
 pub mod svd;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::atomic::AtomicFile;
 use crate::cast;
 use crate::dtype::{self, DType};
-use crate::error::{clean, Error, IoContext, Kind, Result};
+use crate::error::{clean, Error, Kind, Result};
 use crate::layout::{Family, Layout, Registry};
 use crate::store::{Checkpoint, Encoding};
+use crate::write;
 
 pub use extract::{extract, ExtractOptions, ExtractReport};
 pub use keys::{lora_part, LoraPart};
@@ -105,18 +105,12 @@ impl LoraModule {
         let (out, inn) = self.dims();
         let mut w = vec![0f32; out * inn];
         let l = self.f32_pair(1.0)?;
-        crate::moe::loader::apply_lora_delta(&mut w, &[out as u64, inn as u64], &l)?;
+        delta::apply_lora_delta(&mut w, &[out as u64, inn as u64], &l)?;
         Ok(w)
     }
-    /// The pair in f32 with `strength · α / r` as scale, for [`crate::moe::loader::apply_lora_delta`].
-    pub(crate) fn f32_pair(&self, strength: f64) -> Result<crate::moe::loader::Lora> {
-        let mut l = crate::moe::loader::Lora::new(
-            self.down.to_f32()?,
-            &self.down.shape,
-            self.up.to_f32()?,
-            &self.up.shape,
-            Some(self.alpha as f32),
-        )?;
+    /// The pair in f32 with `strength · α / r` as scale, for [`delta::apply_lora_delta`].
+    pub(crate) fn f32_pair(&self, strength: f64) -> Result<delta::Lora> {
+        let mut l = delta::Lora::new(self.down.to_f32()?, &self.down.shape, self.up.to_f32()?, &self.up.shape, Some(self.alpha as f32))?;
         l.scale = (strength * self.scale()) as f32;
         Ok(l)
     }
@@ -512,34 +506,15 @@ pub fn write(set: &LoraSet, path: &Path, opts: &WriteOptions) -> Result<u64> {
         return Err(Error::at(Kind::Usage, path, "no LoRA modules to write"));
     }
     let (tensors, md, alphas) = encode(set, opts)?;
-    let mut planned: Vec<crate::safetensors::Planned> =
-        tensors.iter().map(|(n, r)| crate::safetensors::Planned { name: n.clone(), dtype: r.dtype, shape: r.shape.clone() }).collect();
-    planned.extend(alphas.iter().map(|(n, _)| crate::safetensors::Planned { name: n.clone(), dtype: DType::F32, shape: vec![] }));
-    let header = crate::safetensors::plan(planned, Some(&md))?;
-    let by_name: BTreeMap<&str, &[u8]> = tensors
+    let mut out: Vec<write::Tensor> = tensors
         .iter()
-        .map(|(n, r)| (n.as_str(), r.data.as_slice()))
-        .chain(alphas.iter().map(|(n, b)| (n.as_str(), b.as_slice())))
+        .map(|(n, r)| write::Tensor::new(n.clone(), r.dtype, r.shape.clone(), write::Data::Bytes(r.data.as_slice().into())))
         .collect();
-    let mut out = AtomicFile::create(path)?;
-    if !opts.sync {
-        out = out.without_sync();
-    }
-    let tmp = out.temp_path().to_path_buf();
-    {
-        let mut w = std::io::BufWriter::with_capacity(4 << 20, out.file());
-        w.write_all(&header.bytes).with_file(&tmp)?;
-        for (t, (b, e)) in header.order.iter().zip(&header.offsets) {
-            let data = by_name[t.name.as_str()];
-            if data.len() as u64 != e - b {
-                return Err(Error::internal(format!("tensor '{}': {} bytes, planned {}", t.name, data.len(), e - b)).with_path(path));
-            }
-            w.write_all(data).with_file(&tmp)?;
-        }
-        w.flush().with_file(&tmp)?;
-    }
-    out.commit()?;
-    Ok(header.file_len())
+    out.extend(alphas.iter().map(|(n, b)| write::Tensor::new(n.clone(), DType::F32, vec![], write::Data::Bytes(b.as_slice().into()))));
+    let wopts = write::Options { sync: opts.sync, ..write::Options::default() };
+    let written =
+        write::safetensors(path, out, write::Metadata::Fixed(Some(md)), &wopts, &crate::progress::Progress::hidden())?.commit()?;
+    Ok(written.iter().map(|w| w.bytes).sum())
 }
 
 /// A summary of one LoRA file, for `phasekit lora inspect`.

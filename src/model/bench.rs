@@ -236,7 +236,7 @@ pub fn run(a: &BlockArgs, json: bool) -> Result<()> {
     let device = crate::device::parse(&a.device)?;
     let r = bench(a, &device).map_err(Error::from)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r).map_err(|e| crate::error::Error::internal(e.to_string()))?);
+        crate::cli::printer::print_json(&r);
     } else {
         println!(
             "{:?} block, {} tokens + {} text, {:.0}M params: forward+backward {:.1} GFLOP in {:.3} s = {:.1} GFLOP/s; candle matmul {:.1} GFLOP/s; ratio {:.2}",

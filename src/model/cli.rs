@@ -158,34 +158,22 @@ pub fn forward(a: &ForwardArgs) -> Result<(Tensor, ForwardReport)> {
     Ok((out, report))
 }
 
-/// One f32 tensor named `name` as safetensors bytes.
-pub fn safetensors_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>> {
+/// `t` as an f32 tensor of a safetensors file.
+pub fn f32_tensor(name: &str, t: &Tensor) -> Result<crate::write::Tensor<'static>> {
     let vals = t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(Error::from)?;
-    let header = serde_json::json!({ name: { "dtype": "F32", "shape": t.dims(), "data_offsets": [0, vals.len() * 4] } }).to_string();
-    let mut h = header.into_bytes();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + h.len() + vals.len() * 4);
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    for v in vals {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    Ok(out)
+    let shape = t.dims().iter().map(|&d| d as u64).collect();
+    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(crate::write::Tensor::new(name, crate::DType::F32, shape, crate::write::Data::Bytes(bytes.into())))
 }
 
 /// The `forward` command.
-pub fn run(a: &ForwardArgs, json: bool) -> Result<()> {
+pub fn run(a: &ForwardArgs, p: &crate::cli::printer::Printer) -> Result<()> {
     let (out, r) = forward(a)?;
-    crate::atomic::write_file(&a.out, &safetensors_bytes("output", &out)?)?;
-    if json {
-        let text =
-            serde_json::to_string_pretty(&serde_json::json!({ "ok": true, "report": r })).map_err(|e| Error::internal(e.to_string()))?;
-        println!("{text}");
-    } else {
+    crate::write::tensors(&a.out, vec![f32_tensor("output", &out)?], None)?;
+    p.report(&r, |o| {
         let cmp = r.rel_l2.map(|e| format!(", relative L2 vs `output` {e:.3e}")).unwrap_or_default();
-        println!(
+        writeln!(
+            o,
             "{} [{} {}, {} layout] {} → {} {:?} in {:.2} s{cmp}",
             r.model.display(),
             r.family,
@@ -195,7 +183,7 @@ pub fn run(a: &ForwardArgs, json: bool) -> Result<()> {
             a.out.display(),
             r.output_shape,
             r.seconds
-        );
-    }
+        )
+    });
     Ok(())
 }

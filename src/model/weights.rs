@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::{clean, Error, Kind, Result};
 use crate::layout::{Layout, Registry};
-use crate::store::{Checkpoint, Encoding};
+use crate::store::{Checkpoint, Encoding, SCALE_SUFFIXES};
 
 /// An opened checkpoint with its family, layout and diffusers-dialect config.
 pub struct Weights {
@@ -33,8 +33,6 @@ pub struct Weights {
     /// Prefix of the parameter names (`model.diffusion_model.`, ...).
     prefix: String,
 }
-
-const SCALE_SUFFIXES: [&str; 2] = [".scale_weight", ".weight_scale"];
 
 impl Weights {
     /// Open `path` (file or folder) and map its tensor names to diffusers names.
@@ -78,7 +76,7 @@ impl Weights {
                 }
                 continue;
             }
-            if crate::convert::is_scale_companion(name) {
+            if crate::store::is_scale_companion(name) {
                 continue;
             }
             let Some(stripped) = name.strip_prefix(det.prefix.as_str()) else { continue };

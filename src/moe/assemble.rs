@@ -8,35 +8,33 @@
 //!    parameter, dtype and shape; differing tensors differ within their first bytes, so this
 //!    costs almost nothing) and stored once: `shared.<param>` when every expert has it, else
 //!    under the first expert's name plus an alias.
-//! 3. The header is planned first (hashes as zero placeholders of their final length; files
-//!    that copy ≥ 64 MiB in source order with `padding.<k>` tensors that keep each copied run
-//!    at its source offset modulo 64 KiB), then data streams straight from the maps into a
-//!    temporary file (`copy_file_range` for plain copies, casts and LoRA merges in bounded
-//!    windows) while the sha256 of every tensor is computed from the same bytes on the other
-//!    cores; durable outputs start their writeback as they are written (`crate::writeback`).
-//!    The header is then rewritten in place
-//!    with the real hashes and digest (same length), the file synced and renamed; the
+//! 3. The output goes through the one safetensors writer (`crate::write`): the header is
+//!    planned first (hashes as zero placeholders of their final length; files that copy ≥ 64 MiB
+//!    in source order with `padding.<k>` tensors that keep each copied run at its source offset
+//!    modulo 64 KiB), then data streams straight from the maps into a temporary file
+//!    (`copy_file_range` for plain copies, casts and LoRA merges computed in bounded batches)
+//!    while the sha256 of every tensor is computed from the same bytes on the other cores;
+//!    durable outputs start their writeback as they are written. The header is then rewritten in
+//!    place with the real hashes and digest (same length), the file synced and renamed; the
 //!    `<file>.sha256` sidecar is written last. Any error leaves nothing under the final name.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::format::{self, expert_prefix, lora_part, LoraPart, ModelInfo, MoeMeta, Provenance, TensorHash, MAX_PADDING, PADDING, SHARED};
-use super::loader::{apply_lora_delta, Lora};
+use super::format::{self, expert_prefix, lora_part, LoraPart, ModelInfo, MoeMeta, Provenance, TensorHash, PADDING, SHARED};
+use super::manifest::Manifest;
 use super::routing::{ExpertKind, Routing};
-use crate::atomic::AtomicFile;
 use crate::cast;
-use crate::convert::{shard_name, split_shards, Sink, Written};
 use crate::dtype::DType;
-use crate::error::{clean, Error, IoContext, Kind, Result};
+use crate::error::{clean, Error, Kind, Result};
+use crate::lora::delta::{apply_lora_delta, Lora};
 use crate::progress::Progress;
 use crate::store::{Checkpoint, Encoding};
+use crate::write::{self, Written};
 
 /// One expert to assemble.
 #[derive(Debug, Clone)]
@@ -128,87 +126,10 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-/// The trainer's run manifest (`RUN_DIR/manifest.json`, schema `phasekit.run/1`, see
-/// `docs/moe-format.md`). Paths are relative to the run folder.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub format: String,
-    pub experts: Vec<ManifestExpert>,
-    #[serde(default)]
-    pub base: Option<String>,
-    pub shift: f64,
-    pub steps: u32,
-    #[serde(default = "euler")]
-    pub solver: String,
-    #[serde(default = "one")]
-    pub guidance: f64,
-    #[serde(default = "thousand")]
-    pub num_train_timesteps: f64,
-    #[serde(default)]
-    pub teacher_digests: Vec<String>,
-    #[serde(default)]
-    pub recipe_digest: Option<String>,
-    #[serde(default)]
-    pub title: Option<String>,
-    /// Model description for models no layout family covers (the toy: `kind = "toy-mlp"`).
-    #[serde(default)]
-    pub model: Option<ModelInfo>,
-    /// The latent size `[frames, height, width]` the run trained at (stored as
-    /// `phasekit.moe.sample`, the default of `sample --moe`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latent: Option<[usize; 3]>,
-}
-
-fn euler() -> String {
-    "euler".into()
-}
-fn one() -> f64 {
-    1.0
-}
-fn thousand() -> f64 {
-    1000.0
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ManifestExpert {
-    pub path: String,
-    pub sigma_lo: f64,
-    pub sigma_hi: f64,
-    /// Timesteps the trainer distilled this expert for; checked against the routing.
-    #[serde(default)]
-    pub timesteps: Option<Vec<f64>>,
-    pub kind: ExpertKind,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub guidance: Option<f64>,
-    /// The base this LoRA expert applies to, when not the manifest's `base`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base: Option<String>,
-}
-
-pub const MANIFEST_TAG: &str = "phasekit.run/1";
-
 /// Read `RUN_DIR/manifest.json` into assemble options (other fields at their defaults).
 pub fn options_from_run(run: &Path) -> Result<(Options, Manifest)> {
-    let p = run.join("manifest.json");
-    let text = std::fs::read(&p).with_file(&p)?;
-    if text.len() > 16 << 20 {
-        return Err(Error::limit(&p, "manifest larger than 16 MiB"));
-    }
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| Error::malformed(&p, format!("invalid manifest: {e}")))?;
-    if m.format != MANIFEST_TAG {
-        return Err(Error::at(Kind::Unsupported, &p, format!("manifest format '{}' is not {MANIFEST_TAG}", clean(&m.format))));
-    }
-    let rel = |s: &str| -> Result<PathBuf> {
-        let q = Path::new(s);
-        if s.is_empty() || q.is_absolute() || q.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-            return Err(Error::malformed(&p, format!("path '{}' must be relative and inside the run folder", clean(s))));
-        }
-        Ok(run.join(q))
-    };
+    let m = Manifest::read(run)?;
+    let rel = |s: &str| m.path_in(run, s);
     let experts = m
         .experts
         .iter()
@@ -253,7 +174,7 @@ pub fn check_run_options(m: &Manifest, opts: &Options) -> Result<()> {
         .map(|(i, e)| (e.name.clone().unwrap_or(format!("e{i}")), ExpertKind::Full, e.sigma_lo, e.sigma_hi, None))
         .collect();
     let r = Routing::new(names, opts.steps, opts.shift, &opts.solver, opts.guidance, opts.num_train_timesteps)?;
-    check_manifest_timesteps(m, &r)
+    m.check_timesteps(&r)
 }
 
 /// Assemble a trainer run folder (`RUN_DIR/manifest.json`) into `output` with default options.
@@ -262,23 +183,6 @@ pub fn assemble_run(run: &Path, output: &Path, force: bool) -> Result<Report> {
     let opts = Options { force, ..opts };
     check_run_options(&m, &opts)?;
     assemble(&opts, output)
-}
-
-/// Check a manifest's declared timesteps against the routing built from its ranges.
-pub fn check_manifest_timesteps(m: &Manifest, r: &Routing) -> Result<()> {
-    for (i, e) in m.experts.iter().enumerate() {
-        if let Some(ts) = &e.timesteps {
-            let have = &r.experts[i].timesteps;
-            let same = ts.len() == have.len() && ts.iter().zip(have).all(|(a, b)| (a - b).abs() <= 1e-6 * r.num_train_timesteps);
-            if !same {
-                return Err(Error::new(
-                    Kind::Inconsistent,
-                    format!("manifest expert {i} lists timesteps {ts:?} but steps {} with shift {} route {have:?} to it", r.steps, r.shift),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// How one output tensor's bytes are produced.
@@ -802,16 +706,24 @@ pub fn assemble(opts: &Options, output: &Path) -> Result<Report> {
     };
     let bytes_in: u64 = cks.iter().map(|c| c.data_bytes()).sum();
     let progress = if opts.quiet { Progress::hidden() } else { Progress::bytes(out.iter().map(size_of).sum(), "assemble", false) };
-    let wo = WriteOpts { shard_size: opts.shard_size, sidecar: opts.sidecar, sync: opts.sync, pad: true };
-    let (files, written, _hashes) = write_outputs(&cks, &out, output, wo, &progress, &mut |h| {
+    let wopts = write::Options {
+        layout: write::Layout::PaddingTensors { prefix: PADDING },
+        shard_size: opts.shard_size,
+        sync: opts.sync,
+        file_hash: if opts.sidecar { write::FileHash::AfterWriting } else { write::FileHash::None },
+        tensor_hashes: true,
+        index_metadata: vec![(format::KEY_FORMAT.to_string(), meta.tag().to_string())],
+    };
+    let mut metadata = |h: &write::Hashes| {
         for (name, hex) in h {
             if let Some(e) = meta.tensors.get_mut(name) {
                 e.2 = hex.clone();
             }
         }
         meta.to_metadata()
-    })?;
-    commit(files, &written, opts.sidecar)?;
+    };
+    let written =
+        write::safetensors(output, writer_tensors(&cks, &out), write::Metadata::AfterHashes(&mut metadata), &wopts, &progress)?.commit()?;
     progress.finish();
     let md = meta.to_metadata();
     Ok(Report {
@@ -859,8 +771,8 @@ fn same_bytes(cks: &[Checkpoint], a: &OutT, b: &OutT) -> bool {
     }
 }
 
-/// The bytes of one output tensor: borrowed from the map when copied as is.
-pub(crate) fn materialize<'a>(cks: &'a [Checkpoint], t: &OutT) -> Result<Cow<'a, [u8]>> {
+/// The bytes of a cast or merged output tensor.
+fn materialize(cks: &[Checkpoint], t: &OutT) -> Result<Vec<u8>> {
     let ctx = |e: Error| e.context(format!("tensor '{}'", clean(&t.name)));
     match &t.src {
         Src::Copy { ck, t: i } => {
@@ -868,11 +780,12 @@ pub(crate) fn materialize<'a>(cks: &'a [Checkpoint], t: &OutT) -> Result<Cow<'a,
             let bytes = cks[*ck].bytes(e);
             let from = dense(&cks[*ck], *i)?;
             if from == t.dtype {
-                return Ok(Cow::Borrowed(bytes));
+                return Ok(bytes.to_vec());
             }
             let mut out = vec![0u8; size_of(t) as usize];
             cast::cast(from, bytes, t.dtype, &mut out, 1.0).map_err(ctx)?;
-            Ok(Cow::Owned(out))
+            cks[*ck].release(e);
+            Ok(out)
         }
         Src::Merge { base, ck, down, up, alpha } => {
             let b = &cks[base.0];
@@ -887,358 +800,38 @@ pub(crate) fn materialize<'a>(cks: &'a [Checkpoint], t: &OutT) -> Result<Cow<'a,
             apply_lora_delta(&mut w, &be.shape, &l).map_err(ctx)?;
             let mut out = vec![0u8; size_of(t) as usize];
             cast::encode_f32(t.dtype, &w, &mut out).map_err(ctx)?;
-            Ok(Cow::Owned(out))
+            Ok(out)
         }
-        Src::Const(bytes) => Ok(Cow::Owned(bytes.clone())),
+        Src::Const(bytes) => Ok(bytes.clone()),
     }
 }
 
-/// Bytes of owned (cast or merged) data materialised per batch.
-const BATCH_BYTES: u64 = 256 << 20;
-
-type Hashes = HashMap<String, String>;
-
-/// Write `tensors` as one safetensors file at `output`, or as shards with an index when they
-/// exceed `shard_size`. `metadata` is called twice: with zero hashes to plan the header, then
-/// with the real ones; both results must serialise to the same length.
-/// How [`write_outputs`] writes: shard size, `.sha256` sidecars, fsync before the rename,
-/// padding tensors for page-congruent copies.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct WriteOpts {
-    pub shard_size: Option<u64>,
-    pub sidecar: bool,
-    pub sync: bool,
-    /// Lay large copies out at their source offset modulo 64 KiB, with `padding.<k>` tensors
-    /// between runs from different places (MoE checkpoints only: exports stay plain).
-    pub pad: bool,
-}
-
-/// One entry of a shard's data: a tensor of the output or a padding tensor of this many bytes.
-#[derive(Debug, Clone, Copy)]
-enum Item {
-    T(usize),
-    Pad(u64),
-}
-
-/// A shard's tensors in data order, as the header planner takes them, and the JSON padding
-/// that brings the header to its planned length.
-struct ShardLayout {
-    items: Vec<Item>,
-    planned: Vec<crate::safetensors::Planned>,
-    json_pad: usize,
-}
-
-impl ShardLayout {
-    fn header(&self, md: &[(String, String)]) -> Result<crate::safetensors::HeaderPlan> {
-        let mut h = crate::safetensors::plan_in_order(self.planned.clone(), Some(md))?;
-        if self.json_pad > 0 {
-            h.pad_json(self.json_pad)?;
-        }
-        Ok(h)
+/// The output tensors as the writer takes them: plain copies straight from the maps (every
+/// source file numbered in checkpoint order, the order large outputs keep), casts and LoRA
+/// merges computed when the writer reaches them.
+pub(crate) fn writer_tensors<'c>(cks: &'c [Checkpoint], tensors: &'c [OutT]) -> Vec<write::Tensor<'c>> {
+    let mut first_file = Vec::with_capacity(cks.len());
+    let mut n = 0;
+    for ck in cks {
+        first_file.push(n);
+        n += ck.files.len();
     }
-}
-
-/// Where a tensor that goes to the kernel as a plain copy sits: (checkpoint, file, offset, length).
-fn kernel_source(cks: &[Checkpoint], t: &OutT) -> Option<(usize, usize, u64, u64)> {
-    match &t.src {
-        Src::Copy { ck, t: ti } if dense(&cks[*ck], *ti).ok() == Some(t.dtype) => {
-            let e = &cks[*ck].tensors[*ti];
-            Some((*ck, e.file, e.offset, e.len))
-        }
-        _ => None,
-    }
-}
-
-/// Plan the data order of one shard. Small outputs and `pad: false` keep the official writer's
-/// order. Otherwise tensors that are computed (casts, merges) come first, then the plain
-/// copies in source order, so that whole runs of a source file go to the kernel as one copy,
-/// and a `padding.<k>` tensor before each run of at least 1 MiB puts it at its source offset
-/// modulo 64 KiB. `copy_file_range` between offsets that disagree within a page measured about
-/// 30 % slower, and the fsync of such a copy 30 % slower again (docs/performance.md).
-fn layout_shard(cks: &[Checkpoint], tensors: &[OutT], s: &[usize], md0: &[(String, String)], pad: bool) -> Result<ShardLayout> {
-    use crate::convert::{CONGRUENCE, CONGRUENT_MIN_BYTES, KERNEL_COPY_MIN};
-    use crate::safetensors::Planned;
-    let planned = |i: usize| Planned { name: tensors[i].name.clone(), dtype: tensors[i].dtype, shape: tensors[i].shape.clone() };
-    let official = || -> Result<ShardLayout> {
-        let h = crate::safetensors::plan(s.iter().map(|&i| planned(i)).collect(), Some(md0))?;
-        let by_name: HashMap<&str, usize> = s.iter().map(|&i| (tensors[i].name.as_str(), i)).collect();
-        let items = h.order.iter().map(|p| Item::T(by_name[p.name.as_str()])).collect();
-        Ok(ShardLayout { items, planned: h.order, json_pad: 0 })
-    };
-    let copied: u64 = s.iter().filter_map(|&i| kernel_source(cks, &tensors[i])).map(|k| k.3).sum();
-    if !pad || copied < CONGRUENT_MIN_BYTES {
-        return official();
-    }
-    let (mut copies, computed): (Vec<usize>, Vec<usize>) = s.iter().partition(|&&i| kernel_source(cks, &tensors[i]).is_some());
-    let src = |i: usize| kernel_source(cks, &tensors[i]).expect("a copy");
-    copies.sort_by_key(|&i| {
-        let (ck, file, offset, _) = src(i);
-        (ck, file, offset)
-    });
-    let by_name: HashMap<&str, usize> = computed.iter().map(|&i| (tensors[i].name.as_str(), i)).collect();
-    let mut items: Vec<Item> = crate::safetensors::plan(computed.iter().map(|&i| planned(i)).collect(), None)?
-        .order
+    tensors
         .iter()
-        .map(|p| Item::T(by_name[p.name.as_str()]))
-        .collect();
-    // Runs of copies that follow each other in one source file; a padding slot before each
-    // run long enough to be copied by the kernel.
-    let mut k = 0;
-    while k < copies.len() {
-        let (end, len) = crate::convert::source_run(k, |m| copies.get(m).map(|&i| src(i)).map(|(c, f, o, l)| ((c, f), o, l)));
-        if len >= KERNEL_COPY_MIN {
-            items.push(Item::Pad(MAX_PADDING));
-        }
-        items.extend(copies[k..end].iter().map(|&i| Item::T(i)));
-        k = end;
-    }
-    let pad_name = |k: usize| format!("{PADDING}{k}");
-    let plan_items = |items: &[Item]| -> Vec<Planned> {
-        let mut pads = 0;
-        items
-            .iter()
-            .map(|it| match *it {
-                Item::T(i) => planned(i),
-                Item::Pad(n) => {
-                    pads += 1;
-                    Planned { name: pad_name(pads - 1), dtype: DType::U8, shape: vec![n] }
-                }
-            })
-            .collect()
-    };
-    // Every padding at its longest gives the longest header (every number has at least as
-    // many digits); the real header is padded with spaces to that length, and the paddings
-    // are sized for data that starts there.
-    let longest = crate::safetensors::plan_in_order(plan_items(&items), Some(md0))?.bytes.len() as u64;
-    let mut at = longest;
-    let mut sized = Vec::with_capacity(items.len());
-    for (n, it) in items.iter().enumerate() {
-        match *it {
-            Item::T(i) => {
-                at += size_of(&tensors[i]);
-                sized.push(Item::T(i));
+        .map(|t| match &t.src {
+            Src::Copy { ck, t: i } if dense(&cks[*ck], *i).ok() == Some(t.dtype) => {
+                let e = &cks[*ck].tensors[*i];
+                write::Tensor::mapped(
+                    t.name.clone(),
+                    t.dtype,
+                    t.shape.clone(),
+                    first_file[*ck] + e.file,
+                    &cks[*ck].files[e.file],
+                    e.offset,
+                    e.len,
+                )
             }
-            Item::Pad(_) => {
-                let Some(Item::T(first)) = items.get(n + 1) else { continue };
-                let (_, _, offset, _) = src(*first);
-                let want = (offset % CONGRUENCE + CONGRUENCE - at % CONGRUENCE) % CONGRUENCE;
-                // The run lands exactly as aligned as in its source.
-                if want > 0 {
-                    at += want;
-                    sized.push(Item::Pad(want));
-                }
-            }
-        }
-    }
-    let planned_items = plan_items(&sized);
-    let real = crate::safetensors::plan_in_order(planned_items.clone(), Some(md0))?.bytes.len() as u64;
-    if real > longest {
-        return Err(Error::internal(format!("padded header is {real} bytes, over its bound {longest}")));
-    }
-    Ok(ShardLayout { items: sized, planned: planned_items, json_pad: (longest - real) as usize })
-}
-
-pub(crate) fn write_outputs(
-    cks: &[Checkpoint],
-    tensors: &[OutT],
-    output: &Path,
-    wo: WriteOpts,
-    progress: &Progress,
-    metadata: &mut dyn FnMut(&Hashes) -> Vec<(String, String)>,
-) -> Result<(Vec<AtomicFile>, Vec<Written>, Hashes)> {
-    let WriteOpts { shard_size, sidecar, sync, pad } = wo;
-    let sizes: Vec<u64> = tensors.iter().map(size_of).collect();
-    let shards = match shard_size {
-        Some(max) => split_shards(&sizes, max),
-        None => vec![(0..tensors.len()).collect()],
-    };
-    let paths: Vec<PathBuf> = if shards.len() <= 1 {
-        vec![output.to_path_buf()]
-    } else {
-        (0..shards.len()).map(|i| shard_name(output, i, shards.len())).collect()
-    };
-    let md0 = metadata(&HashMap::new());
-    let mut hashes: Hashes = HashMap::new();
-    let mut files = Vec::new();
-    let mut layouts = Vec::new();
-    let zeros = vec![0u8; MAX_PADDING as usize];
-    for (s, path) in shards.iter().zip(&paths) {
-        let layout = layout_shard(cks, tensors, s, &md0, pad)?;
-        let header = layout.header(&md0)?;
-        let mut f = AtomicFile::create(path)?;
-        if !sync {
-            f = f.without_sync();
-        }
-        let tmp = f.temp_path().to_path_buf();
-        {
-            let mut sink = Sink::new(f.file(), &tmp, false, progress).with_writeback(sync);
-            sink.write(&header.bytes)?;
-            let mut batch: Vec<usize> = Vec::new();
-            let mut owned = 0u64;
-            for it in &layout.items {
-                let i = match *it {
-                    Item::T(i) => i,
-                    Item::Pad(n) => {
-                        stream_batch(cks, tensors, &batch, &mut sink, &mut hashes)?;
-                        batch.clear();
-                        owned = 0;
-                        sink.write(&zeros[..n as usize])?;
-                        continue;
-                    }
-                };
-                if kernel_source(cks, &tensors[i]).is_none() {
-                    owned += sizes[i];
-                }
-                batch.push(i);
-                if owned >= BATCH_BYTES || batch.len() >= 4096 {
-                    stream_batch(cks, tensors, &batch, &mut sink, &mut hashes)?;
-                    batch.clear();
-                    owned = 0;
-                }
-            }
-            stream_batch(cks, tensors, &batch, &mut sink, &mut hashes)?;
-            sink.finish()?;
-        }
-        let len = f.file().metadata().with_file(&tmp)?.len();
-        if len != header.file_len() {
-            return Err(Error::internal(format!("wrote {len} bytes, planned {}", header.file_len())).with_path(path));
-        }
-        files.push(f);
-        layouts.push((layout, header.bytes.len()));
-    }
-    // The real header, same length, over the placeholder.
-    let md = metadata(&hashes);
-    let mut written = Vec::new();
-    for (path, (f, (layout, hlen))) in paths.iter().zip(files.iter_mut().zip(&layouts)) {
-        let header = layout.header(&md)?;
-        if header.bytes.len() != *hlen {
-            return Err(Error::internal(format!("final header is {} bytes, planned {hlen}", header.bytes.len())).with_path(path));
-        }
-        let tmp = f.temp_path().to_path_buf();
-        f.file().seek(SeekFrom::Start(0)).with_file(&tmp)?;
-        f.file().write_all(&header.bytes).with_file(&tmp)?;
-        f.file().flush().with_file(&tmp)?;
-        written.push(Written { path: path.clone(), bytes: header.file_len(), sha256: None });
-    }
-    // The sidecar's whole-file hash reads the output back from the page cache while the
-    // kernel writes it to disk: the fsync and the hash overlap instead of adding up.
-    let handles: Vec<(std::fs::File, PathBuf)> = if sync {
-        files
-            .iter_mut()
-            .map(|f| Ok((f.file().try_clone().with_file(f.temp_path())?, f.temp_path().to_path_buf())))
-            .collect::<Result<_>>()?
-    } else {
-        Vec::new()
-    };
-    let digests = std::thread::scope(|s| -> Result<Vec<Result<String>>> {
-        let syncing = s.spawn(move || -> Result<()> {
-            for (h, p) in &handles {
-                h.sync_all().with_file(p)?;
-            }
-            Ok(())
-        });
-        let digests =
-            if sidecar { files.par_iter().map(|f| crate::hash::sha256_file(f.temp_path(), &|_| {})).collect() } else { Vec::new() };
-        syncing.join().map_err(|_| Error::internal("fsync thread panicked"))??;
-        Ok(digests)
-    })?;
-    for (w, d) in written.iter_mut().zip(digests) {
-        w.sha256 = Some(d?);
-    }
-    if shards.len() > 1 {
-        let mut weight_map = BTreeMap::new();
-        for (s, p) in shards.iter().zip(&paths) {
-            for &i in s {
-                weight_map.insert(tensors[i].name.clone(), file_name(p));
-            }
-        }
-        let mut meta = serde_json::Map::new();
-        meta.insert("total_size".into(), sizes.iter().sum::<u64>().into());
-        let tag = md0.iter().find(|(k, _)| k == format::KEY_FORMAT).map_or(format::FORMAT_TAG, |(_, v)| v.as_str());
-        meta.insert(format::KEY_FORMAT.into(), tag.into());
-        let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
-        let mut text = serde_json::to_string_pretty(&index).expect("json");
-        text.push('\n');
-        let ipath = PathBuf::from(format!("{}.index.json", output.display()));
-        let mut f = AtomicFile::create(&ipath)?;
-        f.write_all(text.as_bytes()).with_file(&ipath)?;
-        files.push(f);
-        written.push(Written { path: ipath, bytes: text.len() as u64, sha256: sidecar.then(|| crate::hash::sha256_hex(text.as_bytes())) });
-    }
-    Ok((files, written, hashes))
-}
-
-/// Write a batch of tensors in order while hashing the same bytes on the other cores.
-///
-/// One thread (this one) writes; `threads − 1` others hash tensors, taking the next unhashed
-/// one from a shared counter, and the writer joins them once its copies are issued. The writer
-/// gets a core of its own: with hashing on every core (the rayon pool) the kernel copy shared its
-/// core with a hasher and took almost twice `cp`'s time on 2 cores (docs/performance.md).
-fn stream_batch(cks: &[Checkpoint], tensors: &[OutT], batch: &[usize], sink: &mut Sink, hashes: &mut Hashes) -> Result<()> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let bufs: Vec<Cow<[u8]>> = batch.par_iter().map(|&i| materialize(cks, &tensors[i])).collect::<Result<_>>()?;
-    let digests: Vec<std::sync::OnceLock<String>> = bufs.iter().map(|_| std::sync::OnceLock::new()).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let hash_rest = || loop {
-        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(b) = bufs.get(k) else { break };
-        let _ = digests[k].set(crate::hash::sha256_hex(b));
-    };
-    let hashers = rayon::current_num_threads().saturating_sub(1).clamp(1, bufs.len());
-    std::thread::scope(|s| -> Result<()> {
-        let workers: Vec<_> = (0..hashers).map(|_| s.spawn(hash_rest)).collect();
-        // Plain copies that follow each other in one source file go to the kernel as one
-        // copy_file_range (one call per tensor measured up to 30 % slower on ext4).
-        // (Exactly the tensors `materialize` borrows from the map.)
-        let copy_of = |k: usize| kernel_source(cks, &tensors[*batch.get(k)?]);
-        let mut k = 0;
-        let written = (|| -> Result<()> {
-            while k < batch.len() {
-                let Some((ck, file, offset, _)) = copy_of(k) else {
-                    sink.write(&bufs[k])?;
-                    k += 1;
-                    continue;
-                };
-                let (end, len) = crate::convert::source_run(k, |m| copy_of(m).map(|(c, f, o, l)| ((c, f), o, l)));
-                sink.copy_from(&cks[ck].files[file], offset, len)?;
-                k = end;
-            }
-            Ok(())
-        })();
-        if written.is_err() {
-            // Stop the hashers early: nothing they compute will be used.
-            next.store(usize::MAX / 2, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            hash_rest();
-        }
-        for w in workers {
-            w.join().map_err(|_| Error::internal("hashing thread panicked"))?;
-        }
-        written
-    })?;
-    for (&i, d) in batch.iter().zip(digests) {
-        // The writer hashed whatever the workers had not taken before joining them.
-        hashes.insert(tensors[i].name.clone(), d.into_inner().expect("every tensor hashed"));
-        if let Src::Copy { ck, t } = &tensors[i].src {
-            cks[*ck].release(&cks[*ck].tensors[*t]);
-        }
-    }
-    Ok(())
-}
-
-/// Rename every file into place, then write the sidecars.
-pub(crate) fn commit(files: Vec<AtomicFile>, written: &[Written], sidecar: bool) -> Result<()> {
-    for f in files {
-        f.commit()?;
-    }
-    if sidecar {
-        for w in written {
-            if let Some(h) = &w.sha256 {
-                crate::atomic::write_file(&crate::hash::sidecar_path(&w.path), crate::hash::sidecar_line(h, &w.path).as_bytes())?;
-            }
-        }
-    }
-    Ok(())
+            _ => write::Tensor::computed(t.name.clone(), t.dtype, t.shape.clone(), move || materialize(cks, t)),
+        })
+        .collect()
 }

@@ -1,35 +1,14 @@
-//! Command-line arguments and run functions of `assemble`, `pack`, `unpack`, `export` and
-//! `bench moe` (main.rs only dispatches here).
+//! Command-line arguments and run functions of `assemble`, `pack`, `unpack` and `export`
+//! (`crate::cli` dispatches here; `bench moe` is in `crate::bench::moe`).
 
-use std::io::Write;
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use super::assemble::{self, ExpertInput};
-use crate::bench::{best, sh};
-use crate::dtype::DType;
+use crate::cli::args::{parse_size, DTypeArg};
+use crate::cli::printer::Printer;
 use crate::error::{Error, Result};
-
-/// Output dtype of floating-point tensors.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum DTypeArg {
-    Keep,
-    Bf16,
-    F16,
-    F32,
-}
-
-impl DTypeArg {
-    pub fn dtype(self) -> Option<DType> {
-        match self {
-            DTypeArg::Keep => None,
-            DTypeArg::Bf16 => Some(DType::BF16),
-            DTypeArg::F16 => Some(DType::F16),
-            DTypeArg::F32 => Some(DType::F32),
-        }
-    }
-}
 
 /// `phasekit assemble`: one routed, hashed MoE checkpoint from per-σ-range experts.
 #[derive(Args, Debug)]
@@ -77,7 +56,7 @@ pub struct AssembleArgs {
     #[arg(long)]
     pub guidance: Option<f64>,
     /// Dtype of floating-point tensors.
-    #[arg(long, value_enum, default_value = "keep")]
+    #[arg(long, value_parser = DTypeArg::without_fp8(), default_value = "keep")]
     pub dtype: DTypeArg,
     /// Bake LoRA experts into full experts.
     #[arg(long)]
@@ -117,17 +96,13 @@ fn parse_range(s: &str) -> Result<(f64, f64)> {
     Ok((lo, hi))
 }
 
-fn print_json(v: &impl serde::Serialize) {
-    let _ = writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(v).expect("json"));
-}
-
 /// Build assemble options from the arguments (no I/O apart from reading a manifest).
-pub fn assemble_options(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Options, Option<assemble::Manifest>)> {
+pub fn assemble_options(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Options, Option<super::manifest::Manifest>)> {
     assemble_options_noted(a, quiet).map(|(o, m, _)| (o, m))
 }
 
 /// [`assemble_options`] and what reading a LightX2V run found out.
-fn assemble_options_noted(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Options, Option<assemble::Manifest>, Vec<String>)> {
+fn assemble_options_noted(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Options, Option<super::manifest::Manifest>, Vec<String>)> {
     let lightx2v =
         a.lightx2v_run.clone().or_else(|| a.run.clone().filter(|r| !r.join("manifest.json").exists() && super::lightx2v::is_run(r)));
     let mut notes = Vec::new();
@@ -206,7 +181,7 @@ fn assemble_options_noted(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Op
     }
     opts.dtype = a.dtype.dtype();
     opts.merge_lora = a.merge_lora;
-    opts.shard_size = a.shard_size.as_deref().map(crate::convert::parse_size).transpose()?;
+    opts.shard_size = a.shard_size.as_deref().map(parse_size).transpose()?;
     opts.sidecar = !a.no_sidecar;
     opts.sync = !a.no_sync;
     opts.force = a.force;
@@ -215,18 +190,17 @@ fn assemble_options_noted(a: &AssembleArgs, quiet: bool) -> Result<(assemble::Op
 }
 
 /// `phasekit assemble`.
-pub fn assemble(a: AssembleArgs, json: bool, quiet: bool) -> Result<()> {
-    let (opts, manifest, notes) = assemble_options_noted(&a, quiet)?;
+pub fn assemble(a: AssembleArgs, p: &Printer) -> Result<()> {
+    let (opts, manifest, notes) = assemble_options_noted(&a, p.quiet())?;
     if let Some(m) = &manifest {
         // Timesteps the trainer declared must be the ones the routing gives.
         assemble::check_run_options(m, &opts)?;
     }
     let mut r = assemble::assemble(&opts, &a.out)?;
     r.notes.splice(0..0, notes);
-    if json {
-        print_json(&serde_json::json!({ "ok": true, "report": r }));
-    } else {
-        println!(
+    p.report(&r, |o| {
+        writeln!(
+            o,
             "assembled {} experts → {}: {} tensors ({} shared, {} aliased), {:.1} MB in {:.2} s ({:.0} MB/s), digest {}",
             r.experts,
             r.output.display(),
@@ -237,11 +211,12 @@ pub fn assemble(a: AssembleArgs, json: bool, quiet: bool) -> Result<()> {
             r.seconds,
             r.bytes_out as f64 / 1e6 / r.seconds.max(1e-9),
             r.digest
-        );
+        )?;
         for n in &r.notes {
-            println!("note: {n}");
+            writeln!(o, "note: {n}")?;
         }
-    }
+        Ok(())
+    });
     Ok(())
 }
 
@@ -263,7 +238,7 @@ pub struct ExportArgs {
     #[arg(long)]
     pub no_lora_prefix: bool,
     /// Dtype of floating-point tensors (comfy, diffusers, lora).
-    #[arg(long, value_enum, default_value = "keep")]
+    #[arg(long, value_parser = DTypeArg::without_fp8(), default_value = "keep")]
     pub dtype: DTypeArg,
     /// gguf: tensor type of quantizable weights (F16, BF16, Q8_0, Q4_K, ...).
     #[arg(long)]
@@ -275,7 +250,7 @@ pub struct ExportArgs {
     pub force: bool,
 }
 
-pub fn export(a: ExportArgs, json: bool, quiet: bool) -> Result<()> {
+pub fn export(a: ExportArgs, p: &Printer) -> Result<()> {
     let quant = a
         .quant
         .as_deref()
@@ -292,17 +267,24 @@ pub fn export(a: ExportArgs, json: bool, quiet: bool) -> Result<()> {
         quant,
         sidecar: !a.no_sidecar,
         force: a.force,
-        quiet,
+        quiet: p.quiet(),
     };
     let r = super::export::export(&a.input, &a.out, &opts)?;
-    if json {
-        print_json(&serde_json::json!({ "ok": true, "report": r }));
-    } else {
-        println!("exported {} → {} ({:?}): {} files in {:.2} s", r.input.display(), r.output.display(), r.target, r.files.len(), r.seconds);
+    p.report(&r, |o| {
+        writeln!(
+            o,
+            "exported {} → {} ({:?}): {} files in {:.2} s",
+            r.input.display(),
+            r.output.display(),
+            r.target,
+            r.files.len(),
+            r.seconds
+        )?;
         for w in &r.files {
-            println!("  {} ({:.1} MB)", w.path.display(), w.bytes as f64 / 1e6);
+            writeln!(o, "  {} ({:.1} MB)", w.path.display(), w.bytes as f64 / 1e6)?;
         }
-    }
+        Ok(())
+    });
     Ok(())
 }
 
@@ -329,9 +311,10 @@ pub struct UnpackArgs {
     pub force: bool,
 }
 
-fn pack_line(verb: &str, r: &super::pack::PackReport) {
+fn pack_line(o: &mut dyn std::io::Write, verb: &str, r: &super::pack::PackReport) -> std::io::Result<()> {
     let mb = r.bytes_in.max(r.bytes_out) as f64 / 1e6;
-    println!(
+    writeln!(
+        o,
         "{verb} {} → {}: {:.1} MB → {:.1} MB (ratio {:.3}) in {:.2} s ({:.0} MB/s){}",
         r.input.display(),
         r.output.display(),
@@ -341,251 +324,17 @@ fn pack_line(verb: &str, r: &super::pack::PackReport) {
         r.seconds,
         mb / r.seconds.max(1e-9),
         r.tensors_verified.map(|n| format!(", {n} tensor hashes verified")).unwrap_or_default()
-    );
+    )
 }
 
-pub fn pack(a: PackArgs, json: bool, quiet: bool) -> Result<()> {
-    let r = super::pack::pack(&a.input, &a.out, a.level, a.force, quiet)?;
-    if json {
-        print_json(&serde_json::json!({ "ok": true, "report": r }));
-    } else {
-        pack_line("packed", &r);
-    }
+pub fn pack(a: PackArgs, p: &Printer) -> Result<()> {
+    let r = super::pack::pack(&a.input, &a.out, a.level, a.force, p.quiet())?;
+    p.report(&r, |o| pack_line(o, "packed", &r));
     Ok(())
 }
 
-pub fn unpack(a: UnpackArgs, json: bool, quiet: bool) -> Result<()> {
-    let r = super::pack::unpack(&a.input, &a.out, a.force, quiet)?;
-    if json {
-        print_json(&serde_json::json!({ "ok": true, "report": r }));
-    } else {
-        pack_line("unpacked", &r);
-    }
+pub fn unpack(a: UnpackArgs, p: &Printer) -> Result<()> {
+    let r = super::pack::unpack(&a.input, &a.out, a.force, p.quiet())?;
+    p.report(&r, |o| pack_line(o, "unpacked", &r));
     Ok(())
-}
-
-/// `phasekit bench moe`.
-#[derive(Args, Debug)]
-pub struct BenchMoeArgs {
-    /// Scratch folder on the disk to measure (default: the system temp folder).
-    #[arg(long)]
-    pub dir: Option<PathBuf>,
-    /// Total size of the 4 experts.
-    #[arg(long, default_value = "2GB")]
-    pub size: String,
-    /// Runs per measurement (the best is kept).
-    #[arg(long, default_value_t = 2)]
-    pub repeats: usize,
-}
-
-pub fn bench(a: BenchMoeArgs, json: bool) -> Result<()> {
-    let size = crate::convert::parse_size(&a.size)?;
-    let dir = a.dir.unwrap_or_else(std::env::temp_dir);
-    let lines = bench_run(&dir, size, a.repeats, &mut |m| {
-        if !json {
-            eprintln!("{m}");
-        }
-    })?;
-    if json {
-        print_json(&lines);
-    } else {
-        print!("{}", crate::bench::render(&lines));
-    }
-    Ok(())
-}
-
-fn line(name: &str, value: f64, unit: &str, baseline: &str, base: Option<f64>, target: Option<f64>, note: &str) -> crate::bench::Line {
-    let ratio = base.map(|b| value / b);
-    crate::bench::Line {
-        name: name.into(),
-        value,
-        unit: unit.into(),
-        baseline: baseline.into(),
-        baseline_value: base,
-        ratio,
-        target: target.map(|t| format!("≥ {t}×")).unwrap_or_default(),
-        pass: target.and_then(|t| ratio.map(|r| r >= t)),
-        note: note.into(),
-    }
-}
-
-/// A BF16 expert of `bytes` bytes with weight-like values (≈ N(0, 0.02²)), seeded.
-fn bench_expert(path: &std::path::Path, bytes: u64, seed: u64) -> Result<()> {
-    use rayon::prelude::*;
-    const COLS: u64 = 4096;
-    let rows = 2048u64;
-    let per = rows * COLS * 2;
-    let n = (bytes / per).max(1);
-    let planned = (0..n)
-        .map(|i| crate::safetensors::Planned { name: format!("blocks.{i}.ffn.weight"), dtype: DType::BF16, shape: vec![rows, COLS] })
-        .collect();
-    let plan = crate::safetensors::plan(planned, Some(&[("format".to_string(), "pt".to_string())]))?;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
-    f.write_all(&plan.bytes).map_err(|e| Error::io(path, e))?;
-    let mut buf = vec![0u8; per as usize];
-    for i in 0..n {
-        buf.par_chunks_mut(1 << 16).enumerate().for_each(|(c, out)| {
-            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 32) ^ c as u64 ^ 0xD1B5_4A32_D192_ED03;
-            for v in out.chunks_exact_mut(2) {
-                let mut s = 0f32;
-                for _ in 0..4 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    s += (x >> 40) as f32 / (1u64 << 24) as f32;
-                }
-                let val = (s - 2.0) * 0.035;
-                v.copy_from_slice(&half::bf16::from_f32(val).to_le_bytes());
-            }
-        });
-        f.write_all(&buf).map_err(|e| Error::io(path, e))?;
-    }
-    f.flush().map_err(|e| Error::io(path, e))
-}
-
-fn bench_run(dir: &std::path::Path, size: u64, repeats: usize, log: &mut dyn FnMut(&str)) -> Result<Vec<crate::bench::Line>> {
-    use std::process::Command;
-    let work = dir.join(format!("phasekit-bench-moe-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _guard = Cleanup(work.clone());
-    let cores = rayon::current_num_threads();
-    let mut lines = Vec::new();
-    log(&format!("writing 4 experts of {:.2} GB each in {}", size as f64 / 4e9, work.display()));
-    let experts: Vec<PathBuf> = (0..4).map(|i| work.join(format!("expert{i}.safetensors"))).collect();
-    for (i, p) in experts.iter().enumerate() {
-        bench_expert(p, size / 4, i as u64 + 1)?;
-    }
-    let total: u64 = experts.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
-    sh(Command::new("cat").args(&experts), "cat")?;
-    let cpdir = work.join("cp");
-    let cp = || -> Result<()> {
-        std::fs::create_dir(&cpdir).map_err(|e| Error::io(&cpdir, e))?;
-        sh(Command::new("cp").args(&experts).arg(&cpdir), "cp")
-    };
-    let t_cp = best(repeats, &[&cpdir], cp)?;
-    // assemble fsyncs its output before renaming it by default: compare with a durable copy.
-    let t_cps = best(repeats, &[&cpdir], || {
-        cp()?;
-        sh(Command::new("sync").arg("-f").arg(&cpdir), "sync")
-    })?;
-    let _ = std::fs::remove_dir_all(&cpdir);
-    let out = work.join("moe.safetensors");
-    let opts = |sidecar: bool, sync: bool| assemble::Options {
-        experts: experts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| ExpertInput {
-                path: p.clone(),
-                sigma_lo: i as f64 / 4.0,
-                sigma_hi: (i + 1) as f64 / 4.0,
-                name: None,
-                guidance: None,
-                kind: None,
-                base: None,
-                lora_alpha: None,
-            })
-            .collect(),
-        steps: 4,
-        shift: 5.0,
-        sidecar,
-        sync,
-        force: true,
-        ..assemble::Options::default()
-    };
-    let mbs = |t: f64| total as f64 / 1e6 / t;
-    let gb = format!("{:.2} GB", total as f64 / 1e9);
-    for (sync, sidecar, name, base, t_base) in [
-        (true, true, "assemble 4 experts (+ sidecar)", "cp + sync", t_cps),
-        (true, false, "assemble 4 experts (no sidecar)", "cp + sync", t_cps),
-        (false, true, "assemble --no-sync (+ sidecar)", "cp", t_cp),
-        (false, false, "assemble --no-sync (no sidecar)", "cp", t_cp),
-    ] {
-        let t = best(repeats, &[&out], || assemble::assemble(&opts(sidecar, sync), &out).map(|_| ()))?;
-        let note = if sidecar { format!("{gb}; tensor hashes in the writing pass, file hash overlapped with fsync") } else { gb.clone() };
-        lines.push(line(name, mbs(t), "MB/s", &format!("{base} of the 4 files"), Some(mbs(t_base)), Some(0.9), &note));
-    }
-    log("verify");
-    let t_ver = best(repeats, &[], || {
-        let r = super::verify::verify_path(&out)?;
-        if r.ok {
-            Ok(())
-        } else {
-            Err(Error::internal("bench checkpoint does not verify"))
-        }
-    })?;
-    let t_sum = best(repeats, &[], || sh(Command::new("sha256sum").arg(&out), "sha256sum"))?;
-    lines.push(line(
-        "verify (all tensor hashes)",
-        mbs(t_ver),
-        "MB/s",
-        &format!("{cores} cores × sha256sum"),
-        Some(mbs(t_sum) * cores as f64),
-        Some(0.9),
-        &format!("single sha256sum {:.0} MB/s", mbs(t_sum)),
-    ));
-    log("pack");
-    let pk = work.join("moe.pk");
-    let mut ratio = 0.0;
-    let t_pack = best(repeats, &[], || {
-        ratio = super::pack::pack(&out, &pk, 3, true, true)?.ratio;
-        Ok(())
-    })?;
-    let un = work.join("un.safetensors");
-    let t_un = best(repeats, &[&un], || super::pack::unpack(&pk, &un, true, true).map(|_| ()))?;
-    let zst = work.join("moe.zst");
-    let t_z = best(repeats, &[&zst], || sh(Command::new("zstd").args(["-q", "-f", "-3", "-T0"]).arg(&out).arg("-o").arg(&zst), "zstd"));
-    let zratio = std::fs::metadata(&zst).map(|m| total as f64 / m.len() as f64).ok();
-    let _ = std::fs::remove_file(&zst);
-    match t_z {
-        Ok(t) => {
-            lines.push(line("pack ratio", ratio, "×", "zstd -3 -T0", zratio, Some(1.0), ""));
-            lines.push(line("pack speed", mbs(t_pack), "MB/s", "zstd -3 -T0", Some(mbs(t)), None, ""));
-        }
-        Err(e) => lines.push(line("pack ratio", ratio, "×", "zstd CLI", None, None, &format!("zstd unavailable: {e}"))),
-    }
-    lines.push(line("unpack speed (chunk + tensor hashes checked)", mbs(t_un), "MB/s", "", None, None, ""));
-    let zipnn_ok = Command::new("python3").args(["-c", "import zipnn"]).output().is_ok_and(|o| o.status.success());
-    if zipnn_ok {
-        // File to file and durable, as `phasekit pack` is timed: read, compress, write, fsync.
-        let script = "import os,sys,time,zipnn\nz=zipnn.ZipNN(bytearray_dtype='bfloat16')\nos.sync()\nt=time.time()\nd=open(sys.argv[1],'rb').read()\nc=z.compress(d)\nf=open(sys.argv[2],'wb');f.write(c);f.flush();os.fsync(f.fileno());f.close()\nt=time.time()-t\nos.remove(sys.argv[2])\nprint(len(d)/len(c), len(d)/1e6/t)";
-        let o = Command::new("python3")
-            .args(["-c", script])
-            .arg(&out)
-            .arg(work.join("moe.znn"))
-            .output()
-            .map_err(|e| Error::new(crate::Kind::Io, format!("python3: {e}")))?;
-        let text = String::from_utf8_lossy(&o.stdout).to_string();
-        let v: Vec<f64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-        if v.len() == 2 {
-            lines.push(line("pack ratio vs zipnn", ratio, "×", "zipnn (bfloat16)", Some(v[0]), Some(1.0), ""));
-            lines.push(line(
-                "pack speed vs zipnn",
-                mbs(t_pack),
-                "MB/s",
-                "zipnn (bfloat16)",
-                Some(v[1]),
-                Some(1.0),
-                "file to file, fsync'd, both",
-            ));
-        } else {
-            lines.push(line(
-                "pack vs zipnn",
-                ratio,
-                "×",
-                "zipnn",
-                None,
-                None,
-                &format!("zipnn failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")),
-            ));
-        }
-    } else {
-        lines.push(line("pack vs zipnn", ratio, "×", "zipnn", None, None, "zipnn not installed (pip install zipnn)"));
-    }
-    Ok(lines)
 }

@@ -16,7 +16,8 @@
 
 use sha2::{Digest, Sha256};
 
-use super::format::KEY_DIGEST;
+/// The `__metadata__` key that holds the digest (the one entry it does not cover).
+pub const KEY_DIGEST: &str = "phasekit.moe.digest";
 
 /// The domain-separation prefix (NUL-terminated when hashed).
 pub const DOMAIN: &str = "phasekit.moe/1 metadata digest";

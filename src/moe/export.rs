@@ -17,18 +17,18 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::assemble::{commit, write_outputs, OutT, Src, WriteOpts};
+use super::assemble::{writer_tensors, OutT, Src};
 use super::format::{self, lora_part, LoraPart};
 use super::loader::MoeCheckpoint;
 use super::routing::{ExpertKind, Routing};
 use crate::atomic::AtomicDir;
-use crate::convert::Written;
 use crate::dtype::DType;
 use crate::error::{clean, Error, Kind, Result};
 use crate::layout::{Layout, Registry};
 use crate::progress::Progress;
 use crate::quant::GgmlType;
 use crate::store::Encoding;
+use crate::write::{self, Written, WEIGHTS_NAME};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -206,16 +206,14 @@ pub(super) fn write_one(
     opts: &ExportOptions,
     progress: &Progress,
 ) -> Result<Vec<Written>> {
-    let (files, written, _) = write_outputs(
-        std::slice::from_ref(m.checkpoint()),
-        tensors,
-        path,
-        WriteOpts { shard_size: None, sidecar: opts.sidecar, sync: true, pad: false },
-        progress,
-        &mut |_| md.clone(),
-    )?;
-    commit(files, &written, opts.sidecar)?;
-    Ok(written)
+    let wopts = write::Options {
+        file_hash: if opts.sidecar { write::FileHash::AfterWriting } else { write::FileHash::None },
+        // The hashes are not stored, but this path computes casts and merges in parallel batches.
+        tensor_hashes: true,
+        ..write::Options::default()
+    };
+    let cks = std::slice::from_ref(m.checkpoint());
+    write::safetensors(path, writer_tensors(cks, tensors), write::Metadata::Fixed(Some(md)), &wopts, progress)?.commit()
 }
 
 pub(super) fn write_json(path: &Path, v: &serde_json::Value) -> Result<Written> {
@@ -309,7 +307,7 @@ pub fn export(input: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
                 let d = dir.path().join(sub);
                 std::fs::create_dir(&d).map_err(|e| Error::io(&d, e))?;
                 let ts = full_tensors(&m, i, opts.dtype, &|p| rename(&m, p, Layout::Diffusers))?;
-                files.extend(write_one(&m, &ts, &d.join(crate::convert::WEIGHTS_NAME), ms(i, false), opts, &progress)?);
+                files.extend(write_one(&m, &ts, &d.join(WEIGHTS_NAME), ms(i, false), opts, &progress)?);
                 if let Some(c) = &config {
                     let mut c = c.clone();
                     if let Some(o) = c.as_object_mut() {

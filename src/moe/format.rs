@@ -24,7 +24,7 @@ pub const KEY_MODEL: &str = "phasekit.moe.model";
 pub const KEY_PROVENANCE: &str = "phasekit.moe.provenance";
 pub const KEY_TENSORS: &str = "phasekit.moe.tensors";
 pub const KEY_ALIASES: &str = "phasekit.moe.aliases";
-pub const KEY_DIGEST: &str = "phasekit.moe.digest";
+pub use super::digest::KEY_DIGEST;
 /// Optional: `{"latent": [frames, height, width]}`, the latent size `sample --moe` defaults to.
 pub const KEY_SAMPLE: &str = "phasekit.moe.sample";
 
@@ -35,8 +35,8 @@ pub const BASES: &str = "bases.";
 /// a large file at their source offset modulo 64 KiB. Not in the hash table; `verify` checks
 /// that they are zero; loaders skip them.
 pub const PADDING: &str = "padding.";
-/// The longest padding tensor.
-pub const MAX_PADDING: u64 = (64 << 10) - 8;
+/// The longest padding tensor (the writer's, `crate::write::Layout::PaddingTensors`).
+pub const MAX_PADDING: u64 = crate::write::MAX_PADDING;
 
 /// Where base `j` is stored: `base.` for 0, `bases.<j>.` otherwise.
 pub fn base_prefix(j: usize) -> String {

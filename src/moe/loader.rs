@@ -12,13 +12,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use rayon::prelude::*;
-
 use super::format::{LoraPart, MoeMeta};
 use super::routing::{ExpertKind, Routing};
 use crate::cast;
 use crate::dtype::DType;
 use crate::error::{clean, Error, Kind, Result};
+pub use crate::lora::delta::{apply_lora_delta, Lora};
 use crate::store::{Checkpoint, Encoding, TensorEntry};
 
 /// A tensor as stored: dtype, shape and bytes borrowed from the map.
@@ -168,44 +167,4 @@ pub fn decode(t: &RawTensor) -> Result<Vec<f32>> {
     let mut out = vec![0f32; n];
     cast::decode_f32(t.dtype, t.bytes, &mut out, 1.0)?;
     Ok(out)
-}
-
-/// One LoRA pair in f32: delta = scale · up[out×r] · down[r×in].
-pub struct Lora {
-    pub down: Vec<f32>,
-    pub up: Vec<f32>,
-    pub rank: usize,
-    pub out: usize,
-    pub inn: usize,
-    pub scale: f32,
-}
-
-impl Lora {
-    pub fn new(down: Vec<f32>, down_shape: &[u64], up: Vec<f32>, up_shape: &[u64], alpha: Option<f32>) -> Result<Lora> {
-        let rank = *down_shape.first().unwrap_or(&0) as usize;
-        if rank == 0 || up_shape.len() < 2 || up_shape[1] as usize != rank {
-            return Err(Error::new(Kind::Inconsistent, format!("LoRA shapes down {down_shape:?} and up {up_shape:?} do not share a rank")));
-        }
-        let out = up_shape[0] as usize;
-        let inn = down.len() / rank;
-        let scale = alpha.unwrap_or(rank as f32) / rank as f32;
-        Ok(Lora { down, up, rank, out, inn, scale })
-    }
-}
-
-/// w[out×in] += scale · up · down, rows in parallel (f32 accumulation, as Lightning's merge).
-pub fn apply_lora_delta(w: &mut [f32], shape: &[u64], l: &Lora) -> Result<()> {
-    if w.len() != l.out * l.inn || shape.first().copied() != Some(l.out as u64) {
-        return Err(Error::new(Kind::Inconsistent, format!("LoRA of {}×{} does not fit a weight of shape {shape:?}", l.out, l.inn)));
-    }
-    w.par_chunks_mut(l.inn).enumerate().for_each(|(o, row)| {
-        for k in 0..l.rank {
-            let u = l.up[o * l.rank + k] * l.scale;
-            if u != 0.0 {
-                let d = &l.down[k * l.inn..(k + 1) * l.inn];
-                row.iter_mut().zip(d).for_each(|(x, &y)| *x += u * y);
-            }
-        }
-    });
-    Ok(())
 }

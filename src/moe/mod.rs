@@ -6,6 +6,7 @@
 //! - [`format`]: tensor naming and the `__metadata__` schema, versioned `phasekit.moe/1`;
 //! - [`routing`]: σ ranges that cover (0, 1] without gaps or overlaps, the sampler's timesteps;
 //! - [`digest`]: the canonical metadata digest (specified in words in the docs);
+//! - [`manifest`]: the trainer's run manifest (`phasekit.run/1`), written by `train`, read by `assemble --run`;
 //! - [`assemble`]: experts (full weights or LoRA) → one checkpoint, streaming and hashing;
 //! - [`verify`]: every tensor hash recomputed in parallel, routing edits, structural faults;
 //! - [`pack`]: lossless zstd with byte planes for 16-bit floats;
@@ -21,6 +22,7 @@ pub mod export;
 pub mod format;
 pub mod lightx2v;
 pub mod loader;
+pub mod manifest;
 pub mod pack;
 pub mod routing;
 pub mod verify;

@@ -21,7 +21,7 @@
 //! ```
 
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -29,11 +29,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::atomic::AtomicFile;
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::store::SourceFile;
+use crate::write::Sink;
 
 pub const MAGIC: &[u8; 8] = b"PHKPACK1";
 pub const CHUNK: usize = 4 << 20;
@@ -211,16 +211,16 @@ pub fn pack(input: &Path, output: &Path, level: i32, force: bool, quiet: bool) -
         }
     }
     let progress = if quiet { Progress::hidden() } else { Progress::bytes(src.len, "pack", false) };
-    let mut out = AtomicFile::create(output)?;
+    let mut out = crate::write::create(output, true)?;
     let tmp = out.temp_path().to_path_buf();
-    let mut wb = crate::writeback::Writeback::new(out.file());
-    let mut w = std::io::BufWriter::with_capacity(8 << 20, out.file());
+    // The bar counts input bytes; the sink's own count is of output bytes.
+    let hidden = Progress::hidden();
+    let mut sink = Sink::new(out.file(), &tmp, false, &hidden).with_writeback(true);
     let mut head = MAGIC.to_vec();
     head.extend_from_slice(&src.len.to_le_bytes());
     head.extend_from_slice(&(CHUNK as u32).to_le_bytes());
     head.extend_from_slice(&0u32.to_le_bytes());
-    w.write_all(&head).with_file(&tmp)?;
-    let mut written = head.len() as u64;
+    sink.write(&head)?;
     let window = rayon::current_num_threads().max(1) * 4;
     for win in chunks.chunks(window) {
         let done: Vec<Result<PackedChunk>> = win
@@ -233,28 +233,23 @@ pub fn pack(input: &Path, output: &Path, level: i32, force: bool, quiet: bool) -
             .collect();
         for (&(a, b, _), r) in win.iter().zip(done) {
             let (m, payload, sha) = r?;
-            w.write_all(&[m as u8]).with_file(&tmp)?;
-            w.write_all(&((b - a) as u32).to_le_bytes()).with_file(&tmp)?;
-            w.write_all(&(payload.len() as u32).to_le_bytes()).with_file(&tmp)?;
-            w.write_all(&sha).with_file(&tmp)?;
-            w.write_all(&payload).with_file(&tmp)?;
-            written += 41 + payload.len() as u64;
+            let mut rec = Vec::with_capacity(41);
+            rec.push(m as u8);
+            rec.extend_from_slice(&((b - a) as u32).to_le_bytes());
+            rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            rec.extend_from_slice(&sha);
+            sink.write(&rec)?;
+            sink.write(&payload)?;
             progress.inc((b - a) as u64);
         }
         if let (Some(f), Some(l)) = (win.first(), win.last()) {
             src.release(f.0 as u64, (l.1 - f.0) as u64);
         }
-        if let Some(wb) = &mut wb {
-            // What the buffer still holds is not in the file yet.
-            wb.written_to(written - w.buffer().len() as u64);
-        }
     }
-    w.write_all(&[END]).with_file(&tmp)?;
-    w.write_all(&(chunks.len() as u64).to_le_bytes()).with_file(&tmp)?;
-    written += 9;
-    w.flush().with_file(&tmp)?;
-    drop(w);
-    drop(wb);
+    sink.write(&[END])?;
+    sink.write(&(chunks.len() as u64).to_le_bytes())?;
+    let written = sink.position();
+    sink.finish()?;
     out.commit()?;
     progress.finish();
     Ok(PackReport {
@@ -343,9 +338,9 @@ pub fn unpack(input: &Path, output: &Path, force: bool, quiet: bool) -> Result<P
     }
     let total = u64::from_le_bytes(head[8..16].try_into().expect("8"));
     let progress = if quiet { Progress::hidden() } else { Progress::bytes(total, "unpack", false) };
-    let mut out = AtomicFile::create(output)?;
-    let mut wb = crate::writeback::Writeback::new(out.file());
+    let mut out = crate::write::create(output, true)?;
     let tmp = out.temp_path().to_path_buf();
+    let mut sink = Sink::new(out.file(), &tmp, false, &progress).with_writeback(true);
     let window = rayon::current_num_threads().max(1) * 4;
     let (mut chunks, mut got) = (0u64, 0u64);
     loop {
@@ -397,12 +392,8 @@ pub fn unpack(input: &Path, output: &Path, force: bool, quiet: bool) -> Result<P
             .collect();
         for raw in raws {
             let raw = raw?;
-            out.write_all(&raw).with_file(&tmp)?;
+            sink.write(&raw)?;
             got += raw.len() as u64;
-            progress.inc(raw.len() as u64);
-        }
-        if let Some(wb) = &mut wb {
-            wb.written_to(got);
         }
         chunks += batch.len() as u64;
         if ended {
@@ -416,8 +407,7 @@ pub fn unpack(input: &Path, output: &Path, force: bool, quiet: bool) -> Result<P
     if r.read(&mut rest).with_file(input)? != 0 {
         return Err(Error::malformed(input, "trailing bytes after the end record"));
     }
-    out.flush().with_file(&tmp)?;
-    drop(wb);
+    sink.finish()?;
     // A MoE checkpoint is checked against its own tensor hashes before it appears.
     let mut verified = None;
     if let Ok(ck) = crate::store::Checkpoint::open(&tmp) {

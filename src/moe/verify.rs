@@ -236,33 +236,3 @@ pub fn verify_path(path: &Path) -> Result<MoeReport> {
     let ck = Checkpoint::open(path)?;
     Ok(verify_checkpoint(&ck))
 }
-
-/// The report as `phasekit verify` checks (one per problem, one summary when all is well).
-pub fn as_checks(r: &MoeReport) -> Vec<crate::verify::Check> {
-    use crate::verify::Check;
-    let mut v = Vec::new();
-    for f in &r.faults {
-        v.push(Check { check: "moe".into(), ok: false, detail: f.message.clone() });
-    }
-    for m in &r.mismatches {
-        v.push(Check {
-            check: "moe.sha256".into(),
-            ok: false,
-            detail: format!("tensor '{}': expected {} found {}", m.tensor, m.expected, m.found),
-        });
-    }
-    if r.ok {
-        v.push(Check {
-            check: "moe".into(),
-            ok: true,
-            detail: format!(
-                "{}: {} experts, metadata digest ok, {} tensors ({:.1} MB) match their sha256",
-                r.format,
-                r.experts,
-                r.tensors_checked,
-                r.bytes_hashed as f64 / 1e6
-            ),
-        });
-    }
-    v
-}

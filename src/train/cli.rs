@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::Serialize;
 
 use super::metrics::{self, table};
 use super::quickstart;
@@ -14,6 +13,7 @@ use super::recipe::Recipe;
 use super::rundir::{self, Event, Summary};
 use super::toy::sample::{LoadedMoe, LoadedRun};
 use super::TrainOptions;
+use crate::cli::printer::print_json;
 use crate::error::{Error, Result};
 use crate::model::cli::ComputeDtype;
 
@@ -215,12 +215,6 @@ fn train_with_bar(r: &Recipe, text: &str, out: &Path, opts: &TrainOptions, quiet
     s
 }
 
-fn print_json(v: &impl Serialize) {
-    if let Ok(t) = serde_json::to_string_pretty(v) {
-        println!("{t}");
-    }
-}
-
 /// `phasekit train`.
 pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
     super::single_threaded_kernels();
@@ -239,7 +233,7 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
     if !matches!(dev, candle_core::Device::Cpu) && r.model == "toy" {
         return Err(Error::unsupported("the toy trainer runs on the CPU (its mixture and MLP are too small for a GPU); use --device cpu"));
     }
-    let device_memory = a.device_memory.as_deref().map(crate::convert::parse_size).transpose()?;
+    let device_memory = a.device_memory.as_deref().map(crate::cli::args::parse_size).transpose()?;
     if a.plan {
         if r.is_toy() {
             return Err(Error::usage("--plan is for transformer recipes (the toy needs a few MiB)"));
@@ -550,7 +544,7 @@ pub fn bench_train_toy(a: &BenchTrainToyArgs, json: bool, _quiet: bool) -> Resul
 /// thread) against the PyTorch twin `benches/toy_torch.py` when `python3` has torch.
 pub fn bench_toy_step(a: &BenchToyStepArgs, json: bool, quiet: bool) -> Result<()> {
     use super::speed;
-    use crate::bench::{render, Line};
+    use crate::bench::report::{render, Line};
     super::single_threaded_kernels();
     let log = |m: &str| {
         if !json && !quiet {

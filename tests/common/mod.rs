@@ -1,6 +1,11 @@
-//! Helpers shared by the CLI tests: run the real binary (with a timeout), read safetensors
-//! files and sharded folders independently of phasekit's own reader, find fixtures.
+//! Helpers shared by the integration tests: run the real binary (with a timeout), read
+//! safetensors files and sharded folders independently of phasekit's own reader, find fixtures;
+//! key sets for the layout tests ([`keys`]) and fixture forward passes for the model tests
+//! ([`model`]).
 #![allow(dead_code)]
+
+pub mod keys;
+pub mod model;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -17,6 +22,11 @@ pub fn bin() -> &'static str {
 /// `tests/<rel>` in the source tree.
 pub fn tests_dir(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(rel)
+}
+
+/// `tests/fixtures/<rel>`.
+pub fn fixture(rel: &str) -> PathBuf {
+    tests_dir("fixtures").join(rel)
 }
 
 /// What one run of the binary did.

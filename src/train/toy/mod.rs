@@ -270,9 +270,9 @@ pub fn method_name(r: &Recipe, s: &Schedule) -> String {
 
 /// The assembler's `phasekit.run/1` manifest of a toy run: full MLP experts, no base, model kind
 /// `toy-mlp` with the mixture and MLP shape as its config.
-fn assembler_manifest(m: &Manifest) -> crate::moe::assemble::Manifest {
-    use crate::moe::assemble::{Manifest as RunManifest, ManifestExpert, MANIFEST_TAG};
+fn assembler_manifest(m: &Manifest) -> crate::moe::manifest::Manifest {
     use crate::moe::format::{ModelInfo, KIND_TOY_MLP};
+    use crate::moe::manifest::{Manifest as RunManifest, ManifestExpert, MANIFEST_TAG};
     use crate::moe::routing::ExpertKind;
     let config = ToyModelConfig { method: m.method.clone(), mixture: m.mixture.clone(), mlp: m.mlp.clone() };
     let ranges: Vec<[f64; 2]> = m.experts.iter().map(|e| e.sigma_range).collect();

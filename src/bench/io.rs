@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use serde::Serialize;
+use clap::Args;
 
+use super::{best, rm, sh, Line};
+use crate::cli::printer::Printer;
 use crate::convert::{self, DTypeChoice, OutFormat};
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
@@ -21,17 +23,38 @@ use crate::layout::Layout;
 use crate::quant::GgmlType;
 use crate::replica::{self, Model};
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Line {
-    pub name: String,
-    pub value: f64,
-    pub unit: String,
-    pub baseline: String,
-    pub baseline_value: Option<f64>,
-    pub ratio: Option<f64>,
-    pub target: String,
-    pub pass: Option<bool>,
-    pub note: String,
+/// Arguments of `phasekit bench io`.
+#[derive(Args, Debug)]
+pub struct IoArgs {
+    /// Scratch folder, on the disk you want to measure (default: the system temp folder).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Size of the dense test checkpoint.
+    #[arg(long, default_value = "2GB")]
+    pub size: String,
+    /// Runs per measurement (the best is kept).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Skip the sparse full-size replicas.
+    #[arg(long)]
+    pub no_replicas: bool,
+    /// Skip the Python comparison.
+    #[arg(long)]
+    pub no_python: bool,
+}
+
+/// `phasekit bench io`: progress on stderr, the lines on stdout.
+pub fn run(a: IoArgs, p: &Printer) -> Result<()> {
+    let opts = IoOptions {
+        dir: a.dir.unwrap_or_else(std::env::temp_dir),
+        size: crate::cli::args::parse_size(&a.size)?,
+        repeats: a.repeats,
+        replicas: !a.no_replicas,
+        python: !a.no_python,
+    };
+    let lines = io(&opts, &mut |m| p.log(m))?;
+    super::print(&lines, p);
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -41,35 +64,6 @@ pub struct IoOptions {
     pub repeats: usize,
     pub replicas: bool,
     pub python: bool,
-}
-
-/// Best wall time of `repeats` runs of `f`. Before each run (untimed) the paths in `clear` are
-/// removed and dirty pages are flushed, so no contender pays for freeing or writing back an
-/// earlier run's output (with `discard` mounts, freeing a GB file is not free).
-pub(crate) fn best<F: FnMut() -> Result<()>>(repeats: usize, clear: &[&Path], mut f: F) -> Result<f64> {
-    let mut best = f64::INFINITY;
-    for _ in 0..repeats.max(1) {
-        for p in clear {
-            rm(p);
-        }
-        unsafe { libc::sync() };
-        let t = Instant::now();
-        f()?;
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    Ok(best)
-}
-
-fn rm(p: &Path) {
-    let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
-}
-
-pub(crate) fn sh(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd.output().map_err(|e| Error::io(what, e))?;
-    if !out.status.success() {
-        return Err(Error::internal(format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(())
 }
 
 /// SplitMix64 values shaped like N(0, 0.02) weights, as bf16.
@@ -126,35 +120,8 @@ fn python_has_gguf() -> bool {
     Command::new("python3").args(["-c", "import gguf, numpy, safetensors"]).output().is_ok_and(|o| o.status.success())
 }
 
-const PY_Q8: &str = r#"
-import sys, time, numpy as np, gguf
-import json, struct
-src, dst = sys.argv[1], sys.argv[2]
-t = time.time()
-w = gguf.GGUFWriter(dst, "wan")
-# numpy has no bfloat16: read the raw bf16 bits from a memmap and widen them to f32.
-with open(src, "rb") as fh:
-    n = struct.unpack("<Q", fh.read(8))[0]
-    hdr = json.loads(fh.read(n))
-    base = 8 + n
-    mm = np.memmap(src, dtype=np.uint8, mode="r")
-    for k, v in hdr.items():
-        if k == "__metadata__":
-            continue
-        b, e = v["data_offsets"]
-        bits = mm[base + b: base + e].view(np.uint16).astype(np.uint32) << 16
-        a = bits.view(np.float32).reshape(v["shape"])
-        if a.ndim == 2 and a.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(k, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(k, a)
-w.write_header_to_file()
-w.write_kv_data_to_file()
-w.write_tensors_to_file()
-w.close()
-print(time.time() - t)
-"#;
+/// gguf-py's Q8_0 export of the same tensors, the baseline of the GGUF line.
+const PY_Q8: &str = include_str!("../../benches/gguf_q8.py");
 
 /// Run the I/O benchmark.
 pub fn io(opts: &IoOptions, log: &mut dyn FnMut(&str)) -> Result<Vec<Line>> {
@@ -286,25 +253,4 @@ fn ratio_line(name: &str, v: f64, base: &str, b: f64, target: f64) -> Line {
         pass: Some(r >= target),
         note: String::new(),
     }
-}
-
-/// A text table of bench lines.
-pub fn render(lines: &[Line]) -> String {
-    let mut s = String::new();
-    for l in lines {
-        // Ratios of ratios (compression) need three decimals to show which side wins.
-        let d = if l.unit == "×" { 3 } else { 2 };
-        let base = l.baseline_value.map_or("n/a".into(), |b| format!("{b:.d$}"));
-        let ratio = l.ratio.map_or("".into(), |r| format!("  ratio {r:.d$}×"));
-        let pass = match l.pass {
-            Some(true) => "PASS",
-            Some(false) => "MISS",
-            None => "----",
-        };
-        s.push_str(&format!(
-            "{pass} {:<58} {:>9.d$} {:<5} vs {} {}{ratio}  (target {}) {}\n",
-            l.name, l.value, l.unit, l.baseline, base, l.target, l.note
-        ));
-    }
-    s
 }
