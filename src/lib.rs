@@ -18,6 +18,7 @@ pub mod layout;
 pub mod lora;
 pub mod model;
 pub mod moe;
+pub mod ops;
 pub mod progress;
 pub mod quant;
 pub mod replica;

@@ -1,0 +1,14 @@
+//! Custom ops that own their backward pass (DESIGN decision 9).
+//!
+//! Each op is one module with a portable implementation that runs on every device and is the
+//! reference in tests, plus, behind the `cuda` feature, a fused kernel compiled to PTX at build
+//! time (`kernels/*.cu`, `build.rs`). `docs/ops.md` says what each path computes, how it is
+//! checked and why it was built the way it was.
+//!
+//! - [`attention`]: scaled dot-product attention in O(S) memory (online softmax forward,
+//!   log-sum-exp saved, recomputing backward), for self, cross and masked joint attention.
+
+pub mod attention;
+
+#[cfg(feature = "cuda")]
+pub(crate) mod kernels;
