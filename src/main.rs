@@ -131,6 +131,9 @@ enum BenchCommand {
     ToyStep(phasekit::train::cli::BenchToyStepArgs),
     /// One full-width teacher block forward+backward on the CPU: GFLOP/s vs candle's matmul.
     Block(phasekit::model::bench::BlockArgs),
+    /// The attention op: its paths checked against each other (--check), or timed against
+    /// PyTorch's SDPA backends (`benches/attention_torch.py`, when python3 has torch).
+    Attention(phasekit::ops::bench::AttentionArgs),
     /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
     Moe(phasekit::moe::cli::BenchMoeArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
@@ -438,6 +441,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Quickstart(a) => phasekit::train::cli::quickstart(&a, cli.json, quiet),
         Command::Forward(a) => phasekit::model::cli::run(&a, cli.json),
         Command::Bench(BenchCommand::Block(a)) => phasekit::model::bench::run(&a, cli.json),
+        Command::Bench(BenchCommand::Attention(a)) => phasekit::ops::bench::run(&a, cli.json),
         Command::Bench(BenchCommand::TrainToy(a)) => phasekit::train::cli::bench_train_toy(&a, cli.json, quiet),
         Command::Bench(BenchCommand::ToyStep(a)) => phasekit::train::cli::bench_toy_step(&a, cli.json, quiet),
         Command::Verify { path } => {

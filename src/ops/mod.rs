@@ -9,6 +9,6 @@
 //!   log-sum-exp saved, recomputing backward), for self, cross and masked joint attention.
 
 pub mod attention;
-
+pub mod bench;
 #[cfg(feature = "cuda")]
 pub(crate) mod kernels;
