@@ -11,7 +11,7 @@
 //!   (f64 for f64) and is what the backward pass recomputes the probabilities from.
 //!
 //! **A row whose keys are all masked** has output 0 (not NaN), log-sum-exp +∞, and zero
-//! gradients for its query; masked keys get zero gradients. (PyTorch's SDPA gives NaN there.)
+//! gradients for its query; masked keys get zero gradients.
 //!
 //! No implementation ever holds the `Sq × Sk` matrix: the forward runs the online-softmax
 //! recurrence over key tiles, the backward recomputes each probability tile from the saved
