@@ -34,12 +34,14 @@ pub struct AttentionArgs {
     /// Input dtype of the timings (the check runs bf16, f16 and f32 regardless).
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: crate::model::cli::ComputeDtype,
-    /// Sequence lengths to time (self-attention, batch 1), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "4096,16384,32760")]
-    pub tokens: Vec<usize>,
-    /// Head counts to time, comma-separated (Wan2.2: 40, Qwen-Image: 24).
-    #[arg(long, value_delimiter = ',', default_value = "40,24")]
-    pub heads: Vec<usize>,
+    /// Sequence lengths to time (self-attention, batch 1), comma-separated [default: 4096,16384,32760
+    /// on CUDA, 512,1024 on the CPU].
+    #[arg(long, value_delimiter = ',')]
+    pub tokens: Option<Vec<usize>>,
+    /// Head counts to time, comma-separated (Wan2.2: 40, Qwen-Image: 24) [default: 40,24 on CUDA, 2 on
+    /// the CPU].
+    #[arg(long, value_delimiter = ',')]
+    pub heads: Option<Vec<usize>>,
     /// Head size.
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,
@@ -237,7 +239,13 @@ fn time_one(device: &Device, dt: DType, tokens: usize, heads: usize, d: usize, p
     })
 }
 
-fn torch_rows(a: &AttentionArgs) -> Result<TorchOut> {
+/// `--tokens` and `--heads`, or the device's defaults.
+fn sizes(a: &AttentionArgs, device: &Device) -> (Vec<usize>, Vec<usize>) {
+    let (t, h) = if device.is_cpu() { (vec![512, 1024], vec![2]) } else { (vec![4096, 16384, 32760], vec![40, 24]) };
+    (a.tokens.clone().unwrap_or(t), a.heads.clone().unwrap_or(h))
+}
+
+fn torch_rows(a: &AttentionArgs, tokens: &[usize], heads: &[usize]) -> Result<TorchOut> {
     let script = std::env::temp_dir().join(format!("phasekit-attention-torch-{}.py", std::process::id()));
     std::fs::write(&script, TORCH_TWIN).with_file(&script)?;
     let device = if a.device.starts_with("cuda") { a.device.as_str() } else { "cpu" };
@@ -247,7 +255,7 @@ fn torch_rows(a: &AttentionArgs) -> Result<TorchOut> {
     let out = Command::new("python3")
         .arg(&script)
         .args(["--device", device, "--dtype", &dtype, "--backends", backends])
-        .args(["--tokens", &join(&a.tokens), "--heads", &join(&a.heads)])
+        .args(["--tokens", &join(tokens), "--heads", &join(heads)])
         .args(["--head-dim", &a.head_dim.to_string(), "--repeats", &a.repeats.to_string()])
         .output();
     let _ = std::fs::remove_file(&script);
@@ -317,9 +325,13 @@ pub fn run(a: &AttentionArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     let dt = a.dtype.dtype();
+    let (all_tokens, all_heads) = sizes(a, &device);
+    if all_tokens.contains(&0) || all_heads.contains(&0) || a.head_dim == 0 {
+        return Err(Error::usage("--tokens, --heads and --head-dim must be positive"));
+    }
     let mut rows = Vec::new();
-    for &heads in &a.heads {
-        for &tokens in &a.tokens {
+    for &heads in &all_heads {
+        for &tokens in &all_tokens {
             for &path in &a.paths {
                 rows.push(time_one(&device, dt, tokens, heads, a.head_dim, path, a.repeats).unwrap_or_else(|e| Row {
                     implementation: format!("phasekit {}", path.name()),
@@ -341,7 +353,7 @@ pub fn run(a: &AttentionArgs, json: bool) -> Result<()> {
     } else if !python_has_torch() {
         torch_note = Some("skipped: torch not available (python3 -c \"import torch\" failed)".to_string());
     } else {
-        match torch_rows(a) {
+        match torch_rows(a, &all_tokens, &all_heads) {
             Ok(t) => {
                 torch = Some(format!("{} on {}", t.torch, t.device));
                 rows.extend(t.rows);
@@ -375,8 +387,8 @@ pub fn run(a: &AttentionArgs, json: bool) -> Result<()> {
         "{:>6} {:>5}  {:<18} {:>10} {:>8} {:>12} {:>8} {:>7}",
         "tokens", "heads", "impl", "fwd ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "speed"
     );
-    for &heads in &a.heads {
-        for &tokens in &a.tokens {
+    for &heads in &all_heads {
+        for &tokens in &all_tokens {
             let group: Vec<&Row> = report.rows.iter().filter(|r| r.heads == heads && r.tokens == tokens).collect();
             let ours = group.iter().find(|r| r.implementation.starts_with("phasekit") && r.fwd_bwd_ms.is_some()).and_then(|r| r.fwd_bwd_ms);
             for r in group {
