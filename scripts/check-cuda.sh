@@ -7,6 +7,9 @@
 # cargo command given as arguments, e.g.
 #     scripts/check-cuda.sh                                   # cargo check --features cuda
 #     scripts/check-cuda.sh build --release --features cuda   # a binary to run on a GPU machine
+#     scripts/check-cuda.sh build --release --features nccl   # the same with NCCL (multi-GPU)
+#     scripts/check-cuda.sh ptxas                             # register/spill report of kernels/*.cu
+# (build.rs compiles kernels/*.cu to PTX with the same nvcc.)
 # Environment: CUDA_SERIES (default 13.0: PTX must not be newer than the GPU driver, and a
 # 580-series driver runs CUDA 13.0), CUDA_COMPUTE_CAP (default 90: H100/H200),
 # CARGO_TARGET_DIR (default target-cuda/, so CPU and CUDA builds do not evict each other).
@@ -36,12 +39,27 @@ nvcc --version | tail -1 >&2
 if [ $# -eq 0 ]; then
     set -- check --features cuda --all-targets
 fi
+if [ "$1" = ptxas ]; then
+    # What the driver will make of the PTX on an sm_${CUDA_COMPUTE_CAP} GPU: registers, shared
+    # memory, stack frame and spills per kernel (ptxas -v), for docs/ops.md.
+    out="$PWD/target-cuda/ptxas"
+    mkdir -p "$out"
+    for cu in kernels/*.cu; do
+        echo "== $cu (sm_${CUDA_COMPUTE_CAP})"
+        nvcc -cubin -std=c++17 -O3 --expt-relaxed-constexpr -Ikernels -arch="sm_${CUDA_COMPUTE_CAP}" -Xptxas -v \
+            -o "$out/$(basename "$cu" .cu).cubin" "$cu" 2>&1 | grep -E "Compiling entry|Used|spill|stack frame" \
+            | sed -E "s/ptxas info *: //"
+    done
+    exit 0
+fi
 if [ "$1" = build ] || [ "$1" = test ]; then
-    # Linking needs libcuda, cuBLAS(Lt), cuRAND and NVRTC, which PyPI's compiler wheels do not
-    # ship (and libcuda comes with the driver). Link against stubs that carry the real sonames and
-    # the symbols the objects use; at run time the GPU machine's real libraries are loaded.
+    # Linking needs libcuda, cuBLAS(Lt), cuRAND, NVRTC and (with --features nccl) NCCL, which
+    # PyPI's compiler wheels do not ship (and libcuda comes with the driver). Link against stubs
+    # that carry the real sonames and the symbols the objects use; at run time the GPU machine's
+    # real libraries are loaded (candle links cudarc dynamically: a binary built with nccl needs
+    # libnccl.so.2 there, as one built with cuda needs libcuda.so.1).
     lib="$root/lib"
-    if [ ! -e "$lib/libcublas.so" ]; then
+    if [ ! -e "$lib/libcublas.so" ] || [ ! -e "$lib/libnccl.so" ]; then
         cargo "$@" --lib
         profile=debug
         for a in "$@"; do [ "$a" = --release ] && profile=release; done
@@ -56,6 +74,7 @@ libs = {
     "curand": ("libcurand.so.10", lambda s: s.startswith("curand")),
     "cublasLt": ("libcublasLt.so.13", lambda s: s.startswith("cublasLt")),
     "cublas": ("libcublas.so.13", lambda s: s.startswith("cublas") and not s.startswith("cublasLt")),
+    "nccl": ("libnccl.so.2", lambda s: s.startswith("nccl")),
 }
 for name, (soname, pred) in libs.items():
     src = "".join(f"void {s}(void){{}}\n" for s in syms if pred(s))

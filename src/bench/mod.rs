@@ -38,6 +38,9 @@ pub enum BenchCommand {
     ToyStep(crate::train::cli::BenchToyStepArgs),
     /// One full-width teacher block forward+backward on the CPU: GFLOP/s vs candle's matmul.
     Block(crate::model::bench::BlockArgs),
+    /// The attention op: its paths checked against each other (--check), or timed against
+    /// PyTorch's SDPA backends (`benches/attention_torch.py`, when python3 has torch).
+    Attention(crate::ops::bench::AttentionArgs),
     /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
     Moe(moe::BenchMoeArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
@@ -54,6 +57,7 @@ pub fn run(cmd: BenchCommand, p: &Printer) -> Result<()> {
         BenchCommand::TrainToy(a) => crate::train::cli::bench_train_toy(&a, p.json(), p.quiet()),
         BenchCommand::ToyStep(a) => crate::train::cli::bench_toy_step(&a, p.json(), p.quiet()),
         BenchCommand::Block(a) => crate::model::bench::run(&a, p.json()),
+        BenchCommand::Attention(a) => crate::ops::bench::run(&a, p.json()),
         BenchCommand::Moe(a) => moe::run(a, p),
         BenchCommand::Io(a) => io::run(a, p),
         BenchCommand::Replica(a) => replica::run(a, p),

@@ -96,21 +96,12 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: 
     Tensor::from_vec(timestep_embedding_values(&tv, dim, flip_sin_to_cos, shift, scale), (n, dim), t.device())
 }
 
-/// Scaled dot-product attention for `q [B, H, Sq, D]`, `k, v [B, H, Sk, D]`, computed in f32
-/// (scores scaled by 1/√D, softmax in f32). `mask` is additive, broadcastable to
-/// `[B, H, Sq, Sk]` (0 keeps a key, −∞ drops it). The result has `q`'s dtype.
+/// Scaled dot-product attention for `q [B, Sq, H, D]`, `k, v [B, Sk, H, D]` (the layout the
+/// projections produce; any strides), scores scaled by 1/√D, softmax and sums in f32 (f64 for
+/// f64). `mask [B, Sk]` keeps key j of batch b where it is non-zero. The result `[B, Sq, H, D]`
+/// has `q`'s dtype. One op with its own backward, in O(S) memory: [`crate::ops::attention`].
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let dt = q.dtype();
-    let d = q.dim(D::Minus1)?;
-    let qf = (widen(q)? * (1.0 / (d as f64).sqrt()))?;
-    let kf = widen(k)?;
-    let vf = widen(v)?;
-    let mut scores = qf.contiguous()?.matmul(&kf.t()?.contiguous()?)?;
-    if let Some(m) = mask {
-        scores = scores.broadcast_add(&m.to_dtype(scores.dtype())?)?;
-    }
-    let p = softmax_last(&scores)?;
-    p.matmul(&vf.contiguous()?)?.to_dtype(dt)
+    crate::ops::attention::attention(q, k, v, mask)
 }
 
 /// Numerically stable softmax over the last dimension (differentiable).
@@ -211,40 +202,42 @@ mod tests {
 
     #[test]
     fn sdpa_matches_f64_with_mask_and_many_heads() {
+        // [B, S, H, D] inputs; batch 0 drops key 2, batch 1 drops key 1.
         let (b, h, sq, sk, d) = (2, 5, 3, 4, 8);
-        let q = pseudo(b * h * sq * d, 4);
-        let k = pseudo(b * h * sk * d, 5);
-        let v = pseudo(b * h * sk * d, 6);
+        let q = pseudo(b * sq * h * d, 4);
+        let k = pseudo(b * sk * h * d, 5);
+        let v = pseudo(b * sk * h * d, 6);
         let keep = [[true, true, false, true], [true, false, true, true]];
-        let mut want = vec![0.0; b * h * sq * d];
+        let at = |s: usize, bi: usize, i: usize, hi: usize| ((bi * s + i) * h + hi) * d;
+        let mut want = vec![0.0; b * sq * h * d];
         for bi in 0..b {
             for hi in 0..h {
                 for i in 0..sq {
-                    let qi = &q[((bi * h + hi) * sq + i) * d..][..d];
-                    let mut sc: Vec<f64> = (0..sk)
+                    let qi = &q[at(sq, bi, i, hi)..][..d];
+                    let sc: Vec<f64> = (0..sk)
                         .map(|j| {
-                            let kj = &k[((bi * h + hi) * sk + j) * d..][..d];
-                            qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+                            let kj = &k[at(sk, bi, j, hi)..][..d];
+                            let s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt();
+                            if keep[bi][j] {
+                                s
+                            } else {
+                                f64::NEG_INFINITY
+                            }
                         })
                         .collect();
-                    for (j, s) in sc.iter_mut().enumerate() {
-                        if !keep[bi][j] {
-                            *s = f64::NEG_INFINITY;
-                        }
-                    }
                     let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for j in 0..sk {
                         for c in 0..d {
-                            want[((bi * h + hi) * sq + i) * d + c] += e[j] / z * v[((bi * h + hi) * sk + j) * d + c];
+                            want[at(sq, bi, i, hi) + c] += e[j] / z * v[at(sk, bi, j, hi) + c];
                         }
                     }
                 }
             }
         }
-        let mask: Vec<f64> = keep.iter().flatten().map(|&k| if k { 0.0 } else { f64::NEG_INFINITY }).collect();
-        let got = sdpa(&t(&q, &[b, h, sq, d]), &t(&k, &[b, h, sk, d]), &t(&v, &[b, h, sk, d]), Some(&t(&mask, &[b, 1, 1, sk]))).unwrap();
+        let mask: Vec<f64> = keep.iter().flatten().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+        let got = sdpa(&t(&q, &[b, sq, h, d]), &t(&k, &[b, sk, h, d]), &t(&v, &[b, sk, h, d]), Some(&t(&mask, &[b, sk]))).unwrap();
         close(&vals(&got), &want, 1e-6);
     }
 

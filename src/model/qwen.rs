@@ -106,7 +106,7 @@ fn gated_add(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     x.broadcast_add(&y.to_dtype(dt)?.broadcast_mul(&gate.to_dtype(dt)?)?)
 }
 
-/// Per-call data: RoPE tables and the additive key mask `[B, 1, 1, L + S]`.
+/// Per-call data: RoPE tables and the key mask `[B, L + S]` (1 keeps, 0 drops a padded prompt token).
 #[derive(Debug, Clone)]
 pub struct QwenAux {
     pub img_rope: RopeTables,
@@ -178,10 +178,10 @@ impl QwenBlock {
         let tk =
             apply_rope(&rms_norm(&heads(a.add_k.forward(txt)?, l)?, Some(&a.norm_added_k), EPS)?, &aux.txt_rope.cos, &aux.txt_rope.sin)?;
         let tv = heads(a.add_v.forward(txt)?, l)?;
-        let q = Tensor::cat(&[tq, iq], 1)?.transpose(1, 2)?;
-        let k = Tensor::cat(&[tk, ik], 1)?.transpose(1, 2)?;
-        let v = Tensor::cat(&[tv, iv], 1)?.transpose(1, 2)?;
-        let o = sdpa(&q, &k, &v, aux.mask.as_ref())?.transpose(1, 2)?.reshape((b, l + s, d))?;
+        let q = Tensor::cat(&[tq, iq], 1)?;
+        let k = Tensor::cat(&[tk, ik], 1)?;
+        let v = Tensor::cat(&[tv, iv], 1)?;
+        let o = sdpa(&q, &k, &v, aux.mask.as_ref())?.reshape((b, l + s, d))?;
         let txt_o = a.to_add_out.forward(&o.narrow(1, 0, l)?)?;
         let img_o = a.to_out.forward(&o.narrow(1, l, s)?)?;
         Ok((img_o, txt_o))
@@ -288,11 +288,10 @@ impl QwenImageTransformer {
         let (img_rope, txt_rope) = rope::qwen(self.cfg.axes, f, h, w, l, x.device())?;
         let mask = match mask {
             Some(m) => {
-                let keep = m.to_dtype(DType::F32)?.reshape((b, l))?;
-                // 0 where kept, −∞ where padded; image keys are always kept.
-                let txt_add = keep.ne(0f32)?.where_cond(&keep.zeros_like()?, &keep.ones_like()?.affine(0.0, f64::NEG_INFINITY)?)?;
-                let img_add = Tensor::zeros((b, s), DType::F32, x.device())?;
-                Some(Tensor::cat(&[txt_add, img_add], 1)?.reshape((b, 1, 1, l + s))?)
+                // 1 where kept, 0 where padded; image keys are always kept.
+                let txt_keep = m.to_dtype(DType::F32)?.reshape((b, l))?.ne(0f32)?.to_dtype(DType::F32)?;
+                let img_keep = Tensor::ones((b, s), DType::F32, x.device())?;
+                Some(Tensor::cat(&[txt_keep, img_keep], 1)?)
             }
             None => None,
         };

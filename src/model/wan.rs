@@ -111,8 +111,8 @@ impl WanAttention {
             Some(r) => (super::ops::apply_rope(&q, &r.cos, &r.sin)?, super::ops::apply_rope(&k, &r.cos, &r.sin)?),
             None => (q, k),
         };
-        let o = sdpa(&q.transpose(1, 2)?, &k.transpose(1, 2)?, &v.transpose(1, 2)?, None)?;
-        self.to_out.forward(&o.transpose(1, 2)?.reshape((b, s, dim))?)
+        let o = sdpa(&q, &k, &v, None)?;
+        self.to_out.forward(&o.reshape((b, s, dim))?)
     }
 
     pub fn params(&mut self, p: &str) -> Vec<(String, Param<'_>)> {

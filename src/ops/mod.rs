@@ -1,6 +1,19 @@
-//! Ops that candle composes badly, each with its own backward pass (DESIGN decision 9): a
-//! portable implementation that runs on every device and is the reference in tests, plus, behind
-//! `cuda`, a fused path where one exists.
+//! Custom ops that own their backward pass (DESIGN decision 9).
+//!
+//! Each op is one module with a portable implementation that runs on every device and is the
+//! reference in tests, plus, behind the `cuda` feature, a fused kernel compiled to PTX at build
+//! time (`kernels/*.cu`, `build.rs`) where one exists. `docs/ops.md` says what each path
+//! computes, how it is checked and why it was built the way it was.
+//!
+//! - [`attention`]: scaled dot-product attention in O(S) memory (online softmax forward,
+//!   log-sum-exp saved, recomputing backward), for self, cross and masked joint attention;
+//! - [`linear`]: multiplication by a frozen weight in its storage dtype, with the input's
+//!   gradient only;
+//! - [`checkpoint`]: activation checkpointing, a block recomputed in the backward pass.
 
+pub mod attention;
+pub mod bench;
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub(crate) mod kernels;
 pub mod linear;
