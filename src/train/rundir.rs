@@ -16,7 +16,7 @@
 //! Every file is written atomically; the JSON of a checkpoint is written after its tensors and
 //! is what makes it count.
 
-use std::io::Write;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -249,24 +249,23 @@ pub struct Summary {
     pub dist: Option<DistReport>,
 }
 
-/// Write tensors as a safetensors file (atomically), each in its own dtype (f32 for everything
-/// the trainer makes; f16/bf16 tensors stay as they are).
+/// Write f32 tensors as a safetensors file, atomically, through the one streaming writer
+/// ([`crate::write`]): each tensor's bytes are produced when the writer reaches it (copied
+/// from the device one tensor at a time), never the whole file in memory.
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<()> {
-    use std::collections::HashMap;
-    let planned = tensors
+    let list = tensors
         .iter()
-        .map(|(n, t)| st::Planned { name: n.clone(), dtype: crate::DType::F32, shape: t.dims().iter().map(|d| *d as u64).collect() })
+        .map(|(n, t)| {
+            let t = t.clone();
+            let shape = t.dims().iter().map(|d| *d as u64).collect();
+            crate::write::Tensor::computed(n.clone(), crate::DType::F32, shape, move || {
+                let v = t.flatten_all().and_then(|t| t.to_dtype(candle_core::DType::F32)).and_then(|t| t.to_vec1::<f32>())?;
+                Ok(bytemuck::cast_slice(&v).to_vec())
+            })
+        })
         .collect();
-    let plan = st::plan(planned, if metadata.is_empty() { None } else { Some(metadata) })?;
-    let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut f = atomic::AtomicFile::create(path)?;
-    let mut buf = plan.bytes.clone();
-    for p in &plan.order {
-        let v = by_name[p.name.as_str()].flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(Error::from)?;
-        buf.extend_from_slice(bytemuck::cast_slice(&v));
-    }
-    f.write_all(&buf).with_file(f.temp_path())?;
-    f.commit()
+    crate::write::tensors(path, list, if metadata.is_empty() { None } else { Some(metadata) })?;
+    Ok(())
 }
 
 /// Read every tensor of a safetensors file as f32 (F32 files only), with its metadata.
