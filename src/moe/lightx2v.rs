@@ -194,7 +194,7 @@ fn recorded_match(ck: &Path) -> (Option<i64>, Option<String>) {
         if !p.is_file() {
             continue;
         }
-        return match crate::pytorch::open::open_torch(&p) {
+        return match crate::store::open_torch(&p) {
             Ok(c) => {
                 let v = c
                     .pytorch

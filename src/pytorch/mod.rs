@@ -6,7 +6,7 @@
 //! - [`torch`]: a `data.pkl` tree → tensor descriptors (dtype, shape, strides checked for
 //!   contiguity, the byte range inside its storage entry);
 //! - [`dcp`]: a DCP `.metadata` → where each tensor (or each chunk of a sharded tensor) lives;
-//! - [`open`]: both as a [`crate::store::Checkpoint`], so that `inspect`, `convert`, `assemble`
+//! - `crate::store` opens both as a [`crate::store::Checkpoint`], so that `inspect`, `convert`, `assemble`
 //!   and every other command read them like safetensors files.
 //!
 //! Tensors are served zero-copy from the memory map of the archive: torch stores every entry
@@ -15,7 +15,6 @@
 //! is in `docs/pytorch.md`.
 
 pub mod dcp;
-pub mod open;
 pub mod pickle;
 pub mod torch;
 pub mod zip;

@@ -255,7 +255,7 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
     let lora_params = |t: &Teacher, rank: usize| -> u64 { t.lora_linears.iter().map(|(i, o)| rank as u64 * (i + o)).sum() };
     let mut entries = Vec::new();
     for p in 0..sched.phases.len() {
-        let used = super::transformer::fakes_used(r, &tc, &sched, p, paths.len());
+        let used = super::transformer::routing::fakes_used(r, &tc, &sched, p, paths.len());
         let gen_base = super::transformer::routing::expert_of(sched.sigmas[sched.phases[p].start], tc.expert_boundary);
         for res in &tc.resolutions {
             let latent = latent_of(r, &tc, *res)?;

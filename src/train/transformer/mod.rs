@@ -24,14 +24,14 @@ use candle_core::Device;
 use self::data::{geometries, Embeddings, Geometry};
 use self::net::{parse_dtype, Net};
 use self::outputs::{teacher_digest, teacher_paths, write_outputs};
-use self::routing::{expert_of, Routed};
+use self::routing::{expert_of, fakes_used, phase_t_range, Routed};
 use super::dist;
 use super::dmd::{Phase, StepLosses, Views};
 use super::optim::{AdamW, Trainable};
 use super::phases::{self, LoopConfig, Student};
 use super::recipe::{FakeKind, Recipe, TransformerConfig};
 use super::rundir::{self, Event, RunDir, Summary};
-use super::schedule::{shift, Schedule};
+use super::schedule::Schedule;
 use super::TrainOptions;
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::hash::sha256_hex;
@@ -46,38 +46,6 @@ fn gen_lora(t: &TransformerConfig, seed: u64) -> LoraConfig {
         targets: if t.lora_targets.is_empty() { linear::default_targets() } else { t.lora_targets.clone() },
         seed,
     }
-}
-
-/// The σ range (after the shift) a phase's re-noise levels come from, with `t_range` applied.
-fn renoise_sigma_range(sched: &Schedule, p: usize, r: &Recipe, t_range: Option<(f64, f64)>) -> (f64, f64) {
-    let (lo, hi) = sched.renoise_interval(p, r.schedule.renoise);
-    let (mut a, mut b) = (shift(lo, sched.shift), shift(hi, sched.shift));
-    if let Some((x, y)) = t_range {
-        a = a.max(x);
-        b = b.min(y);
-    }
-    (a, b)
-}
-
-/// Phase `p`'s re-noise range after `phase1_t_range` (phase 1 only).
-pub fn phase_t_range(tc: &TransformerConfig, p: usize) -> Option<(f64, f64)> {
-    if p == 0 {
-        tc.phase1_t_range.map(|[a, b]| (a, b))
-    } else {
-        None
-    }
-}
-
-/// Which teacher experts (`[high, low]`, or `[one]`) phase `p`'s re-noise range reaches: the
-/// phase has one fake score per expert marked.
-pub fn fakes_used(r: &Recipe, tc: &TransformerConfig, sched: &Schedule, p: usize, experts: usize) -> Vec<bool> {
-    let (a, b) = renoise_sigma_range(sched, p, r, phase_t_range(tc, p));
-    (0..experts)
-        .map(|e| match tc.expert_boundary {
-            None => true,
-            Some(bd) => (e == 0 && routing::is_high_noise(b, bd)) || (e == 1 && !routing::is_high_noise(a, bd)),
-        })
-        .collect()
 }
 
 /// Draws the conditions of a batch.

@@ -6,6 +6,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::model::denoiser::{Cond, Denoiser};
+use crate::train::recipe::{Recipe, TransformerConfig};
+use crate::train::schedule::{shift, Schedule};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -69,4 +71,36 @@ pub fn expert_of(sigma: f64, boundary: Option<f64>) -> usize {
         Some(b) if !is_high_noise(sigma, b) => 1,
         _ => 0,
     }
+}
+
+/// The σ range (after the shift) a phase's re-noise levels come from, with `t_range` applied.
+pub fn renoise_sigma_range(sched: &Schedule, p: usize, r: &Recipe, t_range: Option<(f64, f64)>) -> (f64, f64) {
+    let (lo, hi) = sched.renoise_interval(p, r.schedule.renoise);
+    let (mut a, mut b) = (shift(lo, sched.shift), shift(hi, sched.shift));
+    if let Some((x, y)) = t_range {
+        a = a.max(x);
+        b = b.min(y);
+    }
+    (a, b)
+}
+
+/// Phase `p`'s re-noise range after `phase1_t_range` (phase 1 only).
+pub fn phase_t_range(tc: &TransformerConfig, p: usize) -> Option<(f64, f64)> {
+    if p == 0 {
+        tc.phase1_t_range.map(|[a, b]| (a, b))
+    } else {
+        None
+    }
+}
+
+/// Which teacher experts (`[high, low]`, or `[one]`) phase `p`'s re-noise range reaches: the
+/// phase has one fake score per expert marked.
+pub fn fakes_used(r: &Recipe, tc: &TransformerConfig, sched: &Schedule, p: usize, experts: usize) -> Vec<bool> {
+    let (a, b) = renoise_sigma_range(sched, p, r, phase_t_range(tc, p));
+    (0..experts)
+        .map(|e| match tc.expert_boundary {
+            None => true,
+            Some(bd) => (e == 0 && is_high_noise(b, bd)) || (e == 1 && !is_high_noise(a, bd)),
+        })
+        .collect()
 }
