@@ -190,15 +190,22 @@ fn latent_of(r: &Recipe, tc: &TransformerConfig, res: [usize; 3]) -> Result<[usi
     })
 }
 
-/// f32 values a block's graph keeps per token of its residual stream (see the module docs):
-/// norms and modulation, the attention projections with their adapters, q/k norms and RoPE, the
-/// gated residuals, and the FFN (its hidden width counted separately).
-const WAN_BLOCK_PER_TOKEN_DIM: u64 = 78;
-const WAN_BLOCK_PER_TOKEN_FFN: u64 = 6;
-const QWEN_BLOCK_PER_TOKEN_DIM: u64 = 64;
-const QWEN_BLOCK_PER_TOKEN_FFN: u64 = 6;
-/// The process, its thread stacks and kernels' scratch buffers (measured: see docs/scale.md).
-pub const RUNTIME_BYTES: u64 = 160 << 20;
+/// f32 values per token of the residual stream that one block's recompute holds at its peak, in
+/// the backward pass: its graph (candle keeps every intermediate: norms and modulation, the
+/// attention projections with their adapters, q/k norms and RoPE, the gated residuals, the FFN)
+/// and the gradients flowing back through it, in units of the width (`…_DIM`) and of the FFN's
+/// hidden width (`…_FFN`). Calibrated on the CPU against measured peaks
+/// (`tests/train_plan.rs`: Wan- and Qwen-Image-shaped teachers of width 256 at 256 and 1024
+/// tokens, one update per phase; the slope of the peak with the tokens gave 187 and 195 values
+/// per token for FFN widths 3×256 and 4×256, of which 4·width are the attention workspace and
+/// one width per block the checkpointed inputs).
+const WAN_BLOCK_PER_TOKEN_DIM: u64 = 157;
+const WAN_BLOCK_PER_TOKEN_FFN: u64 = 8;
+const QWEN_BLOCK_PER_TOKEN_DIM: u64 = 157;
+const QWEN_BLOCK_PER_TOKEN_FFN: u64 = 8;
+/// The process, its thread stacks and kernels' scratch buffers (the intercept of the same
+/// measurements, weights and adapters taken out).
+pub const RUNTIME_BYTES: u64 = 16 << 20;
 
 fn gib(b: u64) -> String {
     crate::progress::human_bytes(b)
