@@ -45,7 +45,8 @@ fn qwen(dir: &Path) {
         32 | 64 | 128 | 192 => d / 32 * D,
         other => other, // head dim 16, in/out 16, text 24, time 256
     };
-    let tensors: Vec<(String, Vec<u64>)> = ck.tensors.iter().map(|t| (t.name.clone(), t.shape.iter().map(|d| scale(*d)).collect())).collect();
+    let tensors: Vec<(String, Vec<u64>)> =
+        ck.tensors.iter().map(|t| (t.name.clone(), t.shape.iter().map(|d| scale(*d)).collect())).collect();
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
     cfg["num_attention_heads"] = serde_json::json!(D / 16);
     write(dir, &tensors, cfg);
