@@ -88,7 +88,33 @@ pub fn print_error_json(e: &Error) {
     let _ = writeln!(std::io::stdout().lock(), "{}", error_json(e));
 }
 
-/// The `--json` error object: `{"ok": false, "error": {kind, exit_code, path, message}}`.
+/// The `--json` error object: `{"ok": false, "error": {kind, exit_code, path, message}}`, plus
+/// `tensor`, `expected` and `found` when the error carries them.
 pub fn error_json(e: &Error) -> serde_json::Value {
-    serde_json::json!({ "ok": false, "error": { "kind": e.kind().as_str(), "exit_code": e.exit_code(), "path": e.path(), "message": e.message() } })
+    let mut o = serde_json::json!({ "kind": e.kind().as_str(), "exit_code": e.exit_code(), "path": e.path(), "message": e.message() });
+    if let (Some(d), Some(m)) = (e.detail(), o.as_object_mut()) {
+        for (k, v) in [("tensor", &d.tensor), ("expected", &d.expected), ("found", &d.found)] {
+            if let Some(v) = v {
+                m.insert(k.into(), v.clone().into());
+            }
+        }
+    }
+    serde_json::json!({ "ok": false, "error": o })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Kind;
+
+    #[test]
+    fn error_json_carries_structured_fields_only_when_present() {
+        let plain = error_json(&Error::new(Kind::Usage, "bad"));
+        assert_eq!(plain["error"].as_object().unwrap().len(), 4, "{plain}");
+        let e = Error::new(Kind::Malformed, "shape").with_tensor("blocks.0.ffn.net.0.proj.weight").with_expected_found("[8, 4]", "[4, 8]");
+        let j = error_json(&e);
+        assert_eq!(j["error"]["tensor"], "blocks.0.ffn.net.0.proj.weight");
+        assert_eq!((j["error"]["expected"].as_str(), j["error"]["found"].as_str()), (Some("[8, 4]"), Some("[4, 8]")));
+        assert_eq!(j["ok"], false);
+    }
 }
