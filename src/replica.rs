@@ -22,6 +22,10 @@ pub enum Model {
     WanI2vA14b,
     /// Wan2.2 TI2V-5B.
     WanTi2v5b,
+    /// Wan2.1 T2V-14B: the tensors of a Wan2.2 T2V-A14B expert (name the file or folder
+    /// `Wan2.1-…` so that `inspect` tells them apart).
+    #[value(name = "wan2.1-t2v-14b")]
+    Wan21T2v14b,
 }
 
 fn lin(v: &mut Vec<(String, Vec<u64>)>, name: &str, out: u64, inp: u64) {
@@ -33,7 +37,7 @@ fn lin(v: &mut Vec<(String, Vec<u64>)>, name: &str, out: u64, inp: u64) {
 pub fn tensors(m: Model) -> Vec<(String, Vec<u64>)> {
     match m {
         Model::QwenImage => qwen_image(60),
-        Model::WanT2vA14b => wan(5120, 13824, 40, 16, 16),
+        Model::WanT2vA14b | Model::Wan21T2v14b => wan(5120, 13824, 40, 16, 16),
         Model::WanI2vA14b => wan(5120, 13824, 40, 36, 16),
         Model::WanTi2v5b => wan(3072, 14336, 30, 48, 48),
     }
