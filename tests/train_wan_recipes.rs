@@ -280,4 +280,25 @@ fn wan22_four_phase_experts_sit_on_the_base_serving_their_first_step() {
     assert_eq!(moe_bases[2], moe_bases[3]);
     assert_ne!(moe_bases[0], moe_bases[2], "{v}");
     run_and_moe_sample_alike(&out, &moe, d.path(), [1, 4, 4]);
+
+    // The same students assembled by hand: two per teacher expert in the trained order are
+    // accepted; a student on the high-noise expert below one on the low-noise expert is refused.
+    let e = |k: usize| s(&out.join(format!("experts/expert-{k}.safetensors")));
+    let assemble = |bases: [&Path; 4], to: &Path| {
+        let mut a: Vec<String> = vec!["assemble".into()];
+        for (k, range) in ["0.9375:1", "0.875:0.9375", "0.625:0.875", "0:0.625"].iter().enumerate() {
+            a.extend(["--expert".into(), e(k), "--sigma-range".into(), range.to_string(), "--expert-base".into(), s(bases[k])]);
+        }
+        a.extend(["--steps", "4", "--shift", "5", "-o"].iter().map(|x| x.to_string()));
+        a.push(s(to));
+        run(&a)
+    };
+    let by_hand = d.path().join("by-hand.safetensors");
+    let o = assemble([&hi, &hi, &lo, &lo], &by_hand);
+    assert_eq!(o.code, Some(0), "{}", o.both());
+    let bad = d.path().join("interleaved.safetensors");
+    let o = assemble([&hi, &lo, &hi, &lo], &bad);
+    assert_eq!(o.code, Some(6), "{}", o.both());
+    assert!(o.stderr.contains("e1 is the Wan2.2 A14B low-noise expert") && o.stderr.contains("[0.875, 0.9375)"), "{}", o.stderr);
+    assert!(!bad.exists());
 }
