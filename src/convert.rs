@@ -169,8 +169,8 @@ pub fn output_policy(
 /// Decide names, encodings and operations for every output tensor.
 pub fn plan(ck: &Checkpoint, opts: &Options) -> Result<Plan> {
     crate::pitfalls::check_scaled_fp8(ck)?;
-    let reg = Registry::builtin();
-    let detection = reg.detect(&ck.names_and_shapes(), ck.config.as_ref().map(|c| &c.json));
+    // With the release twin the files name (GGUF `general.name` records the variant).
+    let detection = crate::pitfalls::detect(ck);
     let needs_family = opts.layout.is_some() || opts.format == OutFormat::Gguf;
     let detection = match detection {
         Ok(d) => Some(d),

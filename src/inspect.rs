@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::layout::{Detection, Registry};
+use crate::layout::Detection;
 use crate::store::{open_models, Checkpoint};
 
 #[derive(Debug, Serialize, Default)]
@@ -151,7 +151,8 @@ fn moe_summary(ck: &Checkpoint) -> Option<MoeSummary> {
 }
 
 pub fn inspect_checkpoint(role: &str, ck: &Checkpoint) -> ModelReport {
-    let det = Registry::builtin().detect(&ck.names_and_shapes(), ck.config.as_ref().map(|c| &c.json));
+    // With the release twin the files name (Wan2.1 T2V-14B / Wan2.2 T2V-A14B expert).
+    let det = crate::pitfalls::detect(ck);
     let mut dtypes: BTreeMap<String, DTypeStat> = BTreeMap::new();
     let mut per_file = vec![(0usize, 0u64); ck.files.len()];
     for t in &ck.tensors {

@@ -94,12 +94,14 @@ fn role_in(text: &str) -> Option<Role> {
 
 fn release_in(text: &str) -> Option<&'static str> {
     let t = text.to_ascii_lowercase().replace(['-', '_', ' '], ".");
-    if t.contains("wan2.1") || t.contains("wan21") {
-        Some("Wan2.1")
-    } else if t.contains("wan2.2") || t.contains("wan22") || t.contains("a14b") {
-        Some("Wan2.2")
-    } else {
-        None
+    let wan21 = t.contains("wan2.1") || t.contains("wan21");
+    let wan22 = t.contains("wan2.2") || t.contains("wan22") || t.contains("a14b");
+    // A text naming both (`T2V-A14B expert or Wan2.1 T2V-14B`, what `convert` writes as a GGUF
+    // `general.name` when the release is undetermined) is no evidence.
+    match (wan21, wan22) {
+        (true, false) => Some("Wan2.1"),
+        (false, true) => Some("Wan2.2"),
+        _ => None,
     }
 }
 
@@ -170,19 +172,26 @@ fn evidence(ck: &Checkpoint) -> (Option<Role>, Option<&'static str>, Vec<String>
 }
 
 /// The release of a Wan checkpoint whose shapes are a 14B model's, from what surrounds its
-/// tensors. `None` when the checkpoint is not such a model.
+/// tensors. `None` when the checkpoint is not such a model. `det` is a detection from the
+/// tensors alone ([`crate::layout::Registry::detect`]) or with the variant the files name
+/// ([`detect`]).
 pub fn wan_release(ck: &Checkpoint, det: Option<&Detection>) -> Option<WanRelease> {
     let det = det?;
     if det.family != "wan22" {
         return None;
     }
-    let variant = det.variant.as_str();
+    // The first of release twins (`T2V-A14B expert or Wan2.1 T2V-14B`) stands for all of them.
+    let named = det.variant.split(" or ").next().unwrap_or_default();
+    let variant = match named {
+        "Wan2.1 T2V-14B" => "T2V-A14B expert",
+        v => v,
+    };
     match variant {
-        "Wan2.1 I2V-14B" => {
+        "Wan2.1 I2V-14B" | "Wan2.1 FLF2V-14B" => {
             return Some(WanRelease {
                 release: "Wan2.1-14B".into(),
                 role: None,
-                evidence: vec!["the CLIP image embedder (img_emb.*) only Wan2.1 I2V has".into()],
+                evidence: vec!["the CLIP image embedder (img_emb.*) only Wan2.1 I2V and FLF2V have".into()],
             })
         }
         "T2V-A14B expert" | "I2V-A14B expert" => {}
@@ -222,8 +231,47 @@ pub struct Served<'a> {
     pub lora: Option<&'a Checkpoint>,
 }
 
-fn detect(ck: &Checkpoint) -> Option<Detection> {
-    crate::layout::Registry::builtin().detect(&ck.names_and_shapes(), ck.config.as_ref().map(|c| &c.json)).ok()
+/// The Wan release a checkpoint's folder and file names or metadata name (`Wan2.1`, `Wan2.2`; a
+/// Wan2.2 expert role counts as Wan2.2), whatever its shapes, with the evidence; `None` when
+/// they name none.
+pub fn named_release(ck: &Checkpoint) -> Option<(&'static str, Vec<String>)> {
+    let (role, release, evidence) = evidence(ck);
+    release.or(role.map(|_| "Wan2.2")).map(|r| (r, evidence))
+}
+
+/// Which of a variant's release twins (`formats/*.toml`: variants with the same shapes, each
+/// tagged with its `release`) a checkpoint is, from its folder and file names and metadata (a
+/// Wan2.2 expert role counts as Wan2.2): the twin's name when the files name a release other
+/// than `variant`'s, the twins' names joined with " or " when they name none, `None` when
+/// `variant` has no twin or is already the one named.
+pub fn named_variant(ck: &Checkpoint, family: &str, variant: &str) -> Option<String> {
+    let fam = crate::layout::Registry::builtin().family(family)?;
+    let twins = fam.release_twins(variant);
+    if twins.len() < 2 {
+        return None;
+    }
+    match named_release(ck).map(|(r, _)| r) {
+        Some(r) => twins.iter().find(|(_, tr)| *tr == Some(r)).map(|(n, _)| n.to_string()).filter(|n| n != variant),
+        None => Some(twins.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" or ")),
+    }
+}
+
+/// Detect a checkpoint's family, layout and variant from its tensors and config.json, then take
+/// the release twin its files name ([`named_variant`]): a file named
+/// `wan2.1_t2v_14B_bf16.safetensors` is `Wan2.1 T2V-14B`, one in `high_noise_model/` is a
+/// `T2V-A14B expert`, a bare `model.safetensors` of those shapes is `T2V-A14B expert or Wan2.1
+/// T2V-14B`. What `inspect`, `assemble`, `convert` and `forward` report and record.
+pub fn detect(ck: &Checkpoint) -> Result<Detection> {
+    let mut d = crate::layout::Registry::builtin().detect(&ck.names_and_shapes(), ck.config.as_ref().map(|c| &c.json))?;
+    if let Some(v) = named_variant(ck, &d.family, &d.variant) {
+        d.notes.push(if v.contains(" or ") {
+            format!("the tensors are those of {v} alike, and no folder, file name or metadata says which")
+        } else {
+            format!("{v}: named by {}", evidence(ck).2.join("; "))
+        });
+        d.variant = v;
+    }
+    Ok(d)
 }
 
 /// Refuse an assembly of Wan2.2 A14B experts that is known to be wrong; return warnings for
@@ -236,7 +284,7 @@ pub fn check_experts(models: &[Served]) -> Result<Vec<String>> {
     let found: Vec<Option<WanRelease>> = models
         .iter()
         .map(|m| {
-            let det = detect(m.ck)?;
+            let det = detect(m.ck).ok()?;
             wan_release(m.ck, Some(&det)).or_else(|| {
                 let (role, _, evidence) = evidence(m.ck);
                 (det.family == "wan22" && role.is_some()).then(|| WanRelease { release: "Wan2.2 expert".into(), role, evidence })
@@ -244,10 +292,14 @@ pub fn check_experts(models: &[Served]) -> Result<Vec<String>> {
         })
         .collect();
     let label = |m: &Served| if m.lora.is_some() { format!("the base of expert {}", m.name) } else { format!("expert {}", m.name) };
-    // One expert used for two σ ranges.
+    // One expert used for two σ ranges. Several LoRA students on one base are not that: a 4-step
+    // 4-phase run puts two on each Wan2.2 expert.
     for i in 0..models.len() {
         for j in i + 1..models.len() {
             let (a, b) = (&models[i], &models[j]);
+            if a.lora.is_some() && b.lora.is_some() && (std::ptr::eq(a.ck, b.ck) || a.ck.path == b.ck.path) {
+                continue;
+            }
             let (Some(wa), Some(wb)) = (&found[i], &found[j]) else { continue };
             if wa.is_wan22_expert()
                 && wb.is_wan22_expert()
@@ -298,9 +350,19 @@ pub fn check_experts(models: &[Served]) -> Result<Vec<String>> {
             }
             (Some(role), false) => {
                 // The high-noise expert serves the top of the range, the low-noise one the bottom.
+                // Several models may sit on one expert (a 4-step 4-phase run has two students on
+                // each, e.g. [0.9375, 1) and [0.875, 0.9375) on the high-noise one): none on the
+                // high-noise expert serves σ = 0 or lies below one on the low-noise expert, none
+                // on the low-noise expert serves σ = 1.
+                let other = |want: Role| {
+                    models
+                        .iter()
+                        .zip(&found)
+                        .filter(move |(_, o)| o.as_ref().is_some_and(|o| o.release != "Wan2.1-14B" && o.role == Some(want)))
+                };
                 let wrong = match role {
-                    Role::HighNoise => m.sigma_hi < 1.0,
-                    Role::LowNoise => m.sigma_lo > 0.0,
+                    Role::HighNoise => m.sigma_lo <= 0.0 || other(Role::LowNoise).any(|(l, _)| l.sigma_lo >= m.sigma_hi),
+                    Role::LowNoise => m.sigma_hi >= 1.0 || other(Role::HighNoise).any(|(h, _)| h.sigma_hi <= m.sigma_lo),
                 };
                 if wrong {
                     return Err(Error::at(

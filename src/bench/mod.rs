@@ -4,7 +4,8 @@
 //! Every bench registers here, as a [`BenchCommand`]:
 //! - [`io`]: conversion throughput against `cp` and the PyPI `gguf` package, peak RSS on sparse
 //!   full-size replicas;
-//! - [`replica`]: write a sparse full-size replica of a real checkpoint (`crate::replica`);
+//! - [`replica`]: write a full-size replica of a real checkpoint, sparse or seeded random
+//!   (`crate::replica`);
 //! - [`moe`]: MoE assemble against `cp`, verify against cores × `sha256sum`, pack against `zstd`
 //!   and `zipnn`;
 //! - `block` (`crate::model::bench`): one teacher block forward + backward against candle's matmul;
@@ -46,8 +47,9 @@ pub enum BenchCommand {
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
     /// full-size Qwen-Image and Wan2.2 A14B replicas (they cost no disk).
     Io(io::IoArgs),
-    /// Write a sparse full-size replica of a real checkpoint: every tensor name and shape, data
-    /// all zeros in a sparse file (costs no disk). For testing memory and speed at real scale.
+    /// Write a full-size replica of a real checkpoint: every tensor name and shape, data all
+    /// zeros in a sparse file (costs no disk), or seeded random values with --random (costs the
+    /// full size on disk; zeros run faster than real data). For memory and speed at real scale.
     Replica(replica::ReplicaArgs),
 }
 

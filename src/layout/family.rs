@@ -84,6 +84,9 @@ pub(crate) struct Variant {
     pub require: Vec<String>,
     pub set: Quantities,
     pub note: Option<String>,
+    /// The release the variant belongs to (`Wan2.1`, `Wan2.2`), for variants whose shapes two
+    /// releases share: see [`Family::release_twins`].
+    pub release: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -166,6 +169,19 @@ impl Family {
     /// Names of the known variants, in the order detection tries them.
     pub fn variant_names(&self) -> impl Iterator<Item = &str> {
         self.variants.iter().map(|v| v.name.as_str())
+    }
+
+    /// The known variants with the same `match` and `require` as variant `name` (itself
+    /// included, in rule-file order), as (name, release): the releases that the tensors alone
+    /// cannot tell apart (a Wan2.2 T2V-A14B expert and Wan2.1 T2V-14B). Empty when `name` is not
+    /// a known variant; one entry when no other variant shares its shapes.
+    pub fn release_twins(&self, name: &str) -> Vec<(&str, Option<&str>)> {
+        let Some(v) = self.variants.iter().find(|v| v.name == name) else { return Vec::new() };
+        self.variants
+            .iter()
+            .filter(|w| w.matches == v.matches && w.require == v.require)
+            .map(|w| (w.name.as_str(), w.release.as_deref()))
+            .collect()
     }
 
     pub(crate) fn info(&self, layout: Layout) -> Result<&LayoutInfo> {

@@ -145,6 +145,7 @@ struct RawVariant {
     #[serde(default)]
     set: BTreeMap<String, toml::Value>,
     note: Option<String>,
+    release: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -506,7 +507,14 @@ pub(crate) fn parse_family(path: &Path, text: &str) -> Result<Family> {
                 return Err(cx.at(v.span(), format!("required tensor `{t}` is not in the tensor table")));
             }
         }
-        variants.push(Variant { name: r.name.clone(), matches, require: r.require.clone(), set, note: r.note.clone() });
+        variants.push(Variant {
+            name: r.name.clone(),
+            matches,
+            require: r.require.clone(),
+            set,
+            note: r.note.clone(),
+            release: r.release.clone(),
+        });
     }
 
     // [gguf]

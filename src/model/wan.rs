@@ -51,7 +51,11 @@ impl WanConfig {
     /// From a diffusers-dialect config.
     pub fn from_weights(w: &Weights) -> crate::Result<WanConfig> {
         if w.cfg("added_kv_proj_dim").is_some() || w.cfg("image_dim").is_some() {
-            return Err(Error::at(Kind::Unsupported, w.path(), "Wan2.1 image conditioning (image_dim/added_kv_proj_dim) is not supported"));
+            return Err(Error::at(
+                Kind::Unsupported,
+                w.path(),
+                "Wan2.1 I2V/FLF2V image conditioning (CLIP image embedding `image_dim`, image key/value projections `added_kv_proj_dim`) is not supported; Wan2.1 T2V and every Wan2.2 model are",
+            ));
         }
         let patch = match w.cfg("patch_size").and_then(|v| v.as_array()) {
             Some(a) if a.len() == 3 && a.iter().all(|x| x.as_u64().is_some()) => {

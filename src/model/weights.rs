@@ -40,7 +40,12 @@ impl Weights {
         let ck = Checkpoint::open(path)?;
         let raw_config = ck.config.as_ref().map(|c| c.json.clone());
         let entries = ck.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Weights::from_entries(ck, entries, raw_config, dtype, device)
+        let mut w = Weights::from_entries(ck, entries, raw_config, dtype, device)?;
+        // The release twin the files name (Wan2.1 T2V-14B / Wan2.2 T2V-A14B expert).
+        if let Some(v) = crate::pitfalls::named_variant(&w.ck, &w.family, &w.variant) {
+            w.variant = v;
+        }
+        Ok(w)
     }
 
     /// Some tensors of `ck` as one model: `entries` are (name in the model's own layout, index

@@ -265,8 +265,9 @@ fn kind_of(ck: &Checkpoint) -> Result<ExpertKind> {
     }
 }
 
+/// With the release twin the files name (a Wan2.1 T2V-14B file is recorded as such).
 fn detect(ck: &Checkpoint) -> Option<crate::layout::Detection> {
-    crate::layout::Registry::builtin().detect(&ck.names_and_shapes(), ck.config.as_ref().map(|c| &c.json)).ok()
+    crate::pitfalls::detect(ck).ok()
 }
 
 fn file_name(p: &Path) -> String {

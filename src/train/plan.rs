@@ -30,7 +30,7 @@ use serde::Serialize;
 use super::recipe::{FakeKind, Recipe, ResolutionSpace, TransformerConfig};
 use super::schedule::Schedule;
 use super::transformer::data::RANDOM_TOKENS;
-use super::transformer::outputs::teacher_paths;
+use super::transformer::teachers::checked_paths;
 use crate::error::{Error, Result};
 use crate::model::linear::{default_targets, glob};
 use crate::model::weights::Weights;
@@ -248,7 +248,7 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
     let tc = r.transformer.clone().ok_or_else(|| Error::usage(format!("recipe: model '{}' needs a [transformer] section", r.model)))?;
     let sched: Schedule = r.schedule.build()?;
     let wbytes = dtype_bytes(&tc.dtype)?;
-    let paths = teacher_paths(&tc)?;
+    let paths = checked_paths(r, &tc)?;
     let mut teachers: Vec<(Teacher, Shape)> = Vec::new();
     for p in &paths {
         teachers.push(teacher(p, &tc)?);

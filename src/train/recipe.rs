@@ -18,7 +18,8 @@ pub struct Recipe {
     /// Free-form name, copied into logs and the manifest.
     pub name: String,
     /// `toy` (the embedded mixture + MLP), or a transformer family: `wan2.2-t2v-a14b`,
-    /// `wan2.2-i2v-a14b`, `wan2.2-ti2v-5b`, `qwen-image` (these need the transformer denoisers).
+    /// `wan2.2-i2v-a14b`, `wan2.2-ti2v-5b`, `wan2.1-t2v-14b`, `qwen-image` (these need the
+    /// transformer denoisers).
     pub model: String,
     /// Seed of the run's generator (initialisation, noise, classes, timesteps).
     pub seed: u64,
@@ -397,7 +398,7 @@ impl Recipe {
             return Err(Error::usage("recipe: schedule.rollout = \"x0-renoise\" is implemented for the toy only (transformer runs roll out and sample with Euler)"));
         }
         match self.model.as_str() {
-            "toy" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan2.2-ti2v-5b" | "qwen-image" => {}
+            "toy" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan2.2-ti2v-5b" | "wan2.1-t2v-14b" | "qwen-image" => {}
             m => return Err(Error::usage(format!("recipe: unknown model '{}'", crate::error::clean(m)))),
         }
         let task = self.transformer.as_ref().and_then(|t| t.task);
@@ -405,7 +406,7 @@ impl Recipe {
             ("wan2.2-i2v-a14b", Some(Task::T2v)) => {
                 Err(Error::usage("recipe: wan2.2-i2v-a14b generates from an image: task = \"t2v\" does not fit it"))
             }
-            ("wan2.2-t2v-a14b" | "qwen-image", Some(Task::I2v)) => {
+            ("wan2.2-t2v-a14b" | "wan2.1-t2v-14b" | "qwen-image", Some(Task::I2v)) => {
                 Err(Error::usage(format!("recipe: {} takes no image condition: task = \"i2v\" does not fit it", self.model)))
             }
             _ => Ok(()),

@@ -15,6 +15,7 @@ pub mod net;
 pub mod outputs;
 pub mod routing;
 pub mod sample;
+pub mod teachers;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,7 +24,7 @@ use candle_core::Device;
 
 use self::data::{geometries, Embeddings, Geometry};
 use self::net::{parse_dtype, Net};
-use self::outputs::{teacher_digest, teacher_paths, write_outputs};
+use self::outputs::{teacher_digest, write_outputs};
 use self::routing::{expert_of, fakes_used, phase_t_range, Routed};
 use super::dist;
 use super::dmd::{Phase, StepLosses, Views};
@@ -186,7 +187,7 @@ impl Student for TransformerStudent<'_> {
 pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on: &dyn Fn(&Event)) -> Result<Summary> {
     let t0 = Instant::now();
     let tc = r.transformer.clone().ok_or_else(|| Error::usage(format!("recipe: model '{}' needs a [transformer] section", r.model)))?;
-    let paths = teacher_paths(&tc)?;
+    let paths = teachers::checked_paths(r, &tc)?;
     let device = opts.device.clone();
     if opts.check_memory {
         let plan = super::plan::plan(r, &device, super::plan::capacity(&device, opts.device_memory))?;
