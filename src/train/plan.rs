@@ -203,6 +203,12 @@ const WAN_BLOCK_PER_TOKEN_DIM: u64 = 157;
 const WAN_BLOCK_PER_TOKEN_FFN: u64 = 8;
 const QWEN_BLOCK_PER_TOKEN_DIM: u64 = 157;
 const QWEN_BLOCK_PER_TOKEN_FFN: u64 = 8;
+/// f32 values per token (in units of the width) of the graph outside the blocks (patch and
+/// time embeddings, the output norm and projection, the step's update) that each further step
+/// with a gradient keeps (`backprop = "all"`; one step's is in the block constants above).
+/// Measured on the CPU: a 4-step full-backprop run of a width-256 Wan-shaped teacher at 1024
+/// tokens peaks 48 MiB above the plan of its block inputs alone (`tests/train_plan.rs`).
+const PASS_PER_TOKEN_DIM: u64 = 16;
 /// The process, its thread stacks and kernels' scratch buffers (the intercept of the same
 /// measurements, weights and adapters taken out).
 pub const RUNTIME_BYTES: u64 = 16 << 20;
@@ -247,6 +253,7 @@ fn meminfo(key: &str) -> Option<u64> {
 pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Result<Plan> {
     let tc = r.transformer.clone().ok_or_else(|| Error::usage(format!("recipe: model '{}' needs a [transformer] section", r.model)))?;
     let sched: Schedule = r.schedule.build()?;
+    let sched_backprop_all = r.schedule.backprop == super::recipe::Backprop::All;
     let wbytes = dtype_bytes(&tc.dtype)?;
     let paths = checked_paths(r, &tc)?;
     let mut teachers: Vec<(Teacher, Shape)> = Vec::new();
@@ -323,11 +330,23 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
             // Wan's blocks also hold the text of the cross-attention (the context).
             let ctx = if qwen { d } else { l * d + 7 * d };
             let block_graph = b * (s * per_token + if qwen { 0 } else { 16 * l * d }) * f32b;
+            // Vanilla few-step DMD (`backprop = "all"`) keeps the graph of every step of the
+            // phase for the generator's backward pass; otherwise one step carries the gradient.
+            let passes = if sched_backprop_all { (sched.phases[p].end - sched.phases[p].start) as u64 } else { 1 };
+            let times = if passes > 1 { format!("{passes} steps × ") } else { String::new() };
             if tc.recompute_blocks {
                 parts.push(Part {
                     name: "checkpointed activations",
-                    bytes: shape.blocks * b * (s * d + ctx) * f32b,
-                    detail: format!("{} blocks × batch {b} × ({s} tokens × {d} + context {ctx}) f32", shape.blocks),
+                    bytes: (passes * shape.blocks * b * (s * d + ctx) + (passes - 1) * b * s * PASS_PER_TOKEN_DIM * d) * f32b,
+                    detail: format!(
+                        "{times}{} blocks × batch {b} × ({s} tokens × {d} + context {ctx}) f32{}",
+                        shape.blocks,
+                        if passes > 1 {
+                            format!(", and each further step's graph outside the blocks ({PASS_PER_TOKEN_DIM} × {d} per token)")
+                        } else {
+                            String::new()
+                        }
+                    ),
                 });
                 parts.push(Part {
                     name: "recompute of one block",
@@ -337,8 +356,8 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
             } else {
                 parts.push(Part {
                     name: "activations (no recompute)",
-                    bytes: shape.blocks * block_graph,
-                    detail: format!("{} blocks' graphs: batch {b} × {s} tokens × {per_token} f32 values per token", shape.blocks),
+                    bytes: passes * shape.blocks * block_graph,
+                    detail: format!("{times}{} blocks' graphs: batch {b} × {s} tokens × {per_token} f32 values per token", shape.blocks),
                 });
             }
             // Self-attention: output, log-sum-exp, and the gradients of q, k, v in the backward.
