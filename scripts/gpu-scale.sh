@@ -4,9 +4,9 @@
 #     scripts/check-cuda.sh build --release --features nccl    # here, then strip + carry the binary
 #     PHASEKIT=path/to/phasekit scripts/gpu-scale.sh OUT_DIR    # on the GPU machine
 # 1. the fused attention against the portable op (values and gradients; `bench attention --check`);
-# 2. one Phased DMD update (TTUR fake updates + one generator update) of Wan2.2 T2V-A14B (one
-#    random-valued full-size replica serving as both experts: the memory of two distinct experts
-#    is the plan's second "base weights" line), LoRA generator + LoRA fake, batch 1, at 480p x 81
+# 2. one Phased DMD update (TTUR fake updates + one generator update) of Wan2.2 T2V-A14B (a
+#    random-valued full-size replica, hard-linked under a second name so that both experts are
+#    loaded), LoRA generator + LoRA fake, batch 1, at 480p x 81
 #    and 720p x 81, and of Qwen-Image at 1328 x 1328: for each, `train --plan` (predicted peak
 #    per part), then the run itself (seconds per update, the CUDA pool's peak per phase) or the
 #    plan's refusal (exit 9, the run is not started), and the measured peak against the plan;
@@ -115,13 +115,16 @@ phase1_t_range = [0.875, 1.0]" "[5, 32, 32]"); run_one "$r" wan-tiny
 else
     A="$OUT/replicas/wan-t2v-a14b.safetensors"
     replica wan-t2v-a14b "$A"
-    EX="experts = [\"$A\", \"$A\"]
+    # The low-noise expert: the same bytes under a second name (a hard link: no disk), which the
+    # trainer loads as a second model, so the device holds both experts' weights.
+    ln -f "$A" "$OUT/replicas/wan-t2v-a14b-low.safetensors"
+    EX="experts = [\"$A\", \"$OUT/replicas/wan-t2v-a14b-low.safetensors\"]
 expert_boundary = 0.875
 phase1_t_range = [0.875, 1.0]"
     run_one "$(recipe a14b-480p wan2.2-t2v-a14b "$EX" "[81, 480, 832]")" a14b-480p
     run_one "$(recipe a14b-720p wan2.2-t2v-a14b "$EX" "[81, 720, 1280]")" a14b-720p
     run_one "$(recipe a14b-480p-17f wan2.2-t2v-a14b "$EX" "[17, 480, 832]")" a14b-480p-17f
-    rm -f "$A"
+    rm -f "$A" "$OUT/replicas/wan-t2v-a14b-low.safetensors"
     Q="$OUT/replicas/qwen-image.safetensors"
     replica qwen-image "$Q"
     run_one "$(recipe qwen-1328 qwen-image "checkpoint = \"$Q\"" "[1, 1328, 1328]")" qwen-1328
