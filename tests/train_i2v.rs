@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use common::train::{recipe, setup};
 use common::{run_ok, tests_dir};
 use phasekit::model::denoiser::{guided, Cond, ImageMode};
 use phasekit::train::recipe::{Recipe, Task};
@@ -22,21 +23,12 @@ use phasekit::train::transformer::sample::sample_from;
 use phasekit::train::TrainOptions;
 use phasekit::Kind;
 
-fn setup() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(phasekit::train::single_threaded_kernels);
-}
-
 fn fixture(name: &str, file: &str) -> PathBuf {
     tests_dir(&format!("fixtures/{name}/{file}"))
 }
 
 fn pipeline(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name, "pipeline.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn recipe(name: &str) -> (Recipe, String) {
-    Recipe::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes").join(name)).unwrap()
 }
 
 fn s(p: &Path) -> String {

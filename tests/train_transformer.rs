@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use common::train::{recipe, repo, setup};
 use common::{run_ok, tests_dir};
 use phasekit::model::denoiser::{Cond, Denoiser};
 use phasekit::model::linear::LoraConfig;
@@ -15,26 +16,12 @@ use phasekit::model::Parameters;
 use phasekit::rng::Rng;
 use phasekit::train::dmd::Phase;
 use phasekit::train::optim::{AdamW, ParamsAdamW};
-use phasekit::train::recipe::Recipe;
 use phasekit::train::rundir as run;
 use phasekit::train::transformer::net::Net;
 use phasekit::train::transformer::routing::{is_high_noise, Routed};
 use phasekit::train::transformer::sample::TransformerRun;
 use phasekit::train::TrainOptions;
 use phasekit::Kind;
-
-fn setup() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(phasekit::train::single_threaded_kernels);
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn recipe(name: &str) -> (Recipe, String) {
-    Recipe::load(&repo().join("recipes").join(name)).unwrap()
-}
 
 fn wan_base_file() -> PathBuf {
     tests_dir("fixtures/wan22_t2v_tiny/diffusers/diffusion_pytorch_model.safetensors")

@@ -10,25 +10,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
+use common::train::{recipe, repo, setup};
 use common::{run, run_ok, tests_dir};
-use phasekit::train::recipe::Recipe;
 use phasekit::train::rundir as rd;
 use phasekit::train::schedule::{shift, Schedule};
 use phasekit::train::TrainOptions;
 use serde_json::Value;
-
-fn setup() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(phasekit::train::single_threaded_kernels);
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn recipe(name: &str) -> (Recipe, String) {
-    Recipe::load(&repo().join("recipes").join(name)).unwrap()
-}
 
 fn s(p: &Path) -> String {
     p.display().to_string()

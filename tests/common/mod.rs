@@ -1,11 +1,12 @@
 //! Helpers shared by the integration tests: run the real binary (with a timeout), read
 //! safetensors files and sharded folders independently of phasekit's own reader, find fixtures;
 //! key sets for the layout tests ([`keys`]) and fixture forward passes for the model tests
-//! ([`model`]).
+//! ([`model`]), and the training tests' setup and recipes ([`train`]).
 #![allow(dead_code)]
 
 pub mod keys;
 pub mod model;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
