@@ -467,7 +467,7 @@ fn convert(
         dtype,
         format,
         quant,
-        shard_size: shard_size.map(phasekit::convert::parse_size).transpose().py()?,
+        shard_size: shard_size.map(phasekit::cli::args::parse_size).transpose().py()?,
         keep_metadata,
         sha256,
         force,
