@@ -24,7 +24,7 @@ use candle_core::Device;
 use self::data::{geometries, Embeddings, Geometry};
 use self::net::{parse_dtype, Net};
 use self::outputs::{teacher_digest, teacher_paths, write_outputs};
-use self::routing::{expert_of, Routed};
+use self::routing::{expert_of, GuidedExpert, Routed};
 use super::dist;
 use super::dmd::{Phase, StepLosses, Views};
 use super::optim::{AdamW, Trainable};
@@ -49,7 +49,11 @@ fn gen_lora(t: &TransformerConfig, seed: u64) -> LoraConfig {
 }
 
 /// The σ range (after the shift) a phase's re-noise levels come from, with `t_range` applied.
+/// A fixed re-noise level (`renoise_fixed`) is the one-point range `[t, t]`.
 fn renoise_sigma_range(sched: &Schedule, p: usize, r: &Recipe, t_range: Option<(f64, f64)>) -> (f64, f64) {
+    if let Some(t) = r.schedule.renoise_fixed {
+        return (t, t);
+    }
     let (lo, hi) = sched.renoise_interval(p, r.schedule.renoise);
     let (mut a, mut b) = (shift(lo, sched.shift), shift(hi, sched.shift));
     if let Some((x, y)) = t_range {
@@ -174,7 +178,18 @@ impl Student for TransformerStudent<'_> {
             b.set_img_shape(self.geos[gi].img_shape);
         }
         let boundary = self.tc.expert_boundary;
-        let teacher = Routed { high: Some(&self.teacher[0]), low: self.teacher.get(1).map(|t| t as &dyn Denoiser), boundary };
+        // The real score: with per-expert guidance scales each expert guides its own samples
+        // (and the phase applies none on top); otherwise the phase guides the routed teacher.
+        let per_expert = self.recipe.guidance_per_expert().map(|[h, l]| {
+            [GuidedExpert { inner: &self.teacher[0], scale: h }, GuidedExpert { inner: &self.teacher[self.teacher.len() - 1], scale: l }]
+        });
+        let (teacher, guidance) = match &per_expert {
+            Some([h, l]) => (Routed { high: Some(h), low: Some(l), boundary }, 1.0),
+            None => (
+                Routed { high: Some(&self.teacher[0]), low: self.teacher.get(1).map(|t| t as &dyn Denoiser), boundary },
+                self.recipe.teacher.guidance,
+            ),
+        };
         let fake = Routed { high: as_dyn(&nets.fakes[0]), low: nets.fakes.get(1).and_then(as_dyn), boundary };
         let fake_frozen = Routed { high: as_dyn(&nets.fake_frozen[0]), low: nets.fake_frozen.get(1).and_then(as_dyn), boundary };
         let expert_refs: Vec<&dyn Denoiser> = self.experts.iter().map(|e| e as &dyn Denoiser).collect();
@@ -184,7 +199,7 @@ impl Student for TransformerStudent<'_> {
             tcfg: &self.recipe.train,
             phase: p,
             teacher: &teacher,
-            guidance: self.recipe.teacher.guidance,
+            guidance,
             experts: &expert_refs,
             sample_cond: &self.samplers[gi],
             item: &self.geos[gi].item,

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::model::denoiser::{Cond, Denoiser};
+use crate::model::denoiser::{guided, Cond, Denoiser};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -60,6 +60,24 @@ impl Denoiser for Routed<'_> {
     }
     fn null_cond(&self, n: usize) -> CResult<Cond> {
         self.high.or(self.low).ok_or_else(|| candle_core::Error::Msg("no expert".into()))?.null_cond(n)
+    }
+}
+
+/// A teacher expert with its own classifier-free guidance scale, `v_null + scale·(v_c − v_null)`
+/// ([`guided`]): the official Wan2.2 A14B configs guide each expert by its own scale (T2V: 4.0
+/// high noise, 3.0 low noise). Inside a [`Routed`] teacher, each sample is guided by the scale of
+/// the expert that serves its σ.
+pub struct GuidedExpert<'a> {
+    pub inner: &'a dyn Denoiser,
+    pub scale: f64,
+}
+
+impl Denoiser for GuidedExpert<'_> {
+    fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> CResult<Tensor> {
+        guided(self.inner, x, sigma, cond, self.scale)
+    }
+    fn null_cond(&self, n: usize) -> CResult<Cond> {
+        self.inner.null_cond(n)
     }
 }
 
