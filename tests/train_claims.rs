@@ -76,7 +76,10 @@ fn show(keys: &[&str], ms: &[Metrics]) -> String {
     keys.iter()
         .zip(ms)
         .map(|(k, m)| {
-            format!("{k}: energy {:.4} modes {}/{} spread {:.2} outliers {:.3}", m.energy, m.modes_covered, m.modes, m.spread, m.outliers)
+            format!(
+                "{k}: energy {:.4} modes {}/{} spread {:.2} outliers {:.3} diversity {:.3}",
+                m.energy, m.modes_covered, m.modes, m.spread, m.outliers, m.diversity
+            )
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -86,21 +89,29 @@ fn show(keys: &[&str], ms: &[Metrics]) -> String {
 ///
 /// Sweeps (batch 128): Phased DMD's energy distance was 0.03–0.38× DMD2's (x0-renoise rollout,
 /// seeds 0–5 at 400 updates; with the older Euler rollout 0.02–0.54× at 400 updates, seeds 0–3,
-/// and 0.47–0.75× at 1000, seeds 0–2); every Phased DMD run covered 8/8 modes. Claim 2 (DMD2 no
-/// better than one-step DMD): DMD2 with DMD2's own x0-renoise rollout was 1.23–2.93× one-step
-/// DMD's energy on seeds 0–5 at 400 updates (seed 0: 0.0100 vs 0.0077); with the Euler rollout
-/// it beat one-step DMD on 4 of those 6 seeds, which is why claim 2 was not asserted before.
+/// and 0.47–0.75× at 1000, seeds 0–2); every Phased DMD run covered 8/8 modes. Claim 2 (DMD2 at
+/// about one-step level): with the baselines' DMD2 plain fake loss and the mean generator loss
+/// (issue 15), DMD2's energy was 0.62–2.0× one-step DMD's on seeds 0–5 at 400 updates (seed 0:
+/// 0.0081 vs 0.0080; lower than one-step on seed 3), and 8/8 modes for both everywhere; Phased
+/// DMD was 0.04–0.37× DMD2's. The older code (Eq. 13 fake weight on DMD2, summed generator loss)
+/// gave 1.23–2.93×, which the old assertion "DMD2 strictly worse" relied on; the paper says
+/// "about one-step level", which is what is asserted now.
 /// Not asserted, because they do not hold reliably at this budget (docs/results.md): the
 /// within-mode-spread half of claim 3 (Phased DMD 1.18–1.29, DMD2 1.24–1.56 at 400 updates:
 /// both over-disperse). Claim 4 has its own test below, at a larger budget.
 #[test]
-fn claims_2_3_and_5_phased_dmd_beats_dmd2_which_is_no_better_than_one_step() {
+fn claims_2_3_and_5_phased_dmd_beats_dmd2_which_falls_to_one_step_level() {
     let keys = ["phased4", "dmd2", "onestep"];
     let ms = runs(&keys, 0);
     let (phased, dmd2, onestep) = (&ms[0], &ms[1], &ms[2]);
     let all = show(&keys, &ms);
-    // (2) 4-step DMD2 (SGTS, x0-renoise) does no better than one-step DMD.
-    assert!(dmd2.energy > onestep.energy, "claim 2: {all}");
+    eprintln!("claims 2, 3, 5: {all}");
+    // (2) 4-step DMD2 (SGTS, x0-renoise) falls to about one-step DMD's level (the paper: SGTS
+    // brings diversity and mode coverage down to one-step level, not below it): the same modes
+    // covered, and an energy distance within a factor 2.5 of one-step DMD's either way.
+    assert_eq!(dmd2.modes_covered, onestep.modes_covered, "claim 2: {all}");
+    let ratio = dmd2.energy / onestep.energy;
+    assert!(ratio > 1.0 / 2.5 && ratio < 2.5, "claim 2: DMD2 / one-step energy = {ratio:.2}; {all}");
     // (3) Phased DMD 4-phase beats DMD2 at 4 steps on energy distance.
     assert!(phased.energy < 0.75 * dmd2.energy, "claim 3: {all}");
     // (5) 4-step Phased DMD covers at least 95 % of the teacher's modes (all 8 of 8).

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use phasekit::rng::Rng;
+use phasekit::train::dmd::{subinterval_target, SubintervalTarget};
 use phasekit::train::mixture::{Mixture, MixtureConfig};
 use phasekit::train::recipe::Recipe;
 use phasekit::train::schedule::transition;
@@ -65,17 +66,19 @@ fn posterior_xs(mix: &Mixture, xt: &[f64], s: f64, t: f64, n: usize, rng: &mut R
         .collect()
 }
 
-#[test]
-fn eq11_target_has_the_exact_velocity_as_conditional_mean_and_the_naive_one_does_not() {
-    setup();
+/// How far (in standard errors) the conditional mean E[target | x_t] of a target built from the
+/// trainer's [`subinterval_target`] coefficients is from the exact velocity, worst case over
+/// three re-noise levels and both dimensions; `mutate` edits the coefficients (identity: the
+/// trainer's own target).
+fn eq11_bias(mutate: &dyn Fn(SubintervalTarget) -> SubintervalTarget) -> (f64, f64) {
     let mix = Mixture::new(&MixtureConfig { classes: 1, ..Default::default() }).unwrap();
     let mut rng = Rng::new(3);
     let s = 0.5;
     let m = 200_000;
-    let mut naive_off = 0.0f64;
+    let (mut off, mut naive_off) = (0.0f64, 0.0f64);
     for (t, xt) in [(0.55, [0.9, 0.2]), (0.7, [-0.5, 0.8]), (0.9, [0.1, -0.3])] {
         let (a, sg) = transition(s, t);
-        let c = ((1.0 - s).powi(2) * t + (1.0 - t) * s * s) / ((1.0 - s).powi(2) * sg);
+        let tg = mutate(subinterval_target(s, t, 10.0));
         let mut v = [0.0; 2];
         mix.velocity(&xt, t, 1, &mut v);
         let xs = posterior_xs(&mix, &xt, s, t, m, &mut rng);
@@ -83,19 +86,50 @@ fn eq11_target_has_the_exact_velocity_as_conditional_mean_and_the_naive_one_does
             let (mut sum, mut sq, mut naive) = (0.0, 0.0, 0.0);
             for x in &xs {
                 let eps = (xt[j] - a * x[j]) / sg;
-                let target = c * eps - x[j] / (1.0 - s);
+                let target = tg.value(eps, x[j]);
                 sum += target;
                 sq += target * target;
                 naive += eps - x[j];
             }
             let mean = sum / m as f64;
             let sd = (sq / m as f64 - mean * mean).sqrt();
-            let tol = 4.0 * sd / (m as f64).sqrt();
-            assert!((mean - v[j]).abs() < tol, "t={t} dim {j}: E[target|x_t] = {mean}, exact v = {}, tol {tol}", v[j]);
-            naive_off = naive_off.max((naive / m as f64 - v[j]).abs() / tol);
+            let se = sd / (m as f64).sqrt();
+            off = off.max((mean - v[j]).abs() / se);
+            naive_off = naive_off.max((naive / m as f64 - v[j]).abs() / se);
         }
     }
+    (off, naive_off)
+}
+
+/// Claim 1, analytically, on the trainer's own target ([`subinterval_target`], which the fake
+/// update calls): E[target | x_t] over exact posterior draws of x_s is the exact velocity
+/// (within 4 standard errors); the naive target ε − x_s is not.
+#[test]
+fn eq11_target_has_the_exact_velocity_as_conditional_mean_and_the_naive_one_does_not() {
+    setup();
+    let (off, naive_off) = eq11_bias(&|t| t);
+    assert!(off < 4.0, "E[target|x_t] is {off} standard errors from the exact velocity");
     assert!(naive_off > 10.0, "the naive target ε − x_s should be biased by many standard errors, got {naive_off}");
+}
+
+/// The check above has the power to catch a slip in the formula (issue 15, defect 5): a sign
+/// or a factor of 2 in either coefficient of the target puts its conditional mean many standard
+/// errors off. (Each edit was also made in `subinterval_target` itself: this file's Eq. 11 test
+/// and `dmd::tests::subinterval_target_is_eq13_as_written` then failed.)
+#[test]
+fn a_sign_or_factor_slip_in_the_eq11_target_is_caught() {
+    setup();
+    type Slip = fn(SubintervalTarget) -> SubintervalTarget;
+    let slips: [(&str, Slip); 4] = [
+        ("−ε coefficient", |t| SubintervalTarget { eps: -t.eps, ..t }),
+        ("+x_s coefficient", |t| SubintervalTarget { xs: -t.xs, ..t }),
+        ("2× ε coefficient", |t| SubintervalTarget { eps: 2.0 * t.eps, ..t }),
+        ("½× x_s coefficient", |t| SubintervalTarget { xs: 0.5 * t.xs, ..t }),
+    ];
+    for (what, slip) in slips {
+        let (off, _) = eq11_bias(&slip);
+        assert!(off > 10.0, "{what}: only {off} standard errors off");
+    }
 }
 
 #[test]

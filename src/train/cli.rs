@@ -155,9 +155,16 @@ pub struct BenchTrainToyArgs {
     /// Scratch folder for the runs (default: a temporary folder).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Only these methods (comma-separated keys; default: all).
+    /// Only these methods (comma-separated keys; default: the main table's eight). Ablations:
+    /// dmd2-eq13, onestep-eq13 (Eq. 13 fake weight on the baselines), phased4-eq10,
+    /// phased2-sgts-eq10, dmd2-eq10 (Eq. 10 generator weight), dmd2-t357, dmd2-t882,
+    /// onestep-t357, onestep-t882 (fixed re-noise level).
     #[arg(long)]
     pub only: Option<String>,
+    /// Train and evaluate on the `[mixture]` of this recipe instead of the default one (e.g.
+    /// recipes/toy-phased-4step-4phase-weighted.toml: unequal mode weights).
+    #[arg(long, value_name = "RECIPE")]
+    pub mixture: Option<PathBuf>,
 }
 
 /// `phasekit bench toy-step`.
@@ -520,6 +527,20 @@ pub fn bench_train_toy(a: &BenchTrainToyArgs, json: bool, _quiet: bool) -> Resul
         eval_samples: a.eval_samples,
         dir: dir.clone(),
         only: a.only.as_ref().map(|s| s.split(',').map(|x| x.trim().to_string()).collect()),
+        mixture: match &a.mixture {
+            Some(p) => {
+                let r = Recipe::load(p)?.0;
+                if !r.is_toy() {
+                    return Err(Error::usage(format!(
+                        "{}: --mixture takes a toy recipe (model = \"toy\"), not '{}'",
+                        p.display(),
+                        r.model
+                    )));
+                }
+                Some(r.mixture)
+            }
+            None => None,
+        },
     };
     let md = super::experiments::run_all(&o, &|m| {
         if !json {

@@ -6,16 +6,20 @@
 //! gradient step `j` (SGTS: uniform in the phase; otherwise the phase's last step); roll the
 //! current expert without gradients to `t_j`; one Euler jump with gradient to the boundary,
 //! `x_s = x + (s − t_j)·v`; re-noise `x_t = α_{t|s}·sg(x_s) + σ_{t|s}·ε` with `t ~ U(s, 1]`
-//! before the shift (or `(s, t_a]`, disjoint); `g = (x̂₀_fake − x̂₀_teacher) / mean|x̂₀ − x̂₀_teacher|`;
-//! loss `½·mean(x_s − sg(x_s − g))²` over each sample's generated elements, then the batch.
-//! Per fake update (Eq. 11/13): the same rollout without
-//! gradients, the same re-noise, and the subinterval target
-//! `((1−s)²t + (1−t)s²)/((1−s)²σ_{t|s})·ε − x_s/(1−s)` weighted by `clamp(1/σ²_{t|s}, 0, 10)·σ²_{t|s}`.
+//! before the shift (or `(s, t_a]`, disjoint; or one fixed `t`, `renoise_fixed`); the gradient
+//! `g = (x̂₀_fake − x̂₀_teacher) / mean|x̂₀ − x̂₀_teacher|` (DMD2's normaliser) or Eq. 10's own
+//! `g = w_{t|s}·(v_teacher − v_fake)` ([`generator_grad`]); loss `½·mean(x_s − sg(x_s − g))²` over
+//! each sample's generated elements, then the batch.
+//! Per fake update (Eq. 11/13): the same rollout without gradients, the same re-noise, and the
+//! subinterval target `((1−s)²t + (1−t)s²)/((1−s)²σ_{t|s})·ε − x_s/(1−s)` weighted by
+//! `clamp(1/σ²_{t|s}, 0, 10)·σ²_{t|s}` ([`subinterval_target`]), or unweighted (`fake_weight = none`,
+//! DMD2's plain MSE).
 //!
-//! Baselines are settings of the same code: one-step DMD (`steps = 1`), DMD2 (one phase with
-//! SGTS over all steps, one fake fed by every truncation point, `rollout = x0-renoise`),
-//! vanilla few-step DMD (one phase, `backprop = all`), the naive fake target `ε − x_s`, disjoint
-//! re-noise intervals.
+//! Baselines are settings of the same code: one-step DMD (`steps = 1`; DMD2-style: DMD2's
+//! normaliser and plain fake loss, no regression loss), DMD2 (one phase with SGTS over all steps,
+//! one fake fed by every truncation point, `rollout = x0-renoise`, plain fake loss), vanilla
+//! few-step DMD (one phase, `backprop = all`), the naive fake target `ε − x_s`, disjoint re-noise
+//! intervals, a fixed re-noise level.
 //!
 //! `rollout = x0-renoise` replaces every Euler step above (the rollouts without gradient and the
 //! jump to the boundary) by DMD2's rule: `x̂₀ = x − t·v`, then `(1 − t')·x̂₀ + t'·ε` with fresh
@@ -24,7 +28,7 @@
 use candle_core::{Device, Tensor};
 
 use super::optim::AdamW;
-use super::recipe::{Backprop, FakeObjective, FakeSamples, ScheduleConfig, TrainConfig};
+use super::recipe::{Backprop, FakeObjective, FakeSamples, FakeWeight, GeneratorWeight, ScheduleConfig, TrainConfig};
 use super::schedule::{shift, transition, unshift, Rollout, Schedule};
 use super::toy::mlp::Mlp;
 use crate::model::denoiser::{guided, Cond, Denoiser};
@@ -136,6 +140,85 @@ fn bcol(v: &[f64], rank: usize, dev: &Device) -> CResult<Tensor> {
     let mut shape = vec![v.len()];
     shape.extend(std::iter::repeat_n(1, rank.saturating_sub(1)));
     Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), shape, dev)
+}
+
+/// Eq. 11's regression target for a velocity model on `(s, 1]` at re-noise level `t`, as the
+/// coefficients of `target = eps·ε + xs·x_s` (with `x_t = α_{t|s}·x_s + σ_{t|s}·ε`), and Eq. 13's
+/// per-sample weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SubintervalTarget {
+    /// `((1−s)²t + (1−t)s²) / ((1−s)²σ_{t|s})`, i.e. `(α_s²σ_t + α_tσ_s²)/(α_s²σ_{t|s})`.
+    pub eps: f64,
+    /// `−1/(1−s)`, i.e. `−1/α_s`.
+    pub xs: f64,
+    /// Eq. 13: `clamp(1/σ²_{t|s}, 0, clamp_max)·σ²_{t|s}`, which is `min(1, clamp_max·σ²_{t|s})`.
+    pub weight: f64,
+}
+
+impl SubintervalTarget {
+    /// The target for one element.
+    pub fn value(&self, eps: f64, xs: f64) -> f64 {
+        self.eps * eps + self.xs * xs
+    }
+}
+
+/// Eq. 11's target and Eq. 13's weight for a phase ending at `s` and a re-noise level `t > s`
+/// (rectified flow: `α = 1 − σ`); at `s = 0` the target is `ε − x₀`. The trainer's fake update
+/// and every test of the formula call this one function.
+pub fn subinterval_target(s: f64, t: f64, clamp_max: f64) -> SubintervalTarget {
+    let (_, sg) = transition(s, t);
+    SubintervalTarget {
+        eps: ((1.0 - s).powi(2) * t + (1.0 - t) * s * s) / ((1.0 - s).powi(2) * sg.max(1e-12)),
+        xs: -1.0 / (1.0 - s),
+        weight: (1.0 / (sg * sg)).min(clamp_max) * sg * sg,
+    }
+}
+
+/// Eq. 10's weight `w_{t|s} = α_t·α_{t|s}/(α_t·σ_t + σ_t²)` for rectified flow:
+/// `(1−t)²/((1−s)·t)`. With velocity models, `w_{t|s}·(v_teacher − v_fake)` is
+/// `α_{t|s}·(∇log p_fake − ∇log p_real)(x_t)`, the gradient of the KL at `x_s` (Eq. 5).
+pub fn eq10_weight(s: f64, t: f64) -> f64 {
+    (1.0 - t) * (1.0 - t) / ((1.0 - s) * t)
+}
+
+/// The generator's distribution-matching gradient `g` at its output `x_s` (the loss is
+/// `½·mean(x_s − sg(x_s − g))²`), from the re-noised batch `x_t` at levels `t`, the guided
+/// teacher's and the fake's velocities there, and the generator's own clean estimate `x0_gen`:
+///
+/// - `dmd2`: `(x̂₀_fake − x̂₀_teacher) / max(norm_min, mean|x0_gen − x̂₀_teacher|)` with
+///   `x̂₀ = x_t − t·v`, the mean per sample over its generated elements (DMD2's normaliser);
+/// - `eq10`: `w_{t|s}·(v_teacher − v_fake)` ([`eq10_weight`]), Eq. 10 as written.
+#[allow(clippy::too_many_arguments)]
+pub fn generator_grad(
+    weight: GeneratorWeight,
+    s: f64,
+    t: &[f64],
+    xt: &Tensor,
+    v_teacher: &Tensor,
+    v_fake: &Tensor,
+    x0_gen: &Tensor,
+    cond: &Cond,
+    norm_min: f64,
+) -> CResult<Tensor> {
+    let dev = xt.device();
+    match weight {
+        GeneratorWeight::Dmd2 => {
+            let tc = bcol(t, xt.rank(), dev)?;
+            let x0t = (xt - v_teacher.broadcast_mul(&tc)?)?;
+            let x0f = (xt - v_fake.broadcast_mul(&tc)?)?;
+            // DMD2's per-sample normaliser mean|x̂₀ − x̂₀_teacher| over every non-batch dimension
+            // (over the generated part: a given first frame is no part of the sample).
+            let norm = sample_mean(&(x0_gen - &x0t)?.abs()?, cond)?;
+            let norm = norm.clamp(norm_min as f32, f32::MAX)?;
+            let mut shape = vec![t.len()];
+            shape.extend(std::iter::repeat_n(1, xt.rank() - 1));
+            (x0f - x0t)?.broadcast_div(&norm.reshape(shape)?)
+        }
+        GeneratorWeight::Eq10 => {
+            let w: Vec<f64> = t.iter().map(|t| eq10_weight(s, *t)).collect();
+            (v_teacher - v_fake)?.broadcast_mul(&bcol(&w, xt.rank(), dev)?)
+        }
+    }
 }
 
 /// `(x_t, ε, t, α_{t|s}, σ_{t|s})` of a re-noised batch.
@@ -253,8 +336,12 @@ impl Phase<'_> {
         Ok(Generated { xs, x0, cond })
     }
 
-    /// Re-noise levels for `n` samples: uniform on the phase's interval before the shift.
+    /// Re-noise levels for `n` samples: uniform on the phase's interval before the shift, or
+    /// the recipe's fixed level (`renoise_fixed`, drawing nothing).
     pub fn renoise_levels(&self, rng: &mut Rng, n: usize) -> Vec<f64> {
+        if let Some(t) = self.scfg.renoise_fixed {
+            return vec![t; n];
+        }
         let (mut lo, mut hi) = self.sched.renoise_interval(self.phase, self.scfg.renoise);
         if let Some((a, b)) = self.t_range {
             // The range is in shifted σ; intersect before the shift so t stays uniform there.
@@ -282,16 +369,17 @@ impl Phase<'_> {
         let n = self.tcfg.batch;
         let gb = self.generate(rng, n, frozen_gen, frozen_gen, false, true)?;
         let xs = gb.xs.detach();
-        let (xt, eps, t, _al, sg) = self.renoise(rng, &xs)?;
+        let (xt, eps, t, _al, _sg) = self.renoise(rng, &xs)?;
         let (target, w) = match self.tcfg.fake_objective {
             FakeObjective::Subinterval => {
-                let c: Vec<f64> = t
-                    .iter()
-                    .zip(&sg)
-                    .map(|(t, sg)| ((1.0 - s).powi(2) * t + (1.0 - t) * s * s) / ((1.0 - s).powi(2) * sg.max(1e-12)))
-                    .collect();
-                let w: Vec<f64> = sg.iter().map(|sg| (1.0 / (sg * sg)).min(self.tcfg.fake_clamp_max) * sg * sg).collect();
-                ((eps.broadcast_mul(&bcol(&c, xs.rank(), self.device)?)? - (&xs / (1.0 - s))?)?, w)
+                let tg: Vec<SubintervalTarget> = t.iter().map(|t| subinterval_target(s, *t, self.tcfg.fake_clamp_max)).collect();
+                let c: Vec<f64> = tg.iter().map(|x| x.eps).collect();
+                let w: Vec<f64> = match self.tcfg.fake_weight {
+                    FakeWeight::Eq13 => tg.iter().map(|x| x.weight).collect(),
+                    FakeWeight::None => vec![1.0; n],
+                };
+                // x_s's coefficient is the same for the whole batch (one s per phase).
+                ((eps.broadcast_mul(&bcol(&c, xs.rank(), self.device)?)? + xs.affine(tg[0].xs, 0.0)?)?, w)
             }
             FakeObjective::Naive => ((&eps - &xs)?, vec![1.0; n]),
         };
@@ -303,7 +391,7 @@ impl Phase<'_> {
         Ok(loss.to_scalar::<f32>()? as f64)
     }
 
-    /// One generator update (Eq. 10 with the DMD2 normaliser).
+    /// One generator update (Eq. 10, with the DMD2 normaliser or Eq. 10's own weight).
     pub fn gen_update(
         &self,
         rng: &mut Rng,
@@ -317,18 +405,11 @@ impl Phase<'_> {
         let xs_sg = gb.xs.detach();
         let (xt, _eps, t, _al, _sg) = self.renoise(rng, &xs_sg)?;
         let tr = row(&t, self.device)?;
-        let tc = bcol(&t, xt.rank(), self.device)?;
         let vt = guided(self.teacher, &xt, &tr, &gb.cond, self.guidance)?.detach();
         let vf = frozen_fake.velocity(&xt, &tr, &gb.cond)?.detach();
-        let x0t = (&xt - vt.broadcast_mul(&tc)?)?;
-        let x0f = (&xt - vf.broadcast_mul(&tc)?)?;
-        // DMD2's per-sample normaliser mean|x̂₀ − x̂₀_teacher| over every non-batch dimension
-        // (over the generated part: a given first frame is no part of the sample).
-        let norm = sample_mean(&(gb.x0.detach() - &x0t)?.abs()?, &gb.cond)?;
-        let norm = norm.clamp(self.tcfg.norm_min as f32, f32::MAX)?;
-        let mut shape = vec![n];
-        shape.extend(std::iter::repeat_n(1, gb.xs.rank() - 1));
-        let g = (x0f - x0t)?.broadcast_div(&norm.reshape(shape)?)?;
+        let (_, _, s) = self.bounds();
+        let x0_gen = gb.x0.detach();
+        let g = generator_grad(self.tcfg.generator_weight, s, &t, &xt, &vt, &vf, &x0_gen, &gb.cond, self.tcfg.norm_min)?;
         let target = (xs_sg - g)?.detach();
         // ½ the mean squared distance over the generated elements of each sample, then over the
         // batch (as DMD2, LightX2V and FastVideo average; a sum over elements made the gradient
@@ -379,6 +460,83 @@ pub fn sample(by_step: &[&dyn Denoiser], sigmas: &[f64], z: Tensor, cond: &Cond)
 mod tests {
     use super::*;
     use crate::model::denoiser::ImageMode;
+
+    /// The paper's coefficients for a general schedule (α_t, σ_t), evaluated for rectified flow.
+    fn alpha_sigma(t: f64) -> (f64, f64) {
+        (1.0 - t, t)
+    }
+
+    /// Eq. 13 as the paper writes it, `clamp(1/σ²_{t|s}, 0, 10)·‖σ_{t|s}ψ − ((α_s²σ_t + α_tσ_s²)/α_s²·ε
+    /// − (σ_{t|s}/α_s)·x_s)‖²`, equals `weight·‖ψ − target‖²` with [`subinterval_target`]'s target
+    /// and weight, for any ψ, ε, x_s; and at s = 0 the target is `ε − x₀`.
+    #[test]
+    fn subinterval_target_is_eq13_as_written() {
+        let mut rng = Rng::new(11);
+        for &(s, t) in &[(0.0, 0.3), (0.0, 0.95), (0.25, 0.3), (0.5, 0.55), (0.5, 0.9), (0.8333, 0.87), (0.9375, 0.999)] {
+            let ((a_s, s_s), (a_t, s_t)) = (alpha_sigma(s), alpha_sigma(t));
+            let a_ts = a_t / a_s;
+            let sg2 = s_t * s_t - a_ts * a_ts * s_s * s_s;
+            let sg = sg2.sqrt();
+            let tg = subinterval_target(s, t, 10.0);
+            for _ in 0..5 {
+                let (psi, eps, xs) = (rng.normal(), rng.normal(), rng.normal());
+                let eq13 = (1.0 / sg2).clamp(0.0, 10.0)
+                    * (sg * psi - ((a_s * a_s * s_t + a_t * s_s * s_s) / (a_s * a_s) * eps - sg / a_s * xs)).powi(2);
+                let ours = tg.weight * (psi - tg.value(eps, xs)).powi(2);
+                assert!((eq13 - ours).abs() <= 1e-9 * eq13.abs().max(1.0), "s {s} t {t}: Eq. 13 {eq13} vs {ours}");
+            }
+            // Eq. 11's target: x_t's own coefficients (α_{t|s}, σ_{t|s}) are the transition's.
+            assert!((transition(s, t).0 - a_ts).abs() < 1e-12 && (transition(s, t).1 - sg).abs() < 1e-12);
+            if s == 0.0 {
+                assert!((tg.eps - 1.0).abs() < 1e-12 && tg.xs == -1.0, "s = 0: ε − x₀, got {tg:?}");
+            }
+        }
+        // The clamp bites only where σ²_{t|s} < 1/10, and then the weight is 10·σ²_{t|s}.
+        assert_eq!(subinterval_target(0.0, 0.9, 10.0).weight, 1.0);
+        assert!((subinterval_target(0.0, 0.1, 10.0).weight - 0.1).abs() < 1e-12);
+    }
+
+    fn t1(v: &[f64], shape: (usize, usize)) -> Tensor {
+        Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<f32>>(), shape, &Device::Cpu).unwrap()
+    }
+
+    /// Eq. 10's gradient at x_s is `α_{t|s}·(∇log p_fake − ∇log p_real)(x_t)`, the scores read
+    /// from the velocities by Eq. 5, `∇log p_t(x) = −(ψ + x/α_t)/(σ_t + σ_t²/α_t)`; and the DMD2
+    /// normaliser is `(x̂₀_fake − x̂₀_teacher)/mean|x̂₀_gen − x̂₀_teacher|`, all in f64 here.
+    #[test]
+    fn generator_grad_is_eq10_or_dmd2_as_written() {
+        let mut rng = Rng::new(12);
+        let (n, d) = (3, 4);
+        let draw = |rng: &mut Rng| (0..n * d).map(|_| rng.normal()).collect::<Vec<f64>>();
+        let (xt, vt, vf, x0g) = (draw(&mut rng), draw(&mut rng), draw(&mut rng), draw(&mut rng));
+        let cond = Cond::Embedding(Tensor::zeros((n, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap());
+        for s in [0.0, 0.5] {
+            let t = [s + 0.05, s + 0.3 * (1.0 - s), 0.97];
+            let grad = |w| {
+                generator_grad(w, s, &t, &t1(&xt, (n, d)), &t1(&vt, (n, d)), &t1(&vf, (n, d)), &t1(&x0g, (n, d)), &cond, 1e-4)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap()
+            };
+            let (eq10, dmd2) = (grad(GeneratorWeight::Eq10), grad(GeneratorWeight::Dmd2));
+            for i in 0..n {
+                let (a_t, s_t) = alpha_sigma(t[i]);
+                let a_ts = a_t / alpha_sigma(s).0;
+                let score = |v: f64, x: f64| -(v + x / a_t) / (s_t + s_t * s_t / a_t);
+                let norm: f64 = (0..d).map(|j| (x0g[i * d + j] - (xt[i * d + j] - t[i] * vt[i * d + j])).abs()).sum::<f64>() / d as f64;
+                for j in 0..d {
+                    let k = i * d + j;
+                    let want = a_ts * (score(vf[k], xt[k]) - score(vt[k], xt[k]));
+                    assert!((eq10[i][j] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0), "s {s} t {}: {} vs {want}", t[i], eq10[i][j]);
+                    let want = ((xt[k] - t[i] * vf[k]) - (xt[k] - t[i] * vt[k])) / norm;
+                    assert!((dmd2[i][j] as f64 - want).abs() <= 1e-4 * want.abs().max(1.0), "s {s} t {}: {} vs {want}", t[i], dmd2[i][j]);
+                }
+            }
+        }
+        // Eq. 10's weight itself, α_t·α_{t|s}/(α_t·σ_t + σ_t²), and its zero at t = 1.
+        assert!((eq10_weight(0.5, 0.75) - 0.25 * 0.5 / (0.25 * 0.75 + 0.5625)).abs() < 1e-12);
+        assert_eq!(eq10_weight(0.0, 1.0), 0.0);
+    }
 
     #[test]
     fn a_given_first_frame_is_left_out_of_per_sample_means() {

@@ -10,8 +10,9 @@ use candle_core::{Device, Tensor};
 use super::dmd;
 use super::metrics::{self, Metrics};
 use super::mixture::Mixture;
+use super::mixture::MixtureConfig;
 use super::optim::{AdamW, ParamsAdamW};
-use super::recipe::{FakeObjective, Recipe, TeacherKind};
+use super::recipe::{FakeObjective, FakeWeight, GeneratorWeight, Recipe, TeacherKind};
 use super::rundir;
 use super::schedule::{transition, Renoise, Rollout};
 use super::toy::mlp::{class_cond, ExactMixture, Mlp};
@@ -36,7 +37,13 @@ pub const PHASED2: &str = include_str!("../../recipes/toy-phased-4step-2phase-sg
 pub const DMD2: &str = include_str!("../../recipes/toy-dmd2-4step.toml");
 pub const VANILLA: &str = include_str!("../../recipes/toy-vanilla-4step.toml");
 pub const ONESTEP: &str = include_str!("../../recipes/toy-onestep-dmd.toml");
+pub const DMD2_T357: &str = include_str!("../../recipes/toy-dmd2-4step-t357.toml");
+pub const DMD2_T882: &str = include_str!("../../recipes/toy-dmd2-4step-t882.toml");
 
+/// The bench's methods. The first eight are the main table; the others are ablations run with
+/// `--only`: the fake loss weight (`-eq13`: Eq. 13's weight on a baseline whose own loss is
+/// DMD2's plain MSE), Eq. 10's generator weight (`-eq10`), and a fixed re-noise level
+/// (`-t357`, `-t882`: the paper's App. C.2 values).
 pub fn methods() -> Vec<Method> {
     vec![
         Method { key: "phased4", base: PHASED4, tweak: |_| {} },
@@ -47,8 +54,20 @@ pub fn methods() -> Vec<Method> {
         Method { key: "onestep", base: ONESTEP, tweak: |_| {} },
         Method { key: "phased4-naive", base: PHASED4, tweak: |r| r.train.fake_objective = FakeObjective::Naive },
         Method { key: "phased4-disjoint", base: PHASED4, tweak: |r| r.schedule.renoise = Renoise::Disjoint },
+        Method { key: "dmd2-eq13", base: DMD2, tweak: |r| r.train.fake_weight = FakeWeight::Eq13 },
+        Method { key: "onestep-eq13", base: ONESTEP, tweak: |r| r.train.fake_weight = FakeWeight::Eq13 },
+        Method { key: "phased4-eq10", base: PHASED4, tweak: |r| r.train.generator_weight = GeneratorWeight::Eq10 },
+        Method { key: "phased2-sgts-eq10", base: PHASED2, tweak: |r| r.train.generator_weight = GeneratorWeight::Eq10 },
+        Method { key: "dmd2-eq10", base: DMD2, tweak: |r| r.train.generator_weight = GeneratorWeight::Eq10 },
+        Method { key: "dmd2-t357", base: DMD2_T357, tweak: |_| {} },
+        Method { key: "dmd2-t882", base: DMD2_T882, tweak: |_| {} },
+        Method { key: "onestep-t357", base: ONESTEP, tweak: |r| r.schedule.renoise_fixed = Some(0.357) },
+        Method { key: "onestep-t882", base: ONESTEP, tweak: |r| r.schedule.renoise_fixed = Some(0.882) },
     ]
 }
+
+/// Keys of the main table (`bench train-toy` without `--only`).
+pub const MAIN: [&str; 8] = ["phased4", "phased2-sgts", "vanilla4", "dmd2", "dmd2-euler", "onestep", "phased4-naive", "phased4-disjoint"];
 
 /// Build a method's recipe for one seed and a total generator-update budget.
 pub fn recipe_for(m: &Method, seed: u64, updates: u64, teacher: &Path) -> Result<Recipe> {
@@ -62,6 +81,16 @@ pub fn recipe_for(m: &Method, seed: u64, updates: u64, teacher: &Path) -> Result
     r.train.updates_per_phase = (updates / phases).max(1);
     r.train.updates.clear();
     r.train.checkpoint_every = 0;
+    Ok(r)
+}
+
+/// The recipe the bench trains for method `m` and `seed`: [`recipe_for`] at the bench's budget,
+/// on the bench's mixture (`--mixture`).
+pub fn bench_recipe(m: &Method, seed: u64, o: &BenchOptions, teacher: &Path) -> Result<Recipe> {
+    let mut r = recipe_for(m, seed, o.updates, teacher)?;
+    if let Some(mx) = &o.mixture {
+        r.mixture = mx.clone();
+    }
     Ok(r)
 }
 
@@ -87,18 +116,19 @@ pub fn fake_objective_experiment(mix: &Mixture, r: &Recipe, objective: FakeObjec
             let t = s + (1.0 - s) * rng.uniform_open0();
             let (a, sg) = transition(s, t);
             ts[i] = t;
+            // The trainer's own Eq. 11 target and Eq. 13 weight.
+            let tg = dmd::subinterval_target(s, t, 10.0);
             w[i] = match objective {
-                FakeObjective::Subinterval => (1.0 / (sg * sg)).min(10.0) * sg * sg,
+                FakeObjective::Subinterval => tg.weight,
                 FakeObjective::Naive => 1.0,
             };
-            let c = ((1.0 - s).powi(2) * t + (1.0 - t) * s * s) / ((1.0 - s).powi(2) * sg);
             for j in 0..d {
                 let k = i * d + j;
                 xs[k] = (1.0 - s) * x0[k] + s * rng.normal();
                 let e = rng.normal();
                 xt[k] = a * xs[k] + sg * e;
                 target[k] = match objective {
-                    FakeObjective::Subinterval => c * e - xs[k] / (1.0 - s),
+                    FakeObjective::Subinterval => tg.value(e, xs[k]),
                     FakeObjective::Naive => e - xs[k],
                 };
             }
@@ -163,13 +193,16 @@ pub struct BenchOptions {
     pub eval_samples: usize,
     pub dir: PathBuf,
     pub only: Option<Vec<String>>,
+    /// Replaces every method's mixture (and the teacher's): `--mixture RECIPE` takes a recipe's
+    /// `[mixture]`, e.g. the unequal mode weights of `toy-phased-4step-4phase-weighted.toml`.
+    pub mixture: Option<MixtureConfig>,
 }
 
 /// Metrics, seconds and method label of one run.
 type RunResult = (Metrics, f64, String);
 
 fn one_run(m: &Method, s: u64, o: &BenchOptions, teacher_file: &Path, mix: &Mixture, n: usize) -> Result<RunResult> {
-    let r = recipe_for(m, s, o.updates, teacher_file)?;
+    let r = bench_recipe(m, s, o, teacher_file)?;
     let label = toy::method_name(&r, &r.schedule.build()?);
     let dir = o.dir.join(&r.name);
     if dir.exists() {
@@ -188,8 +221,19 @@ fn one_run(m: &Method, s: u64, o: &BenchOptions, teacher_file: &Path, mix: &Mixt
 /// Run everything and return the Markdown report.
 pub fn run_all(o: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> Result<String> {
     let t0 = Instant::now();
+    if let Some(k) = o.only.iter().flatten().find(|k| !methods().iter().any(|m| m.key == k.as_str())) {
+        let keys: Vec<&str> = methods().iter().map(|m| m.key).collect();
+        return Err(crate::Error::usage(format!(
+            "bench train-toy: unknown method '{}' (methods: {})",
+            crate::error::clean(k),
+            keys.join(", ")
+        )));
+    }
     std::fs::create_dir_all(&o.dir).with_file(&o.dir)?;
-    let base = Recipe::parse(PHASED4, Path::new("phased4"))?;
+    let mut base = Recipe::parse(PHASED4, Path::new("phased4"))?;
+    if let Some(mx) = &o.mixture {
+        base.mixture = mx.clone();
+    }
     let mix = Mixture::new(&base.mixture)?;
     // One MLP teacher (flow matching), shared by every run as the initialisation.
     let teacher_file = o.dir.join("teacher.safetensors");
@@ -223,7 +267,13 @@ pub fn run_all(o: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> Result<String> 
         ref_rows.push((label.to_string(), ms));
     }
     // Every (method, seed) run is independent: run them on all cores, one thread each.
-    let ms_all: Vec<Method> = methods().into_iter().filter(|m| o.only.as_ref().is_none_or(|k| k.iter().any(|k| k == m.key))).collect();
+    let ms_all: Vec<Method> = methods()
+        .into_iter()
+        .filter(|m| match &o.only {
+            Some(k) => k.iter().any(|k| k == m.key),
+            None => MAIN.contains(&m.key),
+        })
+        .collect();
     let jobs: Vec<(usize, u64)> = (0..ms_all.len()).flat_map(|i| seeds.iter().map(move |s| (i, *s))).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: std::sync::Mutex<Vec<Option<Result<RunResult>>>> = std::sync::Mutex::new((0..jobs.len()).map(|_| None).collect());
@@ -236,8 +286,16 @@ pub fn run_all(o: &BenchOptions, say: &(dyn Fn(&str) + Sync)) -> Result<String> 
                 let res = one_run(&ms_all[mi], s, o, &teacher_file, &mix, n);
                 if let Ok((met, secs, _)) = &res {
                     say(&format!(
-                        "{:<18} seed {s}: energy {:.4}, modes {}/{}, weight err {:.3}, spread {:.2} ({secs:.0} s)",
-                        ms_all[mi].key, met.energy, met.modes_covered, met.modes, met.mode_weight_error, met.spread
+                        "{:<18} seed {s}: energy {:.4}, mmd {:.4}, modes {}/{}, weight err {:.3}, outliers {:.4}, spread {:.3}, diversity {:.3} ({secs:.0} s)",
+                        ms_all[mi].key,
+                        met.energy,
+                        met.mmd,
+                        met.modes_covered,
+                        met.modes,
+                        met.mode_weight_error,
+                        met.outliers,
+                        met.spread,
+                        met.diversity
                     ));
                 }
                 results.lock().expect("no poisoned lock")[j] = Some(res);
@@ -292,17 +350,20 @@ fn report(
     secs: f64,
 ) -> String {
     let mut s = String::new();
-    let _ =
-        writeln!(s, "| sampler | energy distance | MMD² | modes covered | mode-weight error | within-mode spread | diversity | train s |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| sampler | energy distance | MMD² | modes covered | mode-weight error | outliers | within-mode spread | diversity | train s |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     let line = |s: &mut String, name: &str, ms: &[Metrics], t: Option<&[f64]>| {
         let _ = writeln!(
             s,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
             fmt(&col(ms, |m| m.energy), 4),
             fmt(&col(ms, |m| m.mmd), 4),
             fmt(&col(ms, |m| m.modes_covered as f64), 2),
             fmt(&col(ms, |m| m.mode_weight_error), 3),
+            fmt(&col(ms, |m| m.outliers), 3),
             fmt(&col(ms, |m| m.spread), 2),
             fmt(&col(ms, |m| m.diversity), 3),
             t.map_or("–".to_string(), |t| fmt(t, 0)),
@@ -326,9 +387,20 @@ fn report(
         let _ = writeln!(s, "| Eq. 11/13 subinterval target | {} | {} |", fmt(&a, 3), fmt(&b, 4));
         let _ = writeln!(s, "| naive ε − x_s | {} | {} |", fmt(&c, 3), fmt(&d, 4));
     }
+    let mx = match &o.mixture {
+        None => "the default mixture".to_string(),
+        Some(m) => format!(
+            "mixture: {} modes on a ring of radius {}, std {}, {} classes, weights {}",
+            m.modes,
+            m.radius,
+            m.std,
+            m.classes,
+            if m.weights.is_empty() { "equal".to_string() } else { format!("∝ {:?}", m.weights) }
+        ),
+    };
     let _ = writeln!(
         s,
-        "\n{} seeds, {} generator updates per run (split evenly over phases), TTUR 5, batch 256, {} samples per evaluation; exact teacher; {:.0} s in all.",
+        "\n{} seeds, {} generator updates per run (split evenly over phases), TTUR 5, batch 256, {} samples per evaluation; exact teacher; {mx}; {:.0} s in all.",
         o.seeds, o.updates, o.eval_samples, secs
     );
     s

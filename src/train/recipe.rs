@@ -62,12 +62,24 @@ pub struct TeacherConfig {
     /// Classifier-free guidance scale of the teacher during distillation (1 = none). The fake
     /// score always uses the plain condition.
     pub guidance: f64,
+    /// A two-expert teacher's guidance scale per expert, `[high_noise, low_noise]` (the order of
+    /// `[transformer] experts`); each sample is guided by the scale of the expert that serves its
+    /// re-noise level. Empty: `guidance` for both. The official Wan2.2 configs sample T2V-A14B
+    /// with 4.0 (high noise) and 3.0 (low noise), I2V-A14B with 3.5 and 3.5.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub guidance_experts: Vec<f64>,
     pub pretrain: PretrainConfig,
 }
 
 impl Default for TeacherConfig {
     fn default() -> Self {
-        TeacherConfig { kind: TeacherKind::Mlp, checkpoint: None, guidance: 1.0, pretrain: PretrainConfig::default() }
+        TeacherConfig {
+            kind: TeacherKind::Mlp,
+            checkpoint: None,
+            guidance: 1.0,
+            guidance_experts: Vec::new(),
+            pretrain: PretrainConfig::default(),
+        }
     }
 }
 
@@ -128,6 +140,12 @@ pub struct ScheduleConfig {
     /// the run's `solver`, which `sample --run` and assembled checkpoints follow. Toy only.
     #[serde(skip_serializing_if = "Rollout::is_euler")]
     pub rollout: Rollout,
+    /// A fixed re-noise level t (σ as the models see it, after the shift) for every re-noise of
+    /// every phase, generator and fake updates alike, instead of drawing t from the phase's
+    /// interval: the paper's fixed-t DMD ablation (App. C.2: t = 0.357 fails, t = 0.882 works).
+    /// Must lie above every phase's boundary σ (and inside `phase1_t_range` when that is set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renoise_fixed: Option<f64>,
 }
 
 impl Default for ScheduleConfig {
@@ -141,6 +159,7 @@ impl Default for ScheduleConfig {
             renoise: Renoise::Nested,
             fake_samples: FakeSamples::Sgts,
             rollout: Rollout::Euler,
+            renoise_fixed: None,
         }
     }
 }
@@ -175,6 +194,42 @@ pub enum FakeObjective {
     Naive,
 }
 
+/// The per-sample weight of the fake score's loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FakeWeight {
+    /// Eq. 13: clamp(1/σ²_{t|s}, 0, fake_clamp_max)·σ²_{t|s} = min(1, fake_clamp_max·σ²_{t|s}).
+    #[default]
+    Eq13,
+    /// Every sample weighs 1: DMD2's plain MSE (its fake loss is mean‖F − (ε − x̂₀)‖², which is the
+    /// subinterval target at s = 0 without Eq. 13's weight).
+    None,
+}
+
+impl FakeWeight {
+    pub fn is_eq13(&self) -> bool {
+        *self == FakeWeight::Eq13
+    }
+}
+
+/// How the generator's distribution-matching gradient is weighted per sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GeneratorWeight {
+    /// DMD2's normaliser: `(x̂₀_fake − x̂₀_teacher) / mean|x̂₀ − x̂₀_teacher|` per sample.
+    #[default]
+    Dmd2,
+    /// Eq. 10's own weight: `w_{t|s}·(v_teacher − v_fake)` with
+    /// `w_{t|s} = α_t·α_{t|s}/(α_t·σ_t + σ_t²) = (1−t)²/((1−s)·t)`, no normaliser.
+    Eq10,
+}
+
+impl GeneratorWeight {
+    pub fn is_dmd2(&self) -> bool {
+        *self == GeneratorWeight::Dmd2
+    }
+}
+
 /// Optimisation (`[train]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -202,6 +257,14 @@ pub struct TrainConfig {
     pub fake_objective: FakeObjective,
     /// Upper clamp of 1/σ²_{t|s} in Eq. 13.
     pub fake_clamp_max: f64,
+    /// Per-sample weight of the fake loss: `eq13` (the paper's, with `fake_clamp_max`) or `none`
+    /// (DMD2's plain MSE; the DMD2 and one-step baselines). The naive target is always unweighted.
+    #[serde(skip_serializing_if = "FakeWeight::is_eq13")]
+    pub fake_weight: FakeWeight,
+    /// Weighting of the generator's gradient: `dmd2` (DMD2's normaliser, what the paper says it
+    /// follows) or `eq10` (Eq. 10's `w_{t|s}`).
+    #[serde(skip_serializing_if = "GeneratorWeight::is_dmd2")]
+    pub generator_weight: GeneratorWeight,
     /// Lower clamp of the DMD2 normaliser mean|x̂₀ − x̂₀_teacher|.
     pub norm_min: f64,
     /// Re-initialise the fake score from the teacher at each phase start (the paper); false
@@ -230,6 +293,8 @@ impl Default for TrainConfig {
             ttur: 5,
             fake_objective: FakeObjective::Subinterval,
             fake_clamp_max: 10.0,
+            fake_weight: FakeWeight::Eq13,
+            generator_weight: GeneratorWeight::Dmd2,
             norm_min: 1e-4,
             fake_reinit: true,
             checkpoint_every: 100,
@@ -397,6 +462,7 @@ impl Recipe {
         if !self.schedule.rollout.is_euler() && !self.is_toy() {
             return Err(Error::usage("recipe: schedule.rollout = \"x0-renoise\" is implemented for the toy only (transformer runs roll out and sample with Euler)"));
         }
+        self.validate_method_options(&s)?;
         match self.model.as_str() {
             "toy" | "wan2.2-t2v-a14b" | "wan2.2-i2v-a14b" | "wan2.2-ti2v-5b" | "wan2.1-t2v-14b" | "qwen-image" => {}
             m => return Err(Error::usage(format!("recipe: unknown model '{}'", crate::error::clean(m)))),
@@ -410,6 +476,59 @@ impl Recipe {
                 Err(Error::usage(format!("recipe: {} takes no image condition: task = \"i2v\" does not fit it", self.model)))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Checks of `renoise_fixed` and `guidance_experts` (issue 15's settings).
+    fn validate_method_options(&self, s: &Schedule) -> Result<()> {
+        if let Some(t) = self.schedule.renoise_fixed {
+            // The highest phase boundary: phase 1's (σ falls along the step list).
+            let top = s.phases.iter().map(|p| p.sigma_end).fold(0.0, f64::max);
+            if !(t.is_finite() && t > top && t <= 1.0) {
+                return Err(Error::usage(format!(
+                    "recipe: schedule.renoise_fixed = {t} must lie in ({top}, 1]: above every phase's boundary σ (re-noising goes up from it)"
+                )));
+            }
+            if self.schedule.renoise != Renoise::Nested {
+                return Err(Error::usage(
+                    "recipe: schedule.renoise_fixed replaces the re-noise interval; leave schedule.renoise = \"nested\"",
+                ));
+            }
+            if let Some([lo, hi]) = self.transformer.as_ref().and_then(|t| t.phase1_t_range) {
+                if t < lo || t > hi {
+                    return Err(Error::usage(format!(
+                        "recipe: schedule.renoise_fixed = {t} lies outside transformer.phase1_t_range [{lo}, {hi}]"
+                    )));
+                }
+            }
+        }
+        let g = &self.teacher.guidance_experts;
+        if !g.is_empty() {
+            if self.transformer.as_ref().and_then(|t| t.expert_boundary).is_none() {
+                return Err(Error::usage(
+                    "recipe: teacher.guidance_experts needs a two-expert teacher (a transformer recipe with expert_boundary); use teacher.guidance",
+                ));
+            }
+            if g.len() != 2 || g.iter().any(|x| !x.is_finite()) {
+                return Err(Error::usage(format!(
+                    "recipe: teacher.guidance_experts must hold two finite scales [high_noise, low_noise], not {g:?}"
+                )));
+            }
+            if self.teacher.guidance != 1.0 {
+                return Err(Error::usage(
+                    "recipe: teacher.guidance and teacher.guidance_experts are both set; guidance_experts replaces guidance, keep one",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The teacher's guidance scales `[high_noise, low_noise]` when they differ per expert
+    /// (`guidance_experts`); `None`: `guidance` for every sample.
+    pub fn guidance_per_expert(&self) -> Option<[f64; 2]> {
+        match self.teacher.guidance_experts.as_slice() {
+            [high, low] => Some([*high, *low]),
+            _ => None,
         }
     }
 

@@ -173,6 +173,10 @@ pub fn torch_args(r: &Recipe, updates: u64, warmup: usize) -> Result<Vec<String>
         && s.backprop == Backprop::Last
         && s.renoise == Renoise::Nested
         && t.fake_objective == FakeObjective::Subinterval
+        && t.fake_weight.is_eq13()
+        && t.generator_weight.is_dmd2()
+        && s.renoise_fixed.is_none()
+        && s.rollout.is_euler()
         && r.teacher.guidance == 1.0
         && r.mixture == MixtureConfig::default()
         && t.betas == [0.0, 0.999]

@@ -237,12 +237,13 @@ fn write_outputs(r: &Recipe, sched: &Schedule, run: &RunDir, teacher: TeacherEnt
 
 /// Human name of the method a recipe describes.
 pub fn method_name(r: &Recipe, s: &Schedule) -> String {
-    use super::recipe::{Backprop, FakeObjective};
+    use super::recipe::{Backprop, FakeObjective, FakeWeight, GeneratorWeight};
     use super::schedule::{Renoise, Rollout};
     let n = s.steps();
     let mut m = if s.phases.len() == 1 {
         if n == 1 {
-            "one-step DMD".to_string()
+            // DMD2's recipe at one step: no regression loss (DMD's LPIPS term), no GAN.
+            "one-step DMD (DMD2-style, no regression loss)".to_string()
         } else if r.schedule.backprop == Backprop::All {
             format!("vanilla {n}-step DMD (backprop through all steps)")
         } else if r.schedule.sgts {
@@ -255,6 +256,20 @@ pub fn method_name(r: &Recipe, s: &Schedule) -> String {
     };
     if r.train.fake_objective == FakeObjective::Naive {
         m.push_str(", naive fake target");
+    } else {
+        // Each method's own fake loss goes unsaid: DMD2's plain MSE for the one-phase
+        // baselines, Eq. 13's weight for Phased DMD.
+        match (s.phases.len() == 1, r.train.fake_weight) {
+            (true, FakeWeight::Eq13) => m.push_str(", Eq. 13 fake weight"),
+            (false, FakeWeight::None) => m.push_str(", unweighted fake loss"),
+            _ => {}
+        }
+    }
+    if r.train.generator_weight == GeneratorWeight::Eq10 {
+        m.push_str(", Eq. 10 weight");
+    }
+    if let Some(t) = r.schedule.renoise_fixed {
+        m.push_str(&format!(", fixed t = {t}"));
     }
     if r.schedule.renoise == Renoise::Disjoint {
         m.push_str(", disjoint intervals");

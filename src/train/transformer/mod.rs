@@ -25,7 +25,7 @@ use candle_core::Device;
 use self::data::{geometries, Embeddings, Geometry};
 use self::net::{parse_dtype, Net};
 use self::outputs::{teacher_digest, write_outputs};
-use self::routing::{expert_of, fakes_used, phase_t_range, Routed};
+use self::routing::{expert_of, fakes_used, phase_t_range, GuidedExpert, Routed};
 use super::dist;
 use super::dmd::{Phase, StepLosses, Views};
 use super::optim::{AdamW, Trainable};
@@ -143,7 +143,18 @@ impl Student for TransformerStudent<'_> {
             b.set_img_shape(self.geos[gi].img_shape);
         }
         let boundary = self.tc.expert_boundary;
-        let teacher = Routed { high: Some(&self.teacher[0]), low: self.teacher.get(1).map(|t| t as &dyn Denoiser), boundary };
+        // The real score: with per-expert guidance scales each expert guides its own samples
+        // (and the phase applies none on top); otherwise the phase guides the routed teacher.
+        let per_expert = self.recipe.guidance_per_expert().map(|[h, l]| {
+            [GuidedExpert { inner: &self.teacher[0], scale: h }, GuidedExpert { inner: &self.teacher[self.teacher.len() - 1], scale: l }]
+        });
+        let (teacher, guidance) = match &per_expert {
+            Some([h, l]) => (Routed { high: Some(h), low: Some(l), boundary }, 1.0),
+            None => (
+                Routed { high: Some(&self.teacher[0]), low: self.teacher.get(1).map(|t| t as &dyn Denoiser), boundary },
+                self.recipe.teacher.guidance,
+            ),
+        };
         let fake = Routed { high: as_dyn(&nets.fakes[0]), low: nets.fakes.get(1).and_then(as_dyn), boundary };
         let fake_frozen = Routed { high: as_dyn(&nets.fake_frozen[0]), low: nets.fake_frozen.get(1).and_then(as_dyn), boundary };
         let expert_refs: Vec<&dyn Denoiser> = self.experts.iter().map(|e| e as &dyn Denoiser).collect();
@@ -153,7 +164,7 @@ impl Student for TransformerStudent<'_> {
             tcfg: &self.recipe.train,
             phase: p,
             teacher: &teacher,
-            guidance: self.recipe.teacher.guidance,
+            guidance,
             experts: &expert_refs,
             sample_cond: &self.samplers[gi],
             item: &self.geos[gi].item,

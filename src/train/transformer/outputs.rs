@@ -110,6 +110,10 @@ pub struct RunInfo {
     pub shift: f64,
     pub sigmas: Vec<f64>,
     pub teacher_guidance: f64,
+    /// Per-expert guidance scales `[high_noise, low_noise]` when the recipe set them
+    /// (`teacher.guidance_experts`; `teacher_guidance` is then 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teacher_guidance_experts: Vec<f64>,
     /// Storage dtype of the base weights.
     #[serde(default = "f32_name")]
     pub dtype: String,
@@ -233,6 +237,7 @@ pub fn write_outputs(
         shift: sched.shift,
         sigmas: sched.sigmas.clone(),
         teacher_guidance: r.teacher.guidance,
+        teacher_guidance_experts: r.teacher.guidance_experts.clone(),
         dtype: tc.dtype.clone(),
         experts: info_experts,
         notes,

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::model::denoiser::{Cond, Denoiser};
+use crate::model::denoiser::{guided, Cond, Denoiser};
 use crate::train::recipe::{Recipe, TransformerConfig};
 use crate::train::schedule::{shift, Schedule};
 
@@ -65,6 +65,24 @@ impl Denoiser for Routed<'_> {
     }
 }
 
+/// A teacher expert with its own classifier-free guidance scale, `v_null + scale·(v_c − v_null)`
+/// ([`guided`]): the official Wan2.2 A14B configs guide each expert by its own scale (T2V: 4.0
+/// high noise, 3.0 low noise). Inside a [`Routed`] teacher, each sample is guided by the scale of
+/// the expert that serves its σ.
+pub struct GuidedExpert<'a> {
+    pub inner: &'a dyn Denoiser,
+    pub scale: f64,
+}
+
+impl Denoiser for GuidedExpert<'_> {
+    fn velocity(&self, x: &Tensor, sigma: &Tensor, cond: &Cond) -> CResult<Tensor> {
+        guided(self.inner, x, sigma, cond, self.scale)
+    }
+    fn null_cond(&self, n: usize) -> CResult<Cond> {
+        self.inner.null_cond(n)
+    }
+}
+
 /// Which teacher expert serves σ (index into the loaded bases: 0 high noise, 1 low noise).
 pub fn expert_of(sigma: f64, boundary: Option<f64>) -> usize {
     match boundary {
@@ -74,7 +92,11 @@ pub fn expert_of(sigma: f64, boundary: Option<f64>) -> usize {
 }
 
 /// The σ range (after the shift) a phase's re-noise levels come from, with `t_range` applied.
+/// A fixed re-noise level (`renoise_fixed`) is the one-point range `[t, t]`.
 pub fn renoise_sigma_range(sched: &Schedule, p: usize, r: &Recipe, t_range: Option<(f64, f64)>) -> (f64, f64) {
+    if let Some(t) = r.schedule.renoise_fixed {
+        return (t, t);
+    }
     let (lo, hi) = sched.renoise_interval(p, r.schedule.renoise);
     let (mut a, mut b) = (shift(lo, sched.shift), shift(hi, sched.shift));
     if let Some((x, y)) = t_range {
