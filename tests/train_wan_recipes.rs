@@ -139,6 +139,37 @@ fn wan21_vanilla_dmd_backprops_through_every_step() {
 }
 
 /// A recipe file from the shipped tiny recipe with `from` → `to` replaced, in `dir`.
+/// The fixed-t DMD ablation on the tiny Wan2.1 fixture (App. C.2: vanilla DMD with every
+/// re-noise at σ = 0.357 or 0.882): both recipes train, assemble and verify, and the level
+/// reaches the transformer trainer (each gives other experts than the other level and than the
+/// same recipe drawing t from (0, 1]).
+#[test]
+fn wan21_fixed_t_recipes_train_at_their_level() {
+    setup();
+    let d = tempfile::tempdir().unwrap();
+    let mut experts = Vec::new();
+    for (file, t) in [
+        ("wan2.1-tiny-vanilla-t357.toml", Some(0.357)),
+        ("wan2.1-tiny-vanilla-t882.toml", Some(0.882)),
+        ("wan2.1-tiny-vanilla-t882.toml", None),
+    ] {
+        let (mut r, text) = recipe(file);
+        assert!(t.is_none() || r.schedule.renoise_fixed == t, "{file}");
+        assert_eq!((r.schedule.phases.as_slice(), r.schedule.backprop), (&[4][..], phasekit::train::recipe::Backprop::All));
+        r.schedule.renoise_fixed = t;
+        let out = d.path().join(format!("run-{t:?}"));
+        assert!(phasekit::train::train(&r, &text, &out, &TrainOptions::default(), &|_| {}).unwrap().completed);
+        losses_finite(&out, r.train.updates_per_phase as usize);
+        if t.is_some() {
+            let moe = d.path().join(format!("moe-{t:?}.safetensors"));
+            run_ok(&["assemble", "--run", &s(&out), "--out", &s(&moe)]);
+            run_ok(&["verify", &s(&moe)]);
+        }
+        experts.push(sha(&out.join("experts/expert-0.safetensors")));
+    }
+    assert!(experts[0] != experts[1] && experts[1] != experts[2] && experts[0] != experts[2], "{experts:?}");
+}
+
 fn edited(name: &str, dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
     let mut text = std::fs::read_to_string(repo().join("recipes").join(name)).unwrap();
     text = text.replace("../tests/fixtures", &s(&tests_dir("fixtures")));
