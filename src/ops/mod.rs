@@ -19,6 +19,7 @@
 pub mod attention;
 pub mod bench;
 pub mod checkpoint;
+pub mod ew_bench;
 pub mod fused;
 pub mod gated;
 pub mod gelu;

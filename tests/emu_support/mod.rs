@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Whether the emulator is loaded. `None`: no C++ compiler here (the caller says it skipped).
-pub fn emulator() -> Option<()> {
+/// The emulator library, loaded. `None`: no C++ compiler here (the caller says it skipped).
+#[allow(dead_code)]
+pub fn emulator() -> Option<PathBuf> {
     static LOADED: OnceLock<Option<PathBuf>> = OnceLock::new();
     let lib = LOADED.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -29,5 +30,5 @@ pub fn emulator() -> Option<()> {
         assert!(n >= 100, "the emulator library has {n} kernels");
         Some(out)
     });
-    lib.as_ref().map(|_| ())
+    lib.clone()
 }
