@@ -437,6 +437,7 @@ pub(crate) mod cuda {
     //! pointer's read/write event guard may be dropped before the launch that uses it: the launch
     //! is ordered after everything queued before it on that stream, and a freed buffer is only
     //! reused by work queued later on the same stream.
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage};
     use half::{bf16, f16};
