@@ -5,10 +5,12 @@ forward + backward of every parameter, random weights, same shapes and the same 
 
     python3 benches/block_torch.py --model wan --tokens 4096 --text-tokens 512 --dtype bf16 --device cuda
 
-Prints one JSON line: seconds (best of --repeats after a warm-up), gflops. Attention uses
+Prints one JSON line: seconds (best of --repeats after a warm-up), gflops, and the peak memory
+(`peak_bytes`: torch.cuda.max_memory_allocated over the timed runs on CUDA, the process's peak
+RSS on the CPU; `peak_kind` says which). Attention uses
 torch's scaled_dot_product_attention, as diffusers does.
 """
-import argparse, json, time
+import argparse, json, resource, time
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +164,8 @@ def main():
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     step()
     sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     best = float("inf")
     for _ in range(a.repeats):
         blk.zero_grad(set_to_none=True)
@@ -170,8 +174,13 @@ def main():
         sync()
         best = min(best, time.perf_counter() - s)
     total = 3 * fwd
+    if dev.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(dev), "cuda_max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss"
     print(json.dumps({"model": a.model, "tokens": t, "text_tokens": l, "dtype": a.dtype, "device": a.device,
-                      "torch": torch.__version__, "seconds": best, "gflop": total / 1e9, "gflops": total / best / 1e9}))
+                      "torch": torch.__version__, "seconds": best, "gflop": total / 1e9, "gflops": total / best / 1e9,
+                      "peak_bytes": peak, "peak_kind": kind}))
 
 
 if __name__ == "__main__":

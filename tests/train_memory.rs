@@ -101,7 +101,7 @@ fn the_plan_lists_every_part_per_phase_and_resolution_and_loads_nothing() {
 #[test]
 fn a_run_that_cannot_fit_is_refused_before_loading_with_exit_9() {
     let d = tempfile::tempdir().unwrap();
-    let r = recipe(d.path(), [1, 128, 128], "");
+    let r = recipe(d.path(), [2, 256, 256], "");
     let out = d.path().join("run");
     let o = phasekit(&["train", "--recipe", s(&r), "--out", s(&out), "--device-memory", "200MiB"], &[]);
     assert_eq!(o.code, Some(9), "{}", o.stderr);

@@ -42,6 +42,9 @@ pub enum BenchCommand {
     /// The attention op: its paths checked against each other (--check), or timed against
     /// PyTorch's SDPA backends (`benches/attention_torch.py`, when python3 has torch).
     Attention(crate::ops::bench::AttentionArgs),
+    /// The fused element-wise ops (norm + modulation, RoPE, gated residual, GELU-tanh): checked
+    /// against the candle composition on this device (--check), or timed against it.
+    Elementwise(crate::ops::ew_bench::ElementwiseArgs),
     /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
     Moe(moe::BenchMoeArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
@@ -60,6 +63,7 @@ pub fn run(cmd: BenchCommand, p: &Printer) -> Result<()> {
         BenchCommand::ToyStep(a) => crate::train::cli::bench_toy_step(&a, p.json(), p.quiet()),
         BenchCommand::Block(a) => crate::model::bench::run(&a, p.json()),
         BenchCommand::Attention(a) => crate::ops::bench::run(&a, p.json()),
+        BenchCommand::Elementwise(a) => crate::ops::ew_bench::run(&a, p.json()),
         BenchCommand::Moe(a) => moe::run(a, p),
         BenchCommand::Io(a) => io::run(a, p),
         BenchCommand::Replica(a) => replica::run(a, p),

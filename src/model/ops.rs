@@ -17,34 +17,23 @@ pub fn widen(x: &Tensor) -> Result<Tensor> {
     x.to_dtype(wide(x.dtype()))
 }
 
-/// RMSNorm over the last dimension, computed in f32: `x / sqrt(mean(x²) + eps) · weight`.
+/// RMSNorm over the last dimension, computed in f32: `x / sqrt(mean(x²) + eps) · weight`; the
+/// result has the input's dtype. One op with its own backward: [`crate::ops::norm`].
 pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let xf = widen(x)?;
-    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    match weight {
-        Some(w) => y.broadcast_mul(&w.to_dtype(y.dtype())?)?.to_dtype(dt),
-        None => y.to_dtype(dt),
-    }
+    crate::ops::norm::norm(x, &crate::ops::norm::Norm::rms(eps).weight(weight))
 }
 
 /// LayerNorm over the last dimension in f32 (biased variance), with optional affine weight and
-/// bias; the result has the input's dtype.
+/// bias; the result has the input's dtype. One op with its own backward: [`crate::ops::norm`].
 pub fn layer_norm(x: &Tensor, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let xf = widen(x)?;
-    let mean = xf.mean_keepdim(D::Minus1)?;
-    let xc = xf.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    if let Some(w) = weight {
-        y = y.broadcast_mul(&w.to_dtype(y.dtype())?)?;
-    }
-    if let Some(b) = bias {
-        y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
-    }
-    y.to_dtype(dt)
+    crate::ops::norm::norm(x, &crate::ops::norm::Norm::layer(eps).weight(weight).bias(bias))
+}
+
+/// LayerNorm without affine weights followed by the modulation `· (1 + scale) + shift`, in f32
+/// in one pass (diffusers' `norm(x) * (1 + scale) + shift`); the result has `x`'s dtype.
+/// One op with its own backward: [`crate::ops::norm`].
+pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::ops::norm::norm(x, &crate::ops::norm::Norm::layer(eps).modulate(shift, scale))
 }
 
 /// `x · (1 + scale) + shift` in f32 (scale and shift broadcast), result in `x`'s dtype.
@@ -55,9 +44,17 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     xf.broadcast_mul(&s)?.broadcast_add(&shift.to_dtype(xf.dtype())?)?.to_dtype(dt)
 }
 
-/// GELU with the tanh approximation (torch `approximate="tanh"`).
+/// The gated residual `x + y · gate` in f32 (f64 for f64), result in `x`'s dtype; `y` may have
+/// another dtype (a bf16 branch into an f32 residual stream). One op with its own backward:
+/// [`crate::ops::gated`].
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    crate::ops::gated::gated(x, y, Some(gate))
+}
+
+/// GELU with the tanh approximation (torch `approximate="tanh"`), in f32 (f64 for f64), result
+/// in `x`'s dtype. One op with its own backward: [`crate::ops::gelu`].
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    x.gelu()
+    crate::ops::gelu::gelu(x)
 }
 
 /// SiLU, `x · sigmoid(x)`.
@@ -112,17 +109,10 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotate interleaved pairs `(x[2i], x[2i+1])` of `x [B, S, H, D]` by per-token tables
-/// `cos, sin [S, D/2]` (f32): `(a·c − b·s, a·s + b·c)`, in f32; result in `x`'s dtype.
+/// `cos, sin [S, D/2]` (f32): `(a·c − b·s, a·s + b·c)`, in f32; result in `x`'s dtype. One op
+/// with its own backward: [`crate::ops::rope`].
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, s, h, d) = x.dims4()?;
-    let xf = widen(x)?.reshape((b, s, h, d / 2, 2))?;
-    let x1 = xf.narrow(4, 0, 1)?;
-    let x2 = xf.narrow(4, 1, 1)?;
-    let c = cos.to_dtype(xf.dtype())?.reshape((1, s, 1, d / 2, 1))?;
-    let sn = sin.to_dtype(xf.dtype())?.reshape((1, s, 1, d / 2, 1))?;
-    let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&sn)?)?;
-    let o2 = (x1.broadcast_mul(&sn)? + x2.broadcast_mul(&c)?)?;
-    Tensor::cat(&[o1, o2], 4)?.reshape((b, s, h, d))?.to_dtype(x.dtype())
+    crate::ops::rope::rope(x, cos, sin)
 }
 
 #[cfg(test)]

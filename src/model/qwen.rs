@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::checkpoint::Staged;
 use super::linear::Linear;
-use super::ops::{apply_rope, gelu_tanh, layer_norm, modulate, rms_norm, sdpa, silu, timestep_embedding, widen};
+use super::ops::{apply_rope, gated_residual, gelu_tanh, layer_norm_modulate, rms_norm, sdpa, silu, timestep_embedding, widen};
 use super::rope::{self, RopeTables};
 use super::weights::Weights;
 use super::{Param, Parameters};
@@ -102,8 +102,7 @@ pub struct QwenBlock {
 
 /// `x + y·gate` in the residual stream's precision (f32 for f32/bf16/f16 compute).
 fn gated_add(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    let dt = x.dtype();
-    x.broadcast_add(&y.to_dtype(dt)?.broadcast_mul(&gate.to_dtype(dt)?)?)
+    gated_residual(x, y, gate)
 }
 
 /// Per-call data: RoPE tables and the key mask `[B, L + S]` (1 keeps, 0 drops a padded prompt token).
@@ -150,15 +149,15 @@ impl QwenBlock {
         let im = self.img_mod.forward(&st)?.unsqueeze(1)?;
         let tm = self.txt_mod.forward(&st)?.unsqueeze(1)?;
         let part = |m: &Tensor, i: usize| m.narrow(2, i * d, d);
-        let img_n = modulate(&layer_norm(img, None, None, EPS)?, &part(&im, 0)?, &part(&im, 1)?)?;
-        let txt_n = modulate(&layer_norm(txt, None, None, EPS)?, &part(&tm, 0)?, &part(&tm, 1)?)?;
+        let img_n = layer_norm_modulate(img, &part(&im, 0)?, &part(&im, 1)?, EPS)?;
+        let txt_n = layer_norm_modulate(txt, &part(&tm, 0)?, &part(&tm, 1)?, EPS)?;
         let (img_a, txt_a) = self.attention(&img_n, &txt_n, aux, c)?;
         let img = gated_add(img, &img_a, &part(&im, 2)?)?;
         let txt = gated_add(txt, &txt_a, &part(&tm, 2)?)?;
-        let img_n = modulate(&layer_norm(&img, None, None, EPS)?, &part(&im, 3)?, &part(&im, 4)?)?;
+        let img_n = layer_norm_modulate(&img, &part(&im, 3)?, &part(&im, 4)?, EPS)?;
         let img_f = self.img_mlp_out.forward(&gelu_tanh(&self.img_mlp_in.forward(&img_n)?)?)?;
         let img = gated_add(&img, &img_f, &part(&im, 5)?)?;
-        let txt_n = modulate(&layer_norm(&txt, None, None, EPS)?, &part(&tm, 3)?, &part(&tm, 4)?)?;
+        let txt_n = layer_norm_modulate(&txt, &part(&tm, 3)?, &part(&tm, 4)?, EPS)?;
         let txt_f = self.txt_mlp_out.forward(&gelu_tanh(&self.txt_mlp_in.forward(&txt_n)?)?)?;
         let txt = gated_add(&txt, &txt_f, &part(&tm, 5)?)?;
         Ok((img, txt))
@@ -340,7 +339,7 @@ impl Staged for QwenImageTransformer {
         let d = self.cfg.dim();
         let emb = self.norm_out.forward(&silu(&ctx[0])?)?.unsqueeze(1)?;
         let (scale, shift) = (emb.narrow(2, 0, d)?, emb.narrow(2, d, d)?);
-        let h = modulate(&layer_norm(&state[0], None, None, EPS)?, &shift, &scale)?;
+        let h = layer_norm_modulate(&state[0], &shift, &scale, EPS)?;
         self.proj_out.forward(&h)
     }
 }

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::checkpoint::Staged;
 use super::linear::Linear;
-use super::ops::{gelu_tanh, layer_norm, modulate, rms_norm, sdpa, silu, timestep_embedding, wide, widen};
+use super::ops::{gated_residual, gelu_tanh, layer_norm, layer_norm_modulate, rms_norm, sdpa, silu, timestep_embedding, wide, widen};
 use super::rope::{self, RopeTables};
 use super::weights::Weights;
 use super::{Param, Parameters};
@@ -187,17 +187,17 @@ impl WanBlock {
             }
         };
         let (shift, scale, gate, c_shift, c_scale, c_gate) = (g(0)?, g(1)?, g(2)?, g(3)?, g(4)?, g(5)?);
-        let h = modulate(&layer_norm(x, None, None, c.eps)?, &shift, &scale)?;
+        let h = layer_norm_modulate(x, &shift, &scale, c.eps)?;
         let a = self.attn1.forward(&h, None, c.heads, c.eps, Some(rope))?;
-        let x = widen(x)?.broadcast_add(&widen(&a)?.broadcast_mul(&gate)?)?.to_dtype(dt)?;
+        let x = gated_residual(x, &a, &gate)?;
         let h = match &self.norm2 {
             Some((w, b)) => layer_norm(&x, Some(w), Some(b), c.eps)?,
             None => x.clone(),
         };
         let x = (&x + self.attn2.forward(&h, Some(enc), c.heads, c.eps, None)?.to_dtype(dt)?)?;
-        let h = modulate(&layer_norm(&x, None, None, c.eps)?, &c_shift, &c_scale)?;
+        let h = layer_norm_modulate(&x, &c_shift, &c_scale, c.eps)?;
         let f = self.ffn_out.forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
-        widen(&x)?.broadcast_add(&widen(&f)?.broadcast_mul(&c_gate)?)?.to_dtype(dt)
+        gated_residual(&x, &f, &c_gate)
     }
 
     pub fn params(&mut self, p: &str) -> Vec<(String, Param<'_>)> {
@@ -388,7 +388,7 @@ impl Staged for WanTransformer {
             None => (shift, scale),
             Some(r) => (per_token(&shift, r, &state[0])?, per_token(&scale, r, &state[0])?),
         };
-        let h = modulate(&layer_norm(&state[0], None, None, c.eps)?, &shift, &scale)?;
+        let h = layer_norm_modulate(&state[0], &shift, &scale, c.eps)?;
         let out = self.proj_out.forward(&h)?;
         let [fp, hp, wp] = aux.grid;
         let [pt, ph, pw] = c.patch;

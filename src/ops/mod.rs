@@ -9,11 +9,22 @@
 //!   log-sum-exp saved, recomputing backward), for self, cross and masked joint attention;
 //! - [`linear`]: multiplication by a frozen weight in its storage dtype, with the input's
 //!   gradient only;
-//! - [`checkpoint`]: activation checkpointing, a block recomputed in the backward pass.
+//! - [`checkpoint`]: activation checkpointing, a block recomputed in the backward pass;
+//! - the element-wise ops of the transformer blocks, each computed in f32 in one pass and keeping
+//!   only its inputs (and two values per row) for the backward pass: [`norm`] (LayerNorm /
+//!   RMSNorm with affine weights and modulation), [`rope`] (rotary embedding), [`gated`] (gated
+//!   residual add), [`gelu`] (GELU-tanh); [`fused`] has what they share (CPU, CUDA-kernel and
+//!   emulated-kernel implementations, and the composed reference).
 
 pub mod attention;
 pub mod bench;
 pub mod checkpoint;
+pub mod ew_bench;
+pub mod fused;
+pub mod gated;
+pub mod gelu;
 #[cfg(feature = "cuda")]
 pub(crate) mod kernels;
 pub mod linear;
+pub mod norm;
+pub mod rope;

@@ -196,19 +196,21 @@ fn latent_of(r: &Recipe, tc: &TransformerConfig, res: [usize; 3]) -> Result<[usi
 /// and the gradients flowing back through it, in units of the width (`…_DIM`) and of the FFN's
 /// hidden width (`…_FFN`). Calibrated on the CPU against measured peaks
 /// (`tests/train_plan.rs`: Wan- and Qwen-Image-shaped teachers of width 256 at 256 and 1024
-/// tokens, one update per phase; the slope of the peak with the tokens gave 187 and 195 values
-/// per token for FFN widths 3×256 and 4×256, of which 4·width are the attention workspace and
-/// one width per block the checkpointed inputs).
-const WAN_BLOCK_PER_TOKEN_DIM: u64 = 157;
-const WAN_BLOCK_PER_TOKEN_FFN: u64 = 8;
-const QWEN_BLOCK_PER_TOKEN_DIM: u64 = 157;
-const QWEN_BLOCK_PER_TOKEN_FFN: u64 = 8;
+/// tokens, one update per phase; the slope of the peak with the tokens gave 112 and 116 values
+/// per token in units of the width for FFN widths 3×256 and 4×256, of which 4 are the attention
+/// workspace and one per block the checkpointed inputs). With the fused element-wise ops
+/// (`src/ops/norm.rs`, `rope.rs`, `gated.rs`, `gelu.rs`); candle's compositions of them kept
+/// 157·width + 8·FFN.
+const WAN_BLOCK_PER_TOKEN_DIM: u64 = 94;
+const WAN_BLOCK_PER_TOKEN_FFN: u64 = 4;
+const QWEN_BLOCK_PER_TOKEN_DIM: u64 = 94;
+const QWEN_BLOCK_PER_TOKEN_FFN: u64 = 4;
 /// f32 values per token (in units of the width) of the graph outside the blocks (patch and
 /// time embeddings, the output norm and projection, the step's update) that each further step
 /// with a gradient keeps (`backprop = "all"`; one step's is in the block constants above).
 /// Measured on the CPU: a 4-step full-backprop run of a width-256 Wan-shaped teacher at 1024
-/// tokens peaks 48 MiB above the plan of its block inputs alone (`tests/train_plan.rs`).
-const PASS_PER_TOKEN_DIM: u64 = 16;
+/// tokens peaks 27 MiB above the plan of its block inputs alone (`tests/train_plan.rs`).
+const PASS_PER_TOKEN_DIM: u64 = 9;
 /// The process, its thread stacks and kernels' scratch buffers (the intercept of the same
 /// measurements, weights and adapters taken out).
 pub const RUNTIME_BYTES: u64 = 16 << 20;
