@@ -16,7 +16,7 @@
 # Environment: PHASEKIT (default target-cuda/release/phasekit), DEVICE (cuda; DEVICE=cpu with
 # SIZES="wan:64 qwen:64" TEXT=16 EW_TOKENS=64 REPEATS=1 tries the script on a CPU machine),
 # SIZES (default "wan:4096 wan:32760 qwen:4096 qwen:16384"), TEXT (text tokens, 512),
-# EW_TOKENS (element-wise timing tokens, 32760), REPEATS (3), CHECK_TOKENS (1000).
+# EW_TOKENS (element-wise timing tokens, 32760), REPEATS (3), CHECK_TOKENS (1000), BUDGET (450 s).
 # Writes OUT_DIR/*.txt and *.json and prints them; exits 1 if a check failed or a step did not
 # finish.
 set -uo pipefail
@@ -40,9 +40,21 @@ status=0
     python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
 } > "$out/env.txt" 2>&1
 
+# The whole script stays within BUDGET seconds (default 450: one device call of at most 8
+# minutes with room for the start): each step gets at most what is left, and a step with under
+# 10 s left is skipped and said so.
+budget="${BUDGET:-450}"
+t_start=$(date +%s)
 step() {  # step NAME SECONDS CMD...: run CMD with a time limit, output to OUT_DIR/NAME
     local name="$1" limit="$2"
     shift 2
+    local left=$(( budget - ($(date +%s) - t_start) ))
+    if [ "$left" -lt 10 ]; then
+        echo "(skipped: the script's ${budget} s budget is spent)" > "$out/$name.err"
+        status=1
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "== $name: $*" >&2
     timeout "$limit" "$@" > "$out/$name" 2> "$out/$name.err"
     local rc=$?
