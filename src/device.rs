@@ -50,6 +50,87 @@ pub fn sync(d: &Device) -> Result<()> {
     d.synchronize().map_err(|e| Error::internal(format!("device sync: {}", crate::error::clean(&e.to_string()))))
 }
 
+#[cfg(feature = "cuda")]
+fn default_pool(d: &candle_core::CudaDevice) -> Option<candle_core::cuda::cudarc::driver::sys::CUmemoryPool> {
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().ok()?;
+    // SAFETY: the device handle comes from a live context.
+    unsafe { candle_core::cuda::cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }.ok()
+}
+
+/// The device's memory in use (total − free, all processes) and the high-water mark of its
+/// default memory pool (the one candle's stream-ordered allocations come from) since the last
+/// [`reset_peak`]; `None` on the CPU.
+#[cfg(feature = "cuda")]
+pub fn memory(device: &Device) -> (Option<u64>, Option<u64>) {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    let Device::Cuda(d) = device else { return (None, None) };
+    let used = d.cuda_stream().context().mem_get_info().ok().map(|(free, total)| (total - free) as u64);
+    let peak = default_pool(d).and_then(|pool| {
+        let mut v: u64 = 0;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t.
+        unsafe {
+            result::mem_pool::get_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut v as *mut u64 as *mut ::core::ffi::c_void,
+            )
+        }
+        .ok()
+        .map(|_| v)
+    });
+    (used, peak)
+}
+
+/// Reset the default pool's high-water mark (see [`memory`]).
+#[cfg(feature = "cuda")]
+pub fn reset_peak(device: &Device) {
+    use candle_core::cuda::cudarc::driver::{result, sys};
+    let Device::Cuda(d) = device else { return };
+    if let Some(pool) = default_pool(d) {
+        let mut zero: u64 = 0;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t and may be reset to zero.
+        let _ = unsafe {
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut ::core::ffi::c_void,
+            )
+        };
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn memory(_: &Device) -> (Option<u64>, Option<u64>) {
+    (None, None)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn reset_peak(_: &Device) {}
+
+/// The process's resident set size in bytes (`VmRSS`).
+pub fn host_rss() -> Option<u64> {
+    status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Reset `VmHWM` to the current RSS (Linux ≥ 4.0); false when not permitted.
+pub fn reset_host_peak() -> bool {
+    std::fs::OpenOptions::new().write(true).open("/proc/self/clear_refs").and_then(|mut f| std::io::Write::write_all(&mut f, b"5")).is_ok()
+}
+
+/// The process's peak resident set size in bytes (`VmHWM`), since the start or the last
+/// [`reset_host_peak`].
+pub fn host_peak() -> Option<u64> {
+    status_kib("VmHWM:").map(|k| k * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +145,19 @@ mod tests {
             assert_eq!(e.kind(), crate::Kind::Unsupported);
             assert!(e.to_string().contains("--features cuda"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_host_peak_covers_what_was_resident() {
+        let before = host_rss().unwrap();
+        // 64 MiB touched: resident now, and within the peak after it is freed.
+        let v = vec![1u8; 64 << 20];
+        let during = host_rss().unwrap();
+        drop(std::hint::black_box(v));
+        let peak = host_peak().unwrap();
+        assert!(during >= before + (60 << 20), "{before} → {during}");
+        // The kernel updates the high-water mark lazily (at unmaps): allow it a little slack.
+        assert!(peak + (4 << 20) >= during, "peak {peak} < {during}");
+        assert_eq!(memory(&Device::Cpu), (None, None));
     }
 }

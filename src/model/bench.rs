@@ -59,6 +59,10 @@ pub struct BlockReport {
     pub gflops: f64,
     pub matmul_gflops: f64,
     pub ratio: f64,
+    /// Peak resident memory of the process over the block's runs (`VmHWM`, weights included).
+    pub peak_rss_bytes: Option<u64>,
+    /// On CUDA: the high-water mark of the device's memory pool over the block's runs.
+    pub peak_device_bytes: Option<u64>,
 }
 
 thread_local! {
@@ -112,6 +116,8 @@ fn best(repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candl
 
 fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
     PLACE.with_borrow_mut(|p| *p = (device.clone(), a.dtype.dtype()));
+    crate::device::reset_host_peak();
+    crate::device::reset_peak(device);
     let (t, l) = (a.tokens.max(1), a.text_tokens.max(1));
     let (params, fwd, secs, dim, ffn) = match a.model {
         BenchModel::Wan => {
@@ -209,6 +215,9 @@ fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
             (params, fwd, secs, d, 4 * d)
         }
     };
+    // The block's peaks, before the matmul below adds its own buffers.
+    device.synchronize()?;
+    let (peak_rss_bytes, peak_device_bytes) = (crate::device::host_peak(), crate::device::memory(device).1);
     // candle's own rate on the FFN's matmul shape.
     let xa = rnd(&[t, dim], 1.0)?;
     let wb = rnd(&[dim, ffn], 1.0)?;
@@ -228,6 +237,8 @@ fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
         gflops,
         matmul_gflops,
         ratio: gflops / matmul_gflops,
+        peak_rss_bytes,
+        peak_device_bytes,
     })
 }
 
@@ -239,7 +250,7 @@ pub fn run(a: &BlockArgs, json: bool) -> Result<()> {
         crate::cli::printer::print_json(&r);
     } else {
         println!(
-            "{:?} block, {} tokens + {} text, {:.0}M params: forward+backward {:.1} GFLOP in {:.3} s = {:.1} GFLOP/s; candle matmul {:.1} GFLOP/s; ratio {:.2}",
+            "{:?} block, {} tokens + {} text, {:.0}M params: forward+backward {:.1} GFLOP in {:.3} s = {:.1} GFLOP/s; candle matmul {:.1} GFLOP/s; ratio {:.2}; peak {}",
             a.model,
             r.tokens,
             r.text_tokens,
@@ -248,7 +259,12 @@ pub fn run(a: &BlockArgs, json: bool) -> Result<()> {
             r.seconds,
             r.gflops,
             r.matmul_gflops,
-            r.ratio
+            r.ratio,
+            match (r.peak_device_bytes, r.peak_rss_bytes) {
+                (Some(d), _) => format!("{:.2} GiB on the device", d as f64 / (1u64 << 30) as f64),
+                (None, Some(h)) => format!("{:.2} GiB resident", h as f64 / (1u64 << 30) as f64),
+                _ => "unknown".into(),
+            }
         );
     }
     Ok(())

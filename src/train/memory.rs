@@ -33,16 +33,16 @@ static PHASE_SCOPED: AtomicBool = AtomicBool::new(false);
 /// Start a new measuring window (run start, each phase start): reset the resident peak and the
 /// device pool's peak where permitted.
 pub fn start(device: &Device) {
-    PHASE_SCOPED.store(reset_rss_peak(), Ordering::Relaxed);
-    device_reset_peak(device);
+    PHASE_SCOPED.store(crate::device::reset_host_peak(), Ordering::Relaxed);
+    crate::device::reset_peak(device);
 }
 
 /// The window's figures for `phase`, then a new window for the next phase.
 pub fn phase_end(phase: usize, device: &Device) -> PhaseMemory {
-    let (device_used_bytes, device_peak_bytes) = device_memory(device);
+    let (device_used_bytes, device_peak_bytes) = crate::device::memory(device);
     let m = PhaseMemory {
         phase,
-        peak_rss_bytes: status_kib("VmHWM:").map(|k| k * 1024),
+        peak_rss_bytes: crate::device::host_peak(),
         peak_rss_scope: if PHASE_SCOPED.load(Ordering::Relaxed) { "phase" } else { "process" }.to_string(),
         device_used_bytes,
         device_peak_bytes,
@@ -67,74 +67,8 @@ pub fn free_bytes(device: &Device) -> Option<u64> {
 
 /// Current resident set size in bytes (`VmRSS`).
 pub fn current_rss() -> Option<u64> {
-    status_kib("VmRSS:").map(|k| k * 1024)
+    crate::device::host_rss()
 }
-
-fn status_kib(key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with(key))?;
-    line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
-}
-
-/// Reset `VmHWM` to the current RSS (Linux ≥ 4.0); false when not permitted.
-fn reset_rss_peak() -> bool {
-    std::fs::OpenOptions::new().write(true).open("/proc/self/clear_refs").and_then(|mut f| std::io::Write::write_all(&mut f, b"5")).is_ok()
-}
-
-#[cfg(feature = "cuda")]
-fn default_pool(d: &candle_core::CudaDevice) -> Option<candle_core::cuda::cudarc::driver::sys::CUmemoryPool> {
-    let stream = d.cuda_stream();
-    let ctx = stream.context();
-    ctx.bind_to_thread().ok()?;
-    // SAFETY: the device handle comes from a live context.
-    unsafe { candle_core::cuda::cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }.ok()
-}
-
-#[cfg(feature = "cuda")]
-fn device_memory(device: &Device) -> (Option<u64>, Option<u64>) {
-    use candle_core::cuda::cudarc::driver::{result, sys};
-    let Device::Cuda(d) = device else { return (None, None) };
-    let used = d.cuda_stream().context().mem_get_info().ok().map(|(free, total)| (total - free) as u64);
-    let peak = default_pool(d).and_then(|pool| {
-        let mut v: u64 = 0;
-        // SAFETY: USED_MEM_HIGH is a cuuint64_t.
-        unsafe {
-            result::mem_pool::get_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut v as *mut u64 as *mut ::core::ffi::c_void,
-            )
-        }
-        .ok()
-        .map(|_| v)
-    });
-    (used, peak)
-}
-
-#[cfg(feature = "cuda")]
-fn device_reset_peak(device: &Device) {
-    use candle_core::cuda::cudarc::driver::{result, sys};
-    let Device::Cuda(d) = device else { return };
-    if let Some(pool) = default_pool(d) {
-        let mut zero: u64 = 0;
-        // SAFETY: USED_MEM_HIGH is a cuuint64_t and may be reset to zero.
-        let _ = unsafe {
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut zero as *mut u64 as *mut ::core::ffi::c_void,
-            )
-        };
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn device_memory(_: &Device) -> (Option<u64>, Option<u64>) {
-    (None, None)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn device_reset_peak(_: &Device) {}
 
 #[cfg(test)]
 mod tests {
