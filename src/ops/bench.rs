@@ -200,7 +200,7 @@ pub fn check(device: &Device, tokens: usize) -> Result<Vec<CheckLine>> {
 }
 
 /// Median of `repeats` timed calls of `f` after one warm-up, in milliseconds.
-fn median_ms(device: &Device, repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+pub(crate) fn median_ms(device: &Device, repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
     f()?;
     device.synchronize()?;
     let mut t: Vec<f64> = Vec::new();

@@ -17,11 +17,10 @@
 //! the device synchronised around each run) of each op as the models run it and through the
 //! composition, at `--tokens` × `--dim`, and the ratio (composed / fused).
 
-use std::time::Instant;
-
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
+use super::bench::median_ms;
 use super::fused::Impl;
 use super::{gated, gelu, norm, rope};
 use crate::error::{Error, Result};
@@ -218,21 +217,6 @@ pub fn check(device: &Device, tokens: usize) -> Result<Vec<CheckLine>> {
         }
     }
     Ok(lines)
-}
-
-/// Median of `repeats` timed calls of `f` after one warm-up, in milliseconds.
-fn median_ms(device: &Device, repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
-    f()?;
-    device.synchronize()?;
-    let mut t: Vec<f64> = Vec::new();
-    for _ in 0..repeats.max(1) {
-        let start = Instant::now();
-        f()?;
-        device.synchronize()?;
-        t.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(if t.len() % 2 == 1 { t[t.len() / 2] } else { (t[t.len() / 2 - 1] + t[t.len() / 2]) / 2.0 })
 }
 
 /// The timings on `device`.
