@@ -11,6 +11,7 @@
 #    per part), then the run itself (seconds per update, the CUDA pool's peak per phase) or the
 #    plan's refusal (exit 9, the run is not started), and the measured peak against the plan;
 #    a resolution the plan says fits is run too, so that plan and measurement meet at least once;
+#    and `bench train` (seconds per part of an update) at the A14B size that fits;
 # 3. `bench block` at 16 384, 32 760 and 75 600 tokens beside benches/block_torch.py (time, peak);
 # and prints a table. Results go to OUT_DIR/gpu-scale.jsonl. The replicas need disk: 28.6 GB
 # (A14B, bf16) and 40.9 GB (Qwen-Image), written one after the other into OUT_DIR/replicas and
@@ -124,6 +125,12 @@ phase1_t_range = [0.875, 1.0]"
     run_one "$(recipe a14b-480p wan2.2-t2v-a14b "$EX" "[81, 480, 832]")" a14b-480p
     run_one "$(recipe a14b-720p wan2.2-t2v-a14b "$EX" "[81, 720, 1280]")" a14b-720p
     run_one "$(recipe a14b-480p-17f wan2.2-t2v-a14b "$EX" "[17, 480, 832]")" a14b-480p-17f
+    # Where an update's time goes, at the size that fits (issue "PyTorch's speed on the GPU").
+    if [ "$(left)" -gt 60 ]; then
+        timeout "$(left)" "$B" --json bench train --device "$DEV" --recipe "$OUT/a14b-480p-17f.toml" \
+            | python3 -c "import json,sys; r=json.load(sys.stdin); r['check']='bench-train'; print(json.dumps(r))" >> "$log" \
+            || echo '{"check":"bench-train","failed":true}' >> "$log"
+    fi
     rm -f "$A" "$OUT/replicas/wan-t2v-a14b-low.safetensors"
     Q="$OUT/replicas/qwen-image.safetensors"
     replica qwen-image "$Q"
@@ -166,6 +173,9 @@ for r in rows:
         peak = r.get("peak_device_bytes") or r.get("peak_bytes") or r.get("max_memory_allocated")
         t = r.get("seconds") or r.get("ms", 0) / 1000
         print(f"| {c} | {r.get('model')} {r.get('tokens')} tokens | {'failed' if r.get('failed') else 'ok'} | - | {gib(peak)} | - | {t if t else '-'} |")
+    elif c == "bench-train":
+        parts = ", ".join(f"{p['part']} {p['per_update']:.2f}" for p in r.get("parts", []))
+        print(f"| bench train | A14B 17 x 480 x 832, s per update: {parts} | {'failed' if r.get('failed') else 'ok'} | - | - | - | {r.get('seconds_per_update', '-')} |")
     elif c == "attention":
         print(f"| attention | fused vs portable | {'failed' if r.get('failed') else ('ok' if r.get('ok') else 'MISMATCH')} | - | - | - | - |")
     else:

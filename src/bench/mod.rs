@@ -45,6 +45,10 @@ pub enum BenchCommand {
     /// The fused element-wise ops (norm + modulation, RoPE, gated residual, GELU-tanh): checked
     /// against the candle composition on this device (--check), or timed against it.
     Elementwise(crate::ops::ew_bench::ElementwiseArgs),
+    /// Where the time of a Phased DMD update goes: one recipe's updates (TTUR fake updates + a
+    /// generator update) on this device, in seconds per part (generator rollout, teacher, fake
+    /// score, backward passes, optimiser steps)
+    Train(crate::train::bench_train::BenchTrainArgs),
     /// MoE assemble vs `cp`, verify vs cores × `sha256sum`, pack vs `zstd` and `zipnn`.
     Moe(moe::BenchMoeArgs),
     /// Conversion throughput vs `cp` and the PyPI `gguf` package, and peak RSS on sparse
@@ -64,6 +68,7 @@ pub fn run(cmd: BenchCommand, p: &Printer) -> Result<()> {
         BenchCommand::Block(a) => crate::model::bench::run(&a, p.json()),
         BenchCommand::Attention(a) => crate::ops::bench::run(&a, p.json()),
         BenchCommand::Elementwise(a) => crate::ops::ew_bench::run(&a, p.json()),
+        BenchCommand::Train(a) => crate::train::bench_train::run(&a, p.json()),
         BenchCommand::Moe(a) => moe::run(a, p),
         BenchCommand::Io(a) => io::run(a, p),
         BenchCommand::Replica(a) => replica::run(a, p),

@@ -30,6 +30,7 @@ use candle_core::{Device, Tensor};
 use super::optim::AdamW;
 use super::recipe::{Backprop, FakeObjective, FakeSamples, FakeWeight, GeneratorWeight, ScheduleConfig, TrainConfig};
 use super::schedule::{shift, transition, unshift, Rollout, Schedule};
+use super::timing::part;
 use super::toy::mlp::Mlp;
 use crate::model::denoiser::{guided, Cond, Denoiser};
 use crate::rng::Rng;
@@ -367,7 +368,7 @@ impl Phase<'_> {
     pub fn fake_update(&self, rng: &mut Rng, frozen_gen: &dyn Denoiser, fake: &dyn Denoiser, opt: &mut AdamW) -> CResult<f64> {
         let (_, _, s) = self.bounds();
         let n = self.tcfg.batch;
-        let gb = self.generate(rng, n, frozen_gen, frozen_gen, false, true)?;
+        let gb = part("fake: generator rollout (no gradient)", || self.generate(rng, n, frozen_gen, frozen_gen, false, true))?;
         let xs = gb.xs.detach();
         let (xt, eps, t, _al, _sg) = self.renoise(rng, &xs)?;
         let (target, w) = match self.tcfg.fake_objective {
@@ -383,11 +384,13 @@ impl Phase<'_> {
             }
             FakeObjective::Naive => ((&eps - &xs)?, vec![1.0; n]),
         };
-        let pred = fake.velocity(&xt, &row(&t, self.device)?, &gb.cond)?;
-        let per = sample_mean(&(pred - target)?.sqr()?, &gb.cond)?;
-        let loss = (per * row(&w, self.device)?)?.mean_all()?;
-        let grads = crate::ops::checkpoint::backward(&loss, &opt.vars)?;
-        opt.step(&grads, self.tcfg.grad_clip)?;
+        let loss = part("fake: forward", || {
+            let pred = fake.velocity(&xt, &row(&t, self.device)?, &gb.cond)?;
+            let per = sample_mean(&(pred - target)?.sqr()?, &gb.cond)?;
+            (per * row(&w, self.device)?)?.mean_all()
+        })?;
+        let grads = part("fake: backward", || crate::ops::checkpoint::backward(&loss, &opt.vars))?;
+        part("fake: optimiser", || opt.step(&grads, self.tcfg.grad_clip))?;
         Ok(loss.to_scalar::<f32>()? as f64)
     }
 
@@ -401,12 +404,12 @@ impl Phase<'_> {
         opt: &mut AdamW,
     ) -> CResult<(f64, f64)> {
         let n = self.tcfg.batch;
-        let gb = self.generate(rng, n, gen, frozen_gen, true, false)?;
+        let gb = part("generator: rollout and forward", || self.generate(rng, n, gen, frozen_gen, true, false))?;
         let xs_sg = gb.xs.detach();
         let (xt, _eps, t, _al, _sg) = self.renoise(rng, &xs_sg)?;
         let tr = row(&t, self.device)?;
-        let vt = guided(self.teacher, &xt, &tr, &gb.cond, self.guidance)?.detach();
-        let vf = frozen_fake.velocity(&xt, &tr, &gb.cond)?.detach();
+        let vt = part("teacher (guided)", || guided(self.teacher, &xt, &tr, &gb.cond, self.guidance))?.detach();
+        let vf = part("fake score (for the generator)", || frozen_fake.velocity(&xt, &tr, &gb.cond))?.detach();
         let (_, _, s) = self.bounds();
         let x0_gen = gb.x0.detach();
         let g = generator_grad(self.tcfg.generator_weight, s, &t, &xt, &vt, &vf, &x0_gen, &gb.cond, self.tcfg.norm_min)?;
@@ -415,8 +418,8 @@ impl Phase<'_> {
         // batch (as DMD2, LightX2V and FastVideo average; a sum over elements made the gradient
         // numel× larger, so `grad_clip` clipped every transformer step).
         let loss = (sample_mean(&(&gb.xs - target)?.sqr()?, &gb.cond)?.mean_all()? * 0.5)?;
-        let grads = crate::ops::checkpoint::backward(&loss, &opt.vars)?;
-        let gn = opt.step(&grads, self.tcfg.grad_clip)?;
+        let grads = part("generator: backward", || crate::ops::checkpoint::backward(&loss, &opt.vars))?;
+        let gn = part("generator: optimiser", || opt.step(&grads, self.tcfg.grad_clip))?;
         Ok((loss.to_scalar::<f32>()? as f64, gn))
     }
 

@@ -17,6 +17,7 @@
 //! One seeded generator ([`crate::rng::Rng`]) per rank, whose state is part of every
 //! checkpoint, so a resumed run equals an uninterrupted one bit for bit on the CPU.
 
+pub mod bench_train;
 pub mod cli;
 pub mod dist;
 pub mod dmd;
@@ -33,6 +34,7 @@ pub mod recipe;
 pub mod rundir;
 pub mod schedule;
 pub mod speed;
+pub mod timing;
 pub mod toy;
 pub mod transformer;
 
