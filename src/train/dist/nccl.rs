@@ -67,10 +67,10 @@ impl CustomOp1 for AllReduceSum<'_> {
 
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
-        self.host.rank
+        self.host.rank()
     }
     fn world_size(&self) -> usize {
-        self.host.world_size
+        self.host.world_size()
     }
     fn backend(&self) -> &'static str {
         "nccl"
@@ -85,7 +85,7 @@ impl Communicator for NcclComm {
         let comm = self.comm.lock().map_err(|_| dist_err("NCCL communicator poisoned"))?;
         let sum = cat.apply_op1_no_bwd(&AllReduceSum(&comm))?;
         drop(comm);
-        let mean = (sum / self.host.world_size as f64)?;
+        let mean = (sum / self.host.world_size() as f64)?;
         let mut off = 0;
         for t in ts.iter_mut() {
             let n = t.elem_count();
