@@ -16,7 +16,18 @@ pub fn emulator() -> Option<PathBuf> {
             eprintln!("skipped: no C++ compiler ({cxx})");
             return None;
         }
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("libpk_emu_{}.so", std::process::id()));
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // Earlier test processes' libraries (each process builds its own, and the binaries it
+        // runs load it by path, so it stays until the process ends): remove those of processes
+        // that are gone.
+        for e in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("libpk_emu_").and_then(|r| r.strip_suffix(".so")).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let out = tmp.join(format!("libpk_emu_{}.so", std::process::id()));
         let build = Command::new(&cxx)
             .args(["-std=c++17", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-shared", "-fPIC", "-I"])
             .arg(root.join("kernels"))
