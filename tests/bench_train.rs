@@ -39,6 +39,8 @@ fn bench_train_splits_an_update_into_its_parts() {
     assert!((spu - sum).abs() <= 1e-9 && spu > 0.0);
     let run_s = v["run_seconds"].as_f64().unwrap();
     assert!(run_s >= sum * 4.0 * 0.999 && v["other_seconds"].as_f64().unwrap() >= 0.0, "{v}");
+    assert_eq!(v["memory"].as_array().unwrap().len(), 2, "a peak per phase: {v}");
+    assert!(v["memory"][1]["peak_rss_bytes"].as_u64().unwrap() > 0);
     // Text output and bad input.
     let t = run_ok(&["bench", "train", "--recipe", r.to_str().unwrap()]);
     assert!(t.stdout.contains("s / update") && t.stdout.contains("teacher (guided)"), "{}", t.stdout);

@@ -57,6 +57,8 @@ pub struct TrainTiming {
     pub parts: Vec<PartTime>,
     /// `run_seconds` less the parts: loading, phase ends, expert files.
     pub other_seconds: f64,
+    /// Peak memory per phase, as `train` reports it.
+    pub memory: Vec<super::memory::PhaseMemory>,
 }
 
 /// Time the recipe's updates (see the module docs).
@@ -98,6 +100,7 @@ pub fn time(a: &BenchTrainArgs) -> Result<TrainTiming> {
         seconds_per_update: total / updates as f64,
         parts: parts.into_iter().map(|(p, s)| PartTime { part: p.to_string(), seconds: s, per_update: s / updates as f64 }).collect(),
         other_seconds: (run_seconds - total).max(0.0),
+        memory: summary.memory.clone(),
     })
 }
 
