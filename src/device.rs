@@ -109,13 +109,24 @@ pub fn memory(_: &Device) -> (Option<u64>, Option<u64>) {
 #[cfg(not(feature = "cuda"))]
 pub fn reset_peak(_: &Device) {}
 
-/// The process's resident set size in bytes (`VmRSS`).
-pub fn host_rss() -> Option<u64> {
-    status_kib("VmRSS:").map(|k| k * 1024)
+/// Bytes the device can still give: CUDA's free memory, or the host's `MemAvailable`.
+pub fn free_bytes(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => proc_kib("/proc/meminfo", "MemAvailable:").map(|k| k * 1024),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64),
+        _ => None,
+    }
 }
 
-fn status_kib(key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+/// The process's resident set size in bytes (`VmRSS`).
+pub fn host_rss() -> Option<u64> {
+    proc_kib("/proc/self/status", "VmRSS:").map(|k| k * 1024)
+}
+
+/// The value of `key` (`"VmRSS:"`, `"MemAvailable:"`, …) in a `/proc` file of `key  N kB` lines.
+fn proc_kib(file: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(file).ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;
     line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
 }
@@ -128,7 +139,7 @@ pub fn reset_host_peak() -> bool {
 /// The process's peak resident set size in bytes (`VmHWM`), since the start or the last
 /// [`reset_host_peak`].
 pub fn host_peak() -> Option<u64> {
-    status_kib("VmHWM:").map(|k| k * 1024)
+    proc_kib("/proc/self/status", "VmHWM:").map(|k| k * 1024)
 }
 
 #[cfg(test)]

@@ -51,36 +51,17 @@ pub fn phase_end(phase: usize, device: &Device) -> PhaseMemory {
     m
 }
 
-/// Bytes the device can still give: CUDA's free memory, or the host's `MemAvailable`.
-pub fn free_bytes(device: &Device) -> Option<u64> {
-    match device {
-        Device::Cpu => {
-            let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let l = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-            l["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k * 1024)
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64),
-        _ => None,
-    }
-}
-
-/// Current resident set size in bytes (`VmRSS`).
-pub fn current_rss() -> Option<u64> {
-    crate::device::host_rss()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn the_peak_covers_an_allocation_of_the_phase() {
-        if current_rss().is_none() {
+        if crate::device::host_rss().is_none() {
             return; // not Linux
         }
         start(&Device::Cpu);
-        let before = current_rss().unwrap();
+        let before = crate::device::host_rss().unwrap();
         let v = vec![1u8; 64 << 20];
         std::hint::black_box(&v);
         let m = phase_end(3, &Device::Cpu);

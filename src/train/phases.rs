@@ -245,7 +245,8 @@ fn out_of_memory(e: Error, doing: &str, device: &candle_core::Device) -> Error {
     if e.kind() != crate::Kind::Limit {
         return e;
     }
-    let free = memory::free_bytes(device).map(|b| format!("; {} free on the device", crate::progress::human_bytes(b))).unwrap_or_default();
+    let free =
+        crate::device::free_bytes(device).map(|b| format!("; {} free on the device", crate::progress::human_bytes(b))).unwrap_or_default();
     Error::new(crate::Kind::Limit, format!("{doing}: {}{free}", e.message()))
 }
 

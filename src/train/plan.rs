@@ -228,7 +228,7 @@ pub fn capacity(device: &Device, given: Option<u64>) -> (Option<u64>, String) {
     match device {
         Device::Cpu if crate::alloc::limit().is_some() => (crate::alloc::limit(), "PHASEKIT_HOST_MEMORY_LIMIT".into()),
         Device::Cpu => {
-            let avail = meminfo("MemAvailable:");
+            let avail = crate::device::free_bytes(device);
             let cg = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|s| s.trim().parse::<u64>().ok());
             match (avail, cg) {
                 (Some(a), Some(c)) if c < a => (Some(c), "cgroup memory.max".into()),
@@ -243,12 +243,6 @@ pub fn capacity(device: &Device, given: Option<u64>) -> (Option<u64>, String) {
         },
         _ => (None, "unknown".into()),
     }
-}
-
-fn meminfo(key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let l = s.lines().find(|l| l.starts_with(key))?;
-    l[key.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k * 1024)
 }
 
 /// The plan of a transformer recipe on `device` (`capacity`: the device's bytes, when known).
