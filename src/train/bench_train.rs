@@ -79,7 +79,7 @@ pub fn time(a: &BenchTrainArgs) -> Result<TrainTiming> {
     }
     let device = crate::device::parse(&a.device)?;
     let opts = TrainOptions { eval_samples: 0, device: device.clone(), check_memory: !a.skip_memory_check, ..TrainOptions::default() };
-    let dir = std::env::temp_dir().join(format!("phasekit-bench-train-{}", std::process::id()));
+    let dir = super::rundir::scratch_dir("bench-train");
     timing::start(&device);
     let t0 = std::time::Instant::now();
     let run = super::train(&r, &text, &dir, &opts, &|_| {});

@@ -517,7 +517,7 @@ pub fn bench_train_toy(a: &BenchTrainToyArgs, json: bool, _quiet: bool) -> Resul
     let dir = match &a.dir {
         Some(d) => d.clone(),
         None => {
-            tmp = std::env::temp_dir().join(format!("phasekit-bench-train-{}", std::process::id()));
+            tmp = super::rundir::scratch_dir("bench-train-toy");
             tmp.clone()
         }
     };

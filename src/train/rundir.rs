@@ -321,6 +321,14 @@ fn read_decoded(
     Ok((out, h.metadata.unwrap_or_default()))
 }
 
+/// A scratch folder for a bench's runs, not yet made: `phasekit-TAG-PID-N` in the system's temp
+/// folder (N counts within the process, so two benches of one process never share one).
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!("phasekit-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+}
+
 /// Write a JSON file (pretty, with a final newline) atomically.
 pub fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::internal(e.to_string()))?;

@@ -90,17 +90,11 @@ pub fn time_updates(key: &str, updates: u64, pretrain_steps: Option<u64>) -> Res
     if let Some(s) = pretrain_steps {
         base.teacher.pretrain.steps = s;
     }
-    let dir = std::env::temp_dir().join(format!("phasekit-toy-step-{}-{}", std::process::id(), unique()));
+    let dir = rundir::scratch_dir("toy-step");
     std::fs::create_dir_all(&dir).with_file(&dir)?;
     let result = time_in(&dir, key, &m, &base, updates);
     let _ = std::fs::remove_dir_all(&dir);
     result
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 fn time_in(dir: &Path, key: &str, m: &super::experiments::Method, base: &Recipe, updates: u64) -> Result<UpdateTiming> {
@@ -212,7 +206,7 @@ pub fn torch_args(r: &Recipe, updates: u64, warmup: usize) -> Result<Vec<String>
 /// Run the PyTorch twin of recipe `r`'s update (`updates` in all, the median after `warmup`).
 pub fn time_torch(r: &Recipe, updates: u64, warmup: usize) -> Result<TorchTiming> {
     let args = torch_args(r, updates, warmup)?;
-    let script = std::env::temp_dir().join(format!("phasekit-toy-torch-{}-{}.py", std::process::id(), unique()));
+    let script = rundir::scratch_dir("toy-torch").with_extension("py");
     std::fs::write(&script, TORCH_TWIN).with_file(&script)?;
     let out = Command::new("python3").arg(&script).args(&args).output();
     let _ = std::fs::remove_file(&script);
