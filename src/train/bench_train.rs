@@ -63,10 +63,10 @@ pub struct TrainTiming {
 
 /// Time the recipe's updates (see the module docs).
 pub fn time(a: &BenchTrainArgs) -> Result<TrainTiming> {
-    let (mut r, text) = Recipe::load(&a.recipe)?;
     if a.updates == 0 {
         return Err(Error::usage("bench train: --updates must be at least 1"));
     }
+    let (mut r, text) = Recipe::load(&a.recipe)?;
     r.train.updates_per_phase = a.updates;
     r.train.checkpoint_every = 0;
     if let Some(res) = &a.resolution {
