@@ -8,15 +8,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::read_safetensors;
+use common::{read_safetensors, s};
 use serde_json::Value;
 
 fn fx(rel: &str) -> PathBuf {
     common::tests_dir("fixtures/lightx2v").join(rel)
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
 }
 
 /// Run phasekit inside the fixture folder (the configs name the teacher as the trainer's

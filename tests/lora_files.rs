@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use common::{python_ok, read_safetensors, run, run_ok, tests_dir};
+use common::{python_ok, read_safetensors, run, run_ok, s, tests_dir};
 use phasekit::lora::{self, LoraModule, LoraSet, Raw, Style, WriteOptions};
 use phasekit::DType;
 use safetensors::tensor::{serialize_to_file, TensorView};
@@ -193,10 +193,6 @@ fn convert_is_lossless() {
     assert_eq!(v["style"], "peft");
     assert_eq!(v["family"], "wan22");
     assert_eq!(v["modules"], 4);
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
 }
 
 /// All tensors of a file as f64, read with the safetensors crate.

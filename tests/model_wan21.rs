@@ -9,17 +9,13 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{read_model, run, run_ok};
+use common::{read_model, run, run_ok, s};
 use phasekit::model::rel_l2;
 use phasekit::model::wan::WanTransformer;
 use serde_json::Value;
 
 fn fixture(p: &str) -> PathBuf {
     common::fixture("wan21_t2v_tiny").join(p)
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 fn parity(model: &Path, dtype: DType) -> f64 {

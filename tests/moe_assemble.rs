@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{read_safetensors, run, run_ok, tests_dir};
+use common::{read_safetensors, run, run_ok, s, tests_dir};
 use phasekit::moe::MoeCheckpoint;
 
 fn wan() -> PathBuf {
@@ -69,10 +69,6 @@ fn lora(dir: &Path, name: &str, seed: f32, prefix: bool) -> PathBuf {
     let p = dir.join(name);
     write_st(&p, &ts);
     p
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
 }
 
 fn two_full(dir: &Path) -> PathBuf {

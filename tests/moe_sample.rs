@@ -6,17 +6,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{run, run_ok, tests_dir};
+use common::{run, run_ok, s, tests_dir};
 use phasekit::moe::format::KIND_TOY_MLP;
 use phasekit::moe::MoeCheckpoint;
 use phasekit::train::recipe::Recipe;
 use phasekit::train::rundir as trun;
 use phasekit::train::toy::sample::{LoadedMoe, LoadedRun};
 use phasekit::train::TrainOptions;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// A tiny toy recipe (as `tests/train_toy.rs`): narrow MLP, 3 updates per phase.
 fn tiny(phases: &[usize]) -> Recipe {

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use common::{run, run_ok};
+use common::{run, run_ok, s};
 use phasekit::moe::format::{MoeMeta, FORMAT_TAG, FORMAT_TAG_2};
 use phasekit::moe::MoeCheckpoint;
 use phasekit::train::recipe::Recipe;
@@ -19,10 +19,6 @@ use phasekit::train::rundir as trun;
 use phasekit::train::transformer::sample::TransformerRun;
 use phasekit::train::TrainOptions;
 use phasekit::Kind;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

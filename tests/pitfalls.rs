@@ -6,12 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{read_safetensors, run, run_ok};
+use common::{read_safetensors, run, run_ok, s};
 use serde_json::{json, Value};
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
 
 fn wan() -> PathBuf {
     common::tests_dir("fixtures/wan22_t2v_tiny/original")

@@ -6,15 +6,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{read_model, read_safetensors, run, run_ok};
+use common::{read_model, read_safetensors, run, run_ok, s};
 use serde_json::Value;
 
 fn fx(rel: &str) -> PathBuf {
     common::tests_dir("fixtures").join(rel)
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
 }
 
 fn inspect(p: &Path) -> Value {

@@ -10,12 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{run, run_ok};
+use common::{run, run_ok, s};
 use phasekit::moe::MoeCheckpoint;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// The quickstart's toy recipe cut to a few seconds: small MLP, few updates, 2 phases.
 fn tiny_recipe(dir: &Path, name: &str, phases: &str) -> PathBuf {

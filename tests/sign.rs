@@ -8,14 +8,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{run, run_ok};
+use common::{run, run_ok, s};
 
 fn fx(rel: &str) -> PathBuf {
     common::tests_dir("fixtures/sign").join(rel)
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
 }
 
 /// A copy of the fixture model in a temporary folder.

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::sha;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,10 +84,6 @@ fn args(out: &Path, rdv: &Path, extra: &[&str]) -> Vec<String> {
     v.push(format!("file:{}", rdv.display()));
     v.extend(extra.iter().map(|s| s.to_string()));
     v
-}
-
-fn sha(p: &Path) -> String {
-    phasekit::hash::sha256_hex(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
 }
 
 fn experts(dir: &Path) -> Vec<String> {

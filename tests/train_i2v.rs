@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::train::{recipe, setup};
-use common::{run_ok, tests_dir};
+use common::{run_ok, s, tests_dir};
 use phasekit::model::denoiser::{guided, Cond, ImageMode};
 use phasekit::train::recipe::{Recipe, Task};
 use phasekit::train::rundir as run;
@@ -29,10 +29,6 @@ fn fixture(name: &str, file: &str) -> PathBuf {
 
 fn pipeline(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name, "pipeline.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::train::{recipe, repo, setup};
-use common::{run_ok, tests_dir};
+use common::{run_ok, s, sha, tests_dir};
 use phasekit::model::denoiser::{Cond, Denoiser};
 use phasekit::model::linear::LoraConfig;
 use phasekit::model::Param;
@@ -27,10 +27,6 @@ fn wan_base_file() -> PathBuf {
     tests_dir("fixtures/wan22_t2v_tiny/diffusers/diffusion_pytorch_model.safetensors")
 }
 
-fn sha(p: &Path) -> String {
-    phasekit::hash::sha256_hex(&std::fs::read(p).unwrap())
-}
-
 fn tensors(p: &Path) -> Vec<(String, Vec<f32>)> {
     let (t, _) = run::read_tensors(p).unwrap();
     let mut v: Vec<(String, Vec<f32>)> = t.into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
@@ -47,10 +43,6 @@ fn log_losses(dir: &Path) -> Vec<(f64, f64)> {
             (v["gen_loss"].as_f64().unwrap(), v["fake_loss"].as_f64().unwrap())
         })
         .collect()
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
 }
 
 #[test]

@@ -11,22 +11,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use common::train::{recipe, repo, setup};
-use common::{run, run_ok, tests_dir};
+use common::{run, run_ok, s, sha, tests_dir};
 use phasekit::train::rundir as rd;
 use phasekit::train::schedule::{shift, Schedule};
 use phasekit::train::TrainOptions;
 use serde_json::Value;
 
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
 fn json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn sha(p: &Path) -> String {
-    phasekit::hash::sha256_hex(&std::fs::read(p).unwrap())
 }
 
 /// The smallest f64 above `x` (x > 0): where an expert's σ range starts above its phase's end.

@@ -15,6 +15,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The sha256 of a file, hex.
+pub fn sha(p: &Path) -> String {
+    phasekit::hash::sha256_hex(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+}
+
 /// The phasekit binary built for this test run.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_phasekit")
