@@ -17,6 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 pub struct ReportingAlloc;
 
 static IN_USE: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+/// Whether [`ReportingAlloc`] is the global allocator (it is in the `phasekit` binary; a
+/// library user's program, or a test binary, has its own).
+static INSTALLED: AtomicBool = AtomicBool::new(false);
 static LIMIT: AtomicU64 = AtomicU64::new(u64::MAX);
 static JSON: AtomicBool = AtomicBool::new(false);
 
@@ -29,6 +33,7 @@ static mut ACTIVITY: [u8; ACTIVITY_CAP] = [0; ACTIVITY_CAP];
 /// failure as the `--json` error object on stdout too.
 pub fn init(json: bool) -> crate::Result<()> {
     JSON.store(json, Ordering::Relaxed);
+    INSTALLED.store(IN_USE.load(Ordering::Relaxed) > 0, Ordering::Relaxed);
     if let Some(v) = std::env::var_os("PHASEKIT_HOST_MEMORY_LIMIT") {
         let v = v.to_string_lossy().to_string();
         let n = crate::cli::args::parse_size(&v).map_err(|_| {
@@ -65,12 +70,27 @@ pub fn in_use() -> u64 {
     IN_USE.load(Ordering::Relaxed)
 }
 
+/// The most heap bytes in use at once since the last [`reset_peak`] (`None` where
+/// [`ReportingAlloc`] is not the global allocator). Unlike the resident set, it does not count
+/// what the C allocator keeps after a free (fragmentation), nor mapped files: it is the host's
+/// counterpart of a CUDA pool's high-water mark.
+pub fn peak() -> Option<u64> {
+    INSTALLED.load(Ordering::Relaxed).then(|| PEAK.load(Ordering::Relaxed))
+}
+
+/// Start a new window for [`peak`].
+pub fn reset_peak() {
+    PEAK.store(IN_USE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
 fn reserve(size: usize) -> bool {
     let prev = IN_USE.fetch_add(size as u64, Ordering::Relaxed);
-    if prev.saturating_add(size as u64) > LIMIT.load(Ordering::Relaxed) {
+    let now = prev.saturating_add(size as u64);
+    if now > LIMIT.load(Ordering::Relaxed) {
         IN_USE.fetch_sub(size as u64, Ordering::Relaxed);
         return false;
     }
+    PEAK.fetch_max(now, Ordering::Relaxed);
     true
 }
 

@@ -119,15 +119,15 @@ fn a_run_that_cannot_fit_is_refused_before_loading_with_exit_9() {
 #[test]
 fn running_out_of_host_memory_is_one_line_and_exit_9() {
     let d = tempfile::tempdir().unwrap();
-    // 4096 tokens: the run needs far more than 60 MiB of heap.
-    let r = recipe(d.path(), [4, 64, 64], "");
+    // 2 × 16384 tokens: the run needs far more than 60 MiB of heap.
+    let r = recipe(d.path(), [16, 64, 64], "");
     let out = d.path().join("run");
     let env = [("PHASEKIT_HOST_MEMORY_LIMIT", "60MiB")];
     let o = phasekit(&["train", "--recipe", s(&r), "--out", s(&out), "--skip-memory-check"], &env);
     assert_eq!(o.code, Some(9), "{}", o.stderr);
     let line = o.stderr.trim();
     assert_eq!(line.lines().count(), 1, "{line}");
-    assert!(line.starts_with("phasekit: error: out of host memory during training phase 1, latent [4, 64, 64], batch 2"), "{line}");
+    assert!(line.starts_with("phasekit: error: out of host memory during training phase 1, latent [16, 64, 64], batch 2"), "{line}");
     assert!(line.contains("asked for") && line.contains("in use") && line.contains("available"), "{line}");
     assert!(!line.contains("panicked") && !line.contains("backtrace"), "{line}");
     // --json: the error object on stdout.

@@ -447,9 +447,10 @@ fn prompt_masks_reach_qwen_and_wan_accepts_only_zero_padding() {
 }
 
 /// Activation checkpointing (`recompute_blocks`, on by default) recomputes each block in the
-/// backward pass; the experts and checkpoints are the same bytes as without it, for a two-expert
-/// Wan run with LoRA fakes and a Qwen-Image run with a full-parameter fake. (A checkpointed block
-/// that lost its variables' gradients would leave the generator untrained here.)
+/// backward pass, and `recompute_segments` each block's segments too; the experts and
+/// checkpoints are the same bytes as without either, for a two-expert Wan run with LoRA fakes and
+/// a Qwen-Image run with a full-parameter fake. (A checkpointed block or segment that lost its
+/// variables' gradients would leave the generator untrained here.)
 #[test]
 fn recomputing_blocks_changes_no_bit_of_a_run() {
     setup();
@@ -458,12 +459,16 @@ fn recomputing_blocks_changes_no_bit_of_a_run() {
         assert!(r.transformer.as_ref().unwrap().recompute_blocks, "on by default");
         let mut off = r.clone();
         off.transformer.as_mut().unwrap().recompute_blocks = false;
+        let mut seg = r.clone();
+        seg.transformer.as_mut().unwrap().recompute_segments = true;
         let d = tempfile::tempdir().unwrap();
-        let (a, b) = (d.path().join("on"), d.path().join("off"));
+        let (a, b, c) = (d.path().join("on"), d.path().join("off"), d.path().join("segments"));
         phasekit::train::train(&r, &text, &a, &TrainOptions::default(), &|_| {}).unwrap();
         phasekit::train::train(&off, &text, &b, &TrainOptions::default(), &|_| {}).unwrap();
+        phasekit::train::train(&seg, &text, &c, &TrainOptions::default(), &|_| {}).unwrap();
         for f in ["experts/expert-0.safetensors", "experts/expert-1.safetensors"] {
             assert_eq!(sha(&a.join(f)), sha(&b.join(f)), "{name}: {f}");
+            assert_eq!(sha(&c.join(f)), sha(&b.join(f)), "{name} with segments: {f}");
         }
         let grads: Vec<f64> = std::fs::read_to_string(a.join("log.jsonl"))
             .unwrap()

@@ -42,39 +42,42 @@ impl Linear {
     /// weight is made (on the CPU it is widened a block of rows at a time; on CUDA the product
     /// runs in bf16 with f32 accumulation), and the backward pass computes the input's gradient
     /// only. A trainable weight (a full-parameter fake, f32) goes through candle's matmul.
+    ///
+    /// With a frozen base weight (and bias) the layer is one graph node ([`crate::ops::graft`]):
+    /// its value is computed without a graph and its backward pass is written out below, so the
+    /// graph keeps the input and the output only, not the product, the biased product and the
+    /// adapter's intermediates (four more tensors of the output's size).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&last, lead)) = dims.split_last() else { candle_core::bail!("linear layer input is a scalar") };
         let rows: usize = lead.iter().product();
         let dt = wider(x.dtype(), self.weight.dtype());
         let x2 = x.to_dtype(dt)?.reshape((rows, last))?;
-        // y = (W·xᵀ)ᵀ: W stays the contiguous left operand, so its gradient comes out of one
-        // matmul as a contiguous [out, in] tensor (x·Wᵀ would produce it through a transpose).
-        let fr = |t: &Tensor| if self.frozen { t.detach() } else { t.clone() };
-        let trains = self.weight.is_variable() && !self.frozen;
-        let mut y = if trains {
-            self.weight.to_dtype(dt)?.matmul(&x2.t()?)?.t()?
-        } else {
-            crate::ops::linear::frozen_matmul(&self.weight.detach(), &x2.t()?)?.t()?
-        };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&fr(b).to_dtype(dt)?)?;
-        }
-        if let Some(l) = &self.lora {
-            let ld = l.down.dtype();
-            let xl = x2.to_dtype(ld)?;
-            let d = if self.frozen {
-                // The same operations as `LoraAdapter::delta`, on detached factors.
-                let h = xl.broadcast_matmul(&l.down.as_tensor().detach().t()?)?;
-                (h.broadcast_matmul(&l.up.as_tensor().detach().t()?)? * l.scale())?
-            } else {
-                l.delta(&xl)?
-            };
-            y = (y + d.to_dtype(dt)?)?;
-        }
         let mut out = lead.to_vec();
         out.push(self.out_dim());
-        y.reshape(out)
+        let trains = !self.frozen && (self.weight.is_variable() || self.bias.as_ref().is_some_and(|b| b.is_variable()));
+        if trains {
+            // y = (W·xᵀ)ᵀ: W stays the contiguous left operand, so its gradient comes out of one
+            // matmul as a contiguous [out, in] tensor (x·Wᵀ would produce it through a transpose).
+            let mut y = self.weight.to_dtype(dt)?.matmul(&x2.t()?)?.t()?;
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(&b.to_dtype(dt)?)?;
+            }
+            if let Some(l) = &self.lora {
+                y = (y + l.delta(&x2.to_dtype(l.down.dtype())?)?.to_dtype(dt)?)?;
+            }
+            return y.reshape(out);
+        }
+        let lora = self.lora.as_ref().map(|l| (l.down.as_tensor().detach(), l.up.as_tensor().detach(), l.scale()));
+        let (w, bias) = (self.weight.detach(), self.bias.as_ref().map(|b| b.detach()));
+        let value = frozen_value(&x2.detach(), &w, bias.as_ref(), lora.as_ref(), dt)?;
+        let mut inputs = vec![x2];
+        if let (Some(l), false) = (&self.lora, self.frozen) {
+            inputs.extend([l.down.as_tensor().clone(), l.up.as_tensor().clone()]);
+        }
+        let scale = lora.as_ref().map(|l| l.2).unwrap_or(0.0);
+        let bwd: crate::ops::graft::Backward = std::sync::Arc::new(move |i: &[Tensor], g: &Tensor| frozen_backward(&w, scale, i, g));
+        crate::ops::graft::graft(value, &inputs, "linear", bwd)?.reshape(out)
     }
 
     /// Fold the adapter into the weight (`W += (α/r)·up·down`) and drop it.
@@ -99,6 +102,92 @@ impl Linear {
         }
         Ok(vars)
     }
+}
+
+/// Bytes of f32 scratch one chunk of rows of a grafted layer may use per operand (256 MiB, or
+/// `PHASEKIT_CHUNK_MIB`): its value and its gradients are computed [`chunk_rows`] rows at a
+/// time, so that the f32 copies a 16-bit activation needs (and candle's transient products) stay
+/// bounded whatever the token count.
+fn chunk_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| std::env::var("PHASEKIT_CHUNK_MIB").ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(256).max(1) << 20)
+}
+
+/// Rows per chunk for a layer `in → out`.
+fn chunk_rows(inp: usize, out: usize) -> usize {
+    #[cfg(test)]
+    if let Some(r) = tests::CHUNK.get() {
+        return r;
+    }
+    (chunk_bytes() / (4 * inp.max(out).max(1))).max(64)
+}
+
+/// `f(a, r)` for row chunks `[a, a + r)` of `n` rows, written into one `[n, cols]` tensor
+/// (one call and no copy when `n` fits one chunk).
+fn by_chunks(n: usize, chunk: usize, cols: usize, dt: DType, dev: &candle_core::Device, f: impl Fn(usize, usize) -> Result<Tensor>) -> Result<Tensor> {
+    if n <= chunk {
+        return f(0, n);
+    }
+    let out = Tensor::zeros((n, cols), dt, dev)?;
+    for a in (0..n).step_by(chunk) {
+        let r = chunk.min(n - a);
+        out.slice_set(&f(a, r)?.to_dtype(dt)?.contiguous()?, 0, a)?;
+    }
+    Ok(out)
+}
+
+/// `x·Wᵀ + b (+ s·(x·downᵀ)·upᵀ)` for a frozen `W` and bias, on detached tensors (`x [n, in]`
+/// in `dt`; the adapter's product in the adapter's dtype), [`chunk_rows`] rows at a time.
+fn frozen_value(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<&(Tensor, Tensor, f64)>, dt: DType) -> Result<Tensor> {
+    let (n, inp) = x.dims2()?;
+    let out = w.dim(0)?;
+    by_chunks(n, chunk_rows(inp, out), out, dt, x.device(), |a, r| {
+        let x = x.narrow(0, a, r)?;
+        let mut y = crate::ops::linear::frozen_matmul(w, &x.t()?)?.t()?;
+        if let Some(b) = bias {
+            y = y.broadcast_add(&b.to_dtype(dt)?)?;
+        }
+        if let Some((down, up, scale)) = lora {
+            let h = x.to_dtype(down.dtype())?.matmul(&down.t()?)?;
+            let d = (h.matmul(&up.t()?)? * *scale)?;
+            y = (y + d.to_dtype(dt)?)?;
+        }
+        Ok(y)
+    })
+}
+
+/// The backward pass of [`frozen_value`]: inputs `[x]` or `[x, down, up]`, `g = ∂y [n, out]`.
+/// `∂x = g·W + s·(g·up)·down`, `∂down = s·(g·up)ᵀ·x`, `∂up = s·gᵀ·(x·downᵀ)`, [`chunk_rows`]
+/// rows at a time (the adapter's gradients summed over the chunks).
+fn frozen_backward(w: &Tensor, scale: f64, inputs: &[Tensor], g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    let x = inputs[0].detach();
+    let dt = x.dtype();
+    let (n, inp) = x.dims2()?;
+    let out = w.dim(0)?;
+    let lora = (inputs.len() == 3).then(|| (inputs[1].detach(), inputs[2].detach()));
+    let sums: std::cell::RefCell<Option<(Tensor, Tensor)>> = std::cell::RefCell::new(None);
+    let gx = by_chunks(n, chunk_rows(inp, out), inp, dt, x.device(), |a, r| {
+        let g = g.narrow(0, a, r)?;
+        let mut gx = crate::ops::linear::input_grad(w, &g.t()?)?.t()?.to_dtype(dt)?;
+        if let Some((down, up)) = &lora {
+            let ld = down.dtype();
+            let (xl, gl) = (x.narrow(0, a, r)?.to_dtype(ld)?, g.to_dtype(ld)?);
+            let gu = gl.matmul(up)?;
+            let g_up = (gl.t()?.matmul(&xl.matmul(&down.t()?)?)? * scale)?;
+            let g_down = (gu.t()?.matmul(&xl)? * scale)?;
+            gx = (gx + (gu.matmul(down)? * scale)?.to_dtype(dt)?)?;
+            let mut s = sums.borrow_mut();
+            *s = Some(match s.take() {
+                None => (g_down, g_up),
+                Some((d0, u0)) => ((d0 + g_down)?, (u0 + g_up)?),
+            });
+        }
+        Ok(gx)
+    })?;
+    Ok(match sums.into_inner() {
+        None => vec![Some(gx)],
+        Some((g_down, g_up)) => vec![Some(gx), Some(g_down), Some(g_up)],
+    })
 }
 
 fn rank(d: DType) -> u8 {
@@ -189,7 +278,13 @@ pub fn attach(linears: Vec<(String, &mut Linear)>, cfg: &LoraConfig) -> Result<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::model::lora::LoraAdapter;
+    use candle_core::{Device, Var};
+
+    thread_local! {
+        /// Rows per chunk of the grafted layers on this thread, when set.
+        pub(super) static CHUNK: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
 
     #[test]
     fn globs() {
@@ -221,5 +316,57 @@ mod tests {
         let norm = adapted.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
         assert!(diff / norm < 1e-6, "{diff} / {norm}");
         assert_eq!(merged.dtype(), DType::F32);
+    }
+
+    /// The grafted layer's gradients (input, LoRA down and up) against candle's autograd of the
+    /// plain composition in f64, for f32 and bf16 base weights (rounded to bf16 in both), in one
+    /// piece and in chunks of rows (22 rows: 5 chunks of 5 with a partial one, 2 of 16).
+    #[test]
+    fn the_grafted_layer_gives_the_gradients_of_the_composition() {
+        let dev = Device::Cpu;
+        let mut r = crate::rng::Rng::new(9);
+        let mut t = |shape: &[usize]| Tensor::from_vec(r.normals_f32(shape.iter().product()), shape, &dev).unwrap();
+        let (out, inp, rank, n) = (300, 37, 4, 11);
+        let (w0, b0, x0, g) = (t(&[out, inp]), t(&[out]), t(&[2, n, inp]), t(&[2, n, out]));
+        let (d0, u0) = (t(&[rank, inp]), t(&[out, rank]));
+        let f64v = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for (wdt, chunk) in [(DType::F32, None), (DType::BF16, None), (DType::F32, Some(5)), (DType::BF16, Some(16))] {
+            CHUNK.set(chunk);
+            let w = w0.to_dtype(wdt).unwrap();
+            let mut l = Linear::new(w.clone(), Some(b0.to_dtype(wdt).unwrap()));
+            l.lora = Some(LoraAdapter::from_tensors(&d0, &u0, 8.0).unwrap());
+            let lo = l.lora.clone().unwrap();
+            let x = Var::from_tensor(&x0).unwrap();
+            let y = l.forward(x.as_tensor()).unwrap();
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            // The reference: the same math composed in f64, differentiated by candle.
+            let (xr, dr, ur) = (
+                Var::from_tensor(&x0.to_dtype(DType::F64).unwrap()).unwrap(),
+                Var::from_tensor(&d0.to_dtype(DType::F64).unwrap()).unwrap(),
+                Var::from_tensor(&u0.to_dtype(DType::F64).unwrap()).unwrap(),
+            );
+            let wr = w.to_dtype(DType::F64).unwrap();
+            let br = b0.to_dtype(wdt).unwrap().to_dtype(DType::F64).unwrap();
+            let yr = (xr.as_tensor().broadcast_matmul(&wr.t().unwrap()).unwrap().broadcast_add(&br).unwrap()
+                + (xr.as_tensor().broadcast_matmul(&dr.as_tensor().t().unwrap()).unwrap().broadcast_matmul(&ur.as_tensor().t().unwrap()).unwrap()
+                    * 2.0)
+                    .unwrap())
+            .unwrap();
+            let gr = (&yr * g.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let rel = |a: &[f64], b: &[f64]| {
+                let d: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+                (d / b.iter().map(|y| y * y).sum::<f64>()).sqrt()
+            };
+            for (name, ours, theirs) in [
+                ("y", f64v(&y), f64v(&yr)),
+                ("dx", f64v(grads.get(x.as_tensor()).unwrap()), f64v(gr.get(xr.as_tensor()).unwrap())),
+                ("ddown", f64v(grads.get(lo.down.as_tensor()).unwrap()), f64v(gr.get(dr.as_tensor()).unwrap())),
+                ("dup", f64v(grads.get(lo.up.as_tensor()).unwrap()), f64v(gr.get(ur.as_tensor()).unwrap())),
+            ] {
+                let e = rel(&ours, &theirs);
+                assert!(e < 1e-6, "{wdt:?} chunks of {chunk:?} rows, {name}: relative error {e}");
+            }
+            assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
+        }
     }
 }

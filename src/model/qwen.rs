@@ -144,22 +144,62 @@ impl QwenBlock {
 
     /// `img [B, S, dim]`, `txt [B, L, dim]`, `temb [B, dim]` → new `(img, txt)`.
     pub fn forward(&self, img: &Tensor, txt: &Tensor, temb: &Tensor, aux: &QwenAux, c: &QwenConfig) -> Result<(Tensor, Tensor)> {
-        let d = c.dim();
+        let (im, tm) = self.modulations(temb)?;
+        let (img, txt) = self.attention_segment(img, txt, &im, &tm, aux, c)?;
+        self.mlp_segment(&img, &txt, &im, &tm, c)
+    }
+
+    /// [`QwenBlock::forward`] with its two segments (joint attention, MLPs) checkpointed on
+    /// their own ([`run_block`]): inside a block's recompute one segment's graph is alive at a
+    /// time.
+    pub fn forward_segmented(&self, img: &Tensor, txt: &Tensor, temb: &Tensor, aux: &QwenAux, c: &QwenConfig) -> Result<(Tensor, Tensor)> {
+        // The modulations once per block (their gradient reaches `temb` once, as without segments).
+        let (im, tm) = self.modulations(temb)?;
+        let ctx = Context::new(vec![im, tm]);
+        let mut s = vec![img.clone(), txt.clone()];
+        for k in 0..2 {
+            let (b, aux, c) = (self.clone(), aux.clone(), c.clone());
+            let f: BlockFn = Arc::new(move |s: &[Tensor], cx: &[Tensor]| {
+                let (i, t) = if k == 0 {
+                    b.attention_segment(&s[0], &s[1], &cx[0], &cx[1], &aux, &c)?
+                } else {
+                    b.mlp_segment(&s[0], &s[1], &cx[0], &cx[1], &c)?
+                };
+                Ok(vec![i, t])
+            });
+            s = run_block(&Block { f, anchor: None }, &s, &ctx, true)?;
+        }
+        let t = s.pop().ok_or_else(|| candle_core::Error::Msg("segment without output".into()))?;
+        let i = s.pop().ok_or_else(|| candle_core::Error::Msg("segment without output".into()))?;
+        Ok((i, t))
+    }
+
+    /// The modulations of both streams, `[B, 1, 6·dim]` each.
+    fn modulations(&self, temb: &Tensor) -> Result<(Tensor, Tensor)> {
         let st = silu(temb)?;
-        let im = self.img_mod.forward(&st)?.unsqueeze(1)?;
-        let tm = self.txt_mod.forward(&st)?.unsqueeze(1)?;
+        Ok((self.img_mod.forward(&st)?.unsqueeze(1)?, self.txt_mod.forward(&st)?.unsqueeze(1)?))
+    }
+
+    /// Both streams through the joint attention and their gated residual adds.
+    fn attention_segment(&self, img: &Tensor, txt: &Tensor, im: &Tensor, tm: &Tensor, aux: &QwenAux, c: &QwenConfig) -> Result<(Tensor, Tensor)> {
+        let d = c.dim();
         let part = |m: &Tensor, i: usize| m.narrow(2, i * d, d);
-        let img_n = layer_norm_modulate(img, &part(&im, 0)?, &part(&im, 1)?, EPS)?;
-        let txt_n = layer_norm_modulate(txt, &part(&tm, 0)?, &part(&tm, 1)?, EPS)?;
+        let img_n = layer_norm_modulate(img, &part(im, 0)?, &part(im, 1)?, EPS)?;
+        let txt_n = layer_norm_modulate(txt, &part(tm, 0)?, &part(tm, 1)?, EPS)?;
         let (img_a, txt_a) = self.attention(&img_n, &txt_n, aux, c)?;
-        let img = gated_add(img, &img_a, &part(&im, 2)?)?;
-        let txt = gated_add(txt, &txt_a, &part(&tm, 2)?)?;
-        let img_n = layer_norm_modulate(&img, &part(&im, 3)?, &part(&im, 4)?, EPS)?;
+        Ok((gated_add(img, &img_a, &part(im, 2)?)?, gated_add(txt, &txt_a, &part(tm, 2)?)?))
+    }
+
+    /// Both streams through their MLPs and gated residual adds.
+    fn mlp_segment(&self, img: &Tensor, txt: &Tensor, im: &Tensor, tm: &Tensor, c: &QwenConfig) -> Result<(Tensor, Tensor)> {
+        let d = c.dim();
+        let part = |m: &Tensor, i: usize| m.narrow(2, i * d, d);
+        let img_n = layer_norm_modulate(img, &part(im, 3)?, &part(im, 4)?, EPS)?;
         let img_f = self.img_mlp_out.forward(&gelu_tanh(&self.img_mlp_in.forward(&img_n)?)?)?;
-        let img = gated_add(&img, &img_f, &part(&im, 5)?)?;
-        let txt_n = layer_norm_modulate(&txt, &part(&tm, 3)?, &part(&tm, 4)?, EPS)?;
+        let img = gated_add(img, &img_f, &part(im, 5)?)?;
+        let txt_n = layer_norm_modulate(txt, &part(tm, 3)?, &part(tm, 4)?, EPS)?;
         let txt_f = self.txt_mlp_out.forward(&gelu_tanh(&self.txt_mlp_in.forward(&txt_n)?)?)?;
-        let txt = gated_add(&txt, &txt_f, &part(&tm, 5)?)?;
+        let txt = gated_add(txt, &txt_f, &part(tm, 5)?)?;
         Ok((img, txt))
     }
 
@@ -228,6 +268,13 @@ pub struct QwenImageTransformer {
     /// Recompute each block in the backward pass instead of keeping its activations
     /// ([`crate::ops::checkpoint`]); on for training, no effect without gradients.
     pub checkpoint: bool,
+    /// With `checkpoint`: checkpoint each block's segments too ([`QwenBlock::forward_segmented`]).
+    pub checkpoint_segments: bool,
+    /// The dtype of the residual stream and of the activations the blocks keep: f32 by default
+    /// (f64 for an f64 model) whatever the weights' dtype; the weights' 16-bit dtype halves the
+    /// activation memory of training (as PyTorch's bf16 models run: norms, softmax, RoPE and
+    /// residual adds still compute in f32 and round once).
+    pub activations: DType,
     pub dtype: DType,
     pub device: Device,
 }
@@ -259,6 +306,8 @@ impl QwenImageTransformer {
             img_shape: [1, 1, 1],
             null_text: None,
             checkpoint: false,
+            checkpoint_segments: false,
+            activations: super::ops::wide(w.dtype),
             dtype: w.dtype,
             device: w.device.clone(),
         })
@@ -279,9 +328,9 @@ impl QwenImageTransformer {
         if f * h * w != s {
             candle_core::bail!("img_shapes {img_shape:?} give {} tokens but hidden_states has {s}", f * h * w);
         }
-        // The residual streams stay in f32 (f64 for an f64 model) whatever the compute dtype.
-        let img = widen(&self.img_in.forward(x)?)?;
-        let txt = widen(&self.txt_in.forward(&rms_norm(&widen(enc)?, Some(&self.txt_norm), EPS)?)?)?;
+        // The residual streams in their own dtype (`activations`), whatever the weights' dtype.
+        let img = self.img_in.forward(x)?.to_dtype(self.activations)?;
+        let txt = self.txt_in.forward(&rms_norm(&widen(enc)?, Some(&self.txt_norm), EPS)?)?.to_dtype(self.activations)?;
         let te = timestep_embedding(timestep, 256, true, 0.0, 1000.0)?.to_dtype(super::ops::wide(self.dtype))?;
         let temb = self.time_2.forward(&silu(&self.time_1.forward(&te)?)?)?;
         let (img_rope, txt_rope) = rope::qwen(self.cfg.axes, f, h, w, l, x.device())?;
@@ -318,8 +367,10 @@ impl QwenImageTransformer {
     fn block_fn(&self, i: usize, aux: &QwenAux) -> Block {
         let (b, cfg, aux) = (self.blocks[i].clone(), self.cfg.clone(), aux.clone());
         let anchor = super::trainable_anchor(self.blocks[i].clone().params(""));
+        let segments = self.checkpoint_segments;
         let f: BlockFn = Arc::new(move |s: &[Tensor], c: &[Tensor]| {
-            let (img, txt) = b.forward(&s[0], &s[1], &c[0], &aux, &cfg)?;
+            let (img, txt) =
+                if segments { b.forward_segmented(&s[0], &s[1], &c[0], &aux, &cfg)? } else { b.forward(&s[0], &s[1], &c[0], &aux, &cfg)? };
             Ok(vec![img, txt])
         });
         Block { f, anchor }

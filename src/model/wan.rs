@@ -104,7 +104,12 @@ impl WanAttention {
 
     /// `x [B, S, dim]` attends to `ctx [B, L, dim]` (itself when `None`).
     fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, heads: usize, eps: f64, rope: Option<&RopeTables>) -> Result<Tensor> {
-        let kv = ctx.unwrap_or(x);
+        // The text context is f32 (it is shared by all blocks); keys and values take the
+        // activations' dtype.
+        let kv = match ctx {
+            Some(c) => &c.to_dtype(x.dtype())?,
+            None => x,
+        };
         let (b, s, dim) = x.dims3()?;
         let l = kv.dim(1)?;
         let hd = dim / heads;
@@ -177,27 +182,75 @@ impl WanBlock {
         rope: &RopeTables,
         c: &WanConfig,
     ) -> Result<Tensor> {
-        let dt = x.dtype();
+        let x = self.self_attention_segment(x, tproj, rows, rope, c)?;
+        let x = self.cross_attention_segment(&x, enc, c)?;
+        self.ffn_segment(&x, tproj, rows, c)
+    }
+
+    /// [`WanBlock::forward_rows`] with each of its three segments (self-attention,
+    /// cross-attention, FFN) checkpointed on its own ([`run_block`]): inside a block's
+    /// recompute, one segment's graph is alive at a time instead of the block's (one more
+    /// forward of each segment).
+    pub fn forward_segmented(
+        &self,
+        x: &Tensor,
+        enc: &Tensor,
+        tproj: &Tensor,
+        rows: Option<&Tensor>,
+        rope: &RopeTables,
+        c: &WanConfig,
+    ) -> Result<Tensor> {
+        let ctx = Context::new(vec![enc.clone(), tproj.clone()]);
+        let mut s = vec![x.clone()];
+        for k in 0..3 {
+            let (b, rows, rope, c) = (self.clone(), rows.cloned(), rope.clone(), c.clone());
+            let f: BlockFn = Arc::new(move |s: &[Tensor], cx: &[Tensor]| {
+                Ok(vec![match k {
+                    0 => b.self_attention_segment(&s[0], &cx[1], rows.as_ref(), &rope, &c)?,
+                    1 => b.cross_attention_segment(&s[0], &cx[0], &c)?,
+                    _ => b.ffn_segment(&s[0], &cx[1], rows.as_ref(), &c)?,
+                }])
+            });
+            s = run_block(&Block { f, anchor: None }, &s, &ctx, true)?;
+        }
+        Ok(s.remove(0))
+    }
+
+    /// Modulation `i` of 6 (`scale_shift_table + tproj`), per token when `rows` is given. Each
+    /// segment takes its own slices; their gradients have disjoint supports, so summing them is
+    /// exact in any order.
+    fn modulation(&self, tproj: &Tensor, rows: Option<&Tensor>, x: &Tensor, i: usize) -> Result<Tensor> {
         let m = self.scale_shift_table.broadcast_add(&tproj.to_dtype(self.scale_shift_table.dtype())?)?;
-        let g = |i: usize| -> Result<Tensor> {
-            let v = m.narrow(1, i, 1)?;
-            match rows {
-                None => Ok(v),
-                Some(r) => per_token(&v, r, x),
-            }
-        };
-        let (shift, scale, gate, c_shift, c_scale, c_gate) = (g(0)?, g(1)?, g(2)?, g(3)?, g(4)?, g(5)?);
-        let h = layer_norm_modulate(x, &shift, &scale, c.eps)?;
+        let v = m.narrow(1, i, 1)?;
+        match rows {
+            None => Ok(v),
+            Some(r) => per_token(&v, r, x),
+        }
+    }
+
+    /// `x + attn1(norm1(x)·(1 + scale) + shift)·gate`.
+    fn self_attention_segment(&self, x: &Tensor, tproj: &Tensor, rows: Option<&Tensor>, rope: &RopeTables, c: &WanConfig) -> Result<Tensor> {
+        let g = |i: usize| self.modulation(tproj, rows, x, i);
+        let h = layer_norm_modulate(x, &g(0)?, &g(1)?, c.eps)?;
         let a = self.attn1.forward(&h, None, c.heads, c.eps, Some(rope))?;
-        let x = gated_residual(x, &a, &gate)?;
+        gated_residual(x, &a, &g(2)?)
+    }
+
+    /// `x + attn2(norm2(x), enc)`.
+    fn cross_attention_segment(&self, x: &Tensor, enc: &Tensor, c: &WanConfig) -> Result<Tensor> {
         let h = match &self.norm2 {
-            Some((w, b)) => layer_norm(&x, Some(w), Some(b), c.eps)?,
+            Some((w, b)) => layer_norm(x, Some(w), Some(b), c.eps)?,
             None => x.clone(),
         };
-        let x = (&x + self.attn2.forward(&h, Some(enc), c.heads, c.eps, None)?.to_dtype(dt)?)?;
-        let h = layer_norm_modulate(&x, &c_shift, &c_scale, c.eps)?;
+        x + self.attn2.forward(&h, Some(enc), c.heads, c.eps, None)?.to_dtype(x.dtype())?
+    }
+
+    /// `x + ffn(norm3(x)·(1 + c_scale) + c_shift)·c_gate`.
+    fn ffn_segment(&self, x: &Tensor, tproj: &Tensor, rows: Option<&Tensor>, c: &WanConfig) -> Result<Tensor> {
+        let g = |i: usize| self.modulation(tproj, rows, x, i);
+        let h = layer_norm_modulate(x, &g(3)?, &g(4)?, c.eps)?;
         let f = self.ffn_out.forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
-        gated_residual(&x, &f, &c_gate)
+        gated_residual(x, &f, &g(5)?)
     }
 
     pub fn params(&mut self, p: &str) -> Vec<(String, Param<'_>)> {
@@ -254,6 +307,13 @@ pub struct WanTransformer {
     /// Recompute each block in the backward pass instead of keeping its activations
     /// ([`crate::ops::checkpoint`]); on for training, no effect without gradients.
     pub checkpoint: bool,
+    /// With `checkpoint`: checkpoint each block's segments too ([`WanBlock::forward_segmented`]).
+    pub checkpoint_segments: bool,
+    /// The dtype of the residual stream and of the activations the blocks keep: f32 by default
+    /// (f64 for an f64 model) whatever the weights' dtype; the weights' 16-bit dtype halves the
+    /// activation memory of training (as PyTorch's bf16 models run: norms, softmax, RoPE and
+    /// residual adds still compute in f32 and round once).
+    pub activations: DType,
     pub dtype: DType,
     pub device: Device,
 }
@@ -291,6 +351,8 @@ impl WanTransformer {
             cfg: c,
             null_text: None,
             checkpoint: false,
+            checkpoint_segments: false,
+            activations: super::ops::wide(w.dtype),
             dtype: w.dtype,
             device: w.device.clone(),
         })
@@ -332,8 +394,8 @@ impl WanTransformer {
             .permute(vec![0, 2, 4, 6, 1, 3, 5, 7])?
             .contiguous()?
             .reshape((b, seq, ch * pt * ph * pw))?;
-        // The residual stream stays in f32 (f64 for an f64 model) whatever the compute dtype.
-        let hs = widen(&self.patch_embedding.forward(&patches)?)?;
+        // The residual stream in its own dtype (`activations`), whatever the weights' dtype.
+        let hs = self.patch_embedding.forward(&patches)?.to_dtype(self.activations)?;
         let (t, token_rows) = if token_t { distinct_timesteps(timestep)? } else { (timestep.clone(), None) };
         let k = t.elem_count();
         let temb_in = timestep_embedding(&t, c.freq_dim, true, 0.0, 1.0)?.to_dtype(wide(self.dtype))?;
@@ -365,8 +427,14 @@ impl WanTransformer {
     fn block_fn(&self, i: usize, aux: &WanAux) -> Block {
         let (b, cfg, rope, rows) = (self.blocks[i].clone(), self.cfg.clone(), aux.rope.clone(), aux.token_rows.clone());
         let anchor = super::trainable_anchor(self.blocks[i].clone().params(""));
-        let f: BlockFn =
-            Arc::new(move |s: &[Tensor], c: &[Tensor]| Ok(vec![b.forward_rows(&s[0], &c[0], &c[1], rows.as_ref(), &rope, &cfg)?]));
+        let segments = self.checkpoint_segments;
+        let f: BlockFn = Arc::new(move |s: &[Tensor], c: &[Tensor]| {
+            Ok(vec![if segments {
+                b.forward_segmented(&s[0], &c[0], &c[1], rows.as_ref(), &rope, &cfg)?
+            } else {
+                b.forward_rows(&s[0], &c[0], &c[1], rows.as_ref(), &rope, &cfg)?
+            }])
+        });
         Block { f, anchor }
     }
 }

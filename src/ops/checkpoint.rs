@@ -3,7 +3,8 @@
 //!
 //! [`run_block`] runs a block; when its result is part of a backward pass (it tracks gradients)
 //! and checkpointing is on, the block's graph is dropped at once and replaced by one op node
-//! that holds only the block's inputs (the residual stream and the shared context). The node's
+//! that holds only the block's inputs (the residual stream and the shared context) and its output
+//! (a [`super::graft`]: the output is not kept twice). The node's
 //! backward recomputes the block from copies of those inputs, backpropagates `Σ out ∘ ∂out`
 //! through the recomputed graph, and hands back the inputs' gradients. A block's own trainable
 //! variables (LoRA adapters, a full fake's weights) are no inputs of the node: their gradients go
@@ -20,7 +21,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
+use candle_core::{Result, Shape, Tensor, TensorId, Var};
+
+use super::graft::{graft, Backward};
 
 /// One block: new state from `(state, ctx)`.
 pub type BlockFn = Arc<dyn Fn(&[Tensor], &[Tensor]) -> Result<Vec<Tensor>> + Send + Sync>;
@@ -101,14 +104,12 @@ pub fn run_block(block: &Block, state: &[Tensor], context: &Context, enabled: bo
     let out_shapes: Vec<Shape> = out.iter().map(|t| t.shape().clone()).collect();
     // The values, without the graph that produced them (dropped with `out`).
     let values = pack(&out)?.detach();
+    let dtype = values.dtype();
     drop(out);
-    let op = Checkpoint {
-        f: f.clone(),
-        state_shapes: state.iter().map(|t| t.shape().clone()).collect(),
-        ctx_shapes: ctx.iter().map(|t| t.shape().clone()).collect(),
-        values,
-    };
-    let y = pack(state)?.apply_op3(&context.packed()?, &anchor, op)?;
+    let (f, state_shapes, ctx_shapes) =
+        (f.clone(), state.iter().map(|t| t.shape().clone()).collect::<Vec<_>>(), ctx.iter().map(|t| t.shape().clone()).collect::<Vec<_>>());
+    let bwd: Backward = Arc::new(move |inputs: &[Tensor], grad: &Tensor| recompute(&f, &state_shapes, &ctx_shapes, dtype, inputs, grad));
+    let y = graft(values, &[pack(state)?, context.packed()?, anchor], "checkpoint", bwd)?;
     unpack(&y, &out_shapes)
 }
 
@@ -132,104 +133,40 @@ fn unpack(t: &Tensor, shapes: &[Shape]) -> Result<Vec<Tensor>> {
     Ok(out)
 }
 
-struct Checkpoint {
-    f: BlockFn,
-    state_shapes: Vec<Shape>,
-    ctx_shapes: Vec<Shape>,
-    /// The block's output, computed when the node was made.
-    values: Tensor,
-}
-
-impl Checkpoint {
-    fn values_storage(&self) -> Result<(Storage, Shape)> {
-        let (s, l) = self.values.storage_and_layout();
-        let n = self.values.elem_count();
-        if l.contiguous_offsets() != Some((0, n)) {
-            candle_core::bail!("checkpoint: block output is not a fresh contiguous tensor");
-        }
-        if let Storage::Cpu(c) = &*s {
-            if cpu_len(c) != n {
-                candle_core::bail!("checkpoint: block output shares a larger storage");
-            }
-        }
-        Ok((s.try_clone(l)?, self.values.shape().clone()))
-    }
-}
-
-fn cpu_len(c: &CpuStorage) -> usize {
-    match c {
-        CpuStorage::U8(v) => v.len(),
-        CpuStorage::U32(v) => v.len(),
-        CpuStorage::I64(v) => v.len(),
-        CpuStorage::BF16(v) => v.len(),
-        CpuStorage::F16(v) => v.len(),
-        CpuStorage::F32(v) => v.len(),
-        CpuStorage::F64(v) => v.len(),
-        _ => usize::MAX,
-    }
-}
-
-impl CustomOp3 for Checkpoint {
-    fn name(&self) -> &'static str {
-        "checkpoint"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        match self.values_storage()? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("checkpoint: block output is not on the CPU"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        match self.values_storage()? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("checkpoint: block output is not on the GPU"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        state: &Tensor,
-        ctx: &Tensor,
-        anchor: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Recompute the block from variable copies of its inputs.
-        let sv = Var::from_tensor(&state.detach())?;
-        let cv = Var::from_tensor(&ctx.detach())?;
-        let st = unpack(sv.as_tensor(), &self.state_shapes)?;
-        let ct = unpack(cv.as_tensor(), &self.ctx_shapes)?;
-        let out = pack(&(self.f)(&st, &ct)?)?;
-        let g = (out * grad.to_dtype(self.values.dtype())?)?.sum_all()?.backward()?;
-        SINK.with(|s| -> Result<()> {
-            if let Some(sink) = s.borrow_mut().as_mut() {
-                for id in &sink.wanted {
-                    if let Some(t) = g.get_id(*id) {
-                        let t = match sink.grads.remove(id) {
-                            Some(old) => (old + t)?,
-                            None => t.clone(),
-                        };
-                        sink.grads.insert(*id, t);
-                    }
+/// The backward pass of a checkpointed block: recompute it from variable copies of its inputs
+/// `[state, ctx, anchor]` and backpropagate `Σ out ∘ grad` through the recomputed graph.
+fn recompute(
+    f: &BlockFn,
+    state_shapes: &[Shape],
+    ctx_shapes: &[Shape],
+    dtype: candle_core::DType,
+    inputs: &[Tensor],
+    grad: &Tensor,
+) -> Result<Vec<Option<Tensor>>> {
+    let (state, ctx, anchor) = (&inputs[0], &inputs[1], &inputs[2]);
+    let sv = Var::from_tensor(&state.detach())?;
+    let cv = Var::from_tensor(&ctx.detach())?;
+    let st = unpack(sv.as_tensor(), state_shapes)?;
+    let ct = unpack(cv.as_tensor(), ctx_shapes)?;
+    let out = pack(&f(&st, &ct)?)?;
+    let g = (out * grad.to_dtype(dtype)?)?.sum_all()?.backward()?;
+    SINK.with(|s| -> Result<()> {
+        if let Some(sink) = s.borrow_mut().as_mut() {
+            for id in &sink.wanted {
+                if let Some(t) = g.get_id(*id) {
+                    let t = match sink.grads.remove(id) {
+                        Some(old) => (old + t)?,
+                        None => t.clone(),
+                    };
+                    sink.grads.insert(*id, t);
                 }
             }
-            Ok(())
-        })?;
-        let take = |arg: &Tensor, v: &Var| if arg.track_op() { g.get(v.as_tensor()).cloned() } else { None };
-        let anchor_grad = if anchor.track_op() { Some(anchor.zeros_like()?) } else { None };
-        Ok((take(state, &sv), take(ctx, &cv), anchor_grad))
-    }
+        }
+        Ok(())
+    })?;
+    let take = |arg: &Tensor, v: &Var| if arg.track_op() { g.get(v.as_tensor()).cloned() } else { None };
+    let anchor_grad = if anchor.track_op() { Some(anchor.zeros_like()?) } else { None };
+    Ok(vec![take(state, &sv), take(ctx, &cv), anchor_grad])
 }
 
 #[cfg(test)]

@@ -71,23 +71,28 @@ impl CustomOp2 for FrozenMatmul {
     }
 
     fn bwd(&self, w: &Tensor, xt: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let narrow_cpu = w.device().is_cpu() && matches!(w.dtype(), DType::BF16 | DType::F16);
-        let g = if narrow_cpu {
-            // Σ over row blocks of W_blockᵀ·∂z_block, each block widened on its own.
-            let (out, k) = w.dims2()?;
-            let gf = grad.to_dtype(DType::F32)?;
-            let mut acc = Tensor::zeros((k, gf.dim(1)?), DType::F32, w.device())?;
-            for a in (0..out).step_by(BLOCK_ROWS) {
-                let r = BLOCK_ROWS.min(out - a);
-                let wb = w.narrow(0, a, r)?.to_dtype(DType::F32)?;
-                acc = (acc + wb.t()?.matmul(&gf.narrow(0, a, r)?.contiguous()?)?)?;
-            }
-            acc.to_dtype(xt.dtype())?
-        } else {
-            w.t()?.matmul(grad)?
-        };
-        Ok((None, Some(g)))
+        Ok((None, Some(input_grad(w, grad)?.to_dtype(xt.dtype())?)))
     }
+}
+
+/// `Wᵀ·∂z`, the gradient of `xt` for `z = W·xt` (`w [out, in]`, `grad [out, n]` → `[in, n]`).
+/// A 16-bit weight on the CPU is widened [`BLOCK_ROWS`] rows at a time (the result is f32);
+/// elsewhere candle's matmul in the operands' dtype.
+pub fn input_grad(w: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let narrow_cpu = w.device().is_cpu() && matches!(w.dtype(), DType::BF16 | DType::F16);
+    if !narrow_cpu {
+        return w.t()?.matmul(&grad.to_dtype(w.dtype())?);
+    }
+    // Σ over row blocks of W_blockᵀ·∂z_block, each block widened on its own.
+    let (out, k) = w.dims2()?;
+    let gf = grad.to_dtype(DType::F32)?;
+    let mut acc = Tensor::zeros((k, gf.dim(1)?), DType::F32, w.device())?;
+    for a in (0..out).step_by(BLOCK_ROWS) {
+        let r = BLOCK_ROWS.min(out - a);
+        let wb = w.narrow(0, a, r)?.to_dtype(DType::F32)?;
+        acc = (acc + wb.t()?.matmul(&gf.narrow(0, a, r)?.contiguous()?)?)?;
+    }
+    Ok(acc)
 }
 
 /// `W·xᵀ` on the CPU for a 16-bit `W`, widened block by block (see the module docs).

@@ -9,6 +9,8 @@
 //!   log-sum-exp saved, recomputing backward), for self, cross and masked joint attention;
 //! - [`linear`]: multiplication by a frozen weight in its storage dtype, with the input's
 //!   gradient only;
+//! - [`graft`]: a node for a value computed without a graph, with its own backward (what keeps
+//!   a composed layer from holding all its intermediates);
 //! - [`checkpoint`]: activation checkpointing, a block recomputed in the backward pass;
 //! - the element-wise ops of the transformer blocks, each computed in f32 in one pass and keeping
 //!   only its inputs (and two values per row) for the backward pass: [`norm`] (LayerNorm /
@@ -23,6 +25,7 @@ pub mod ew_bench;
 pub mod fused;
 pub mod gated;
 pub mod gelu;
+pub mod graft;
 #[cfg(feature = "cuda")]
 pub(crate) mod kernels;
 pub mod linear;

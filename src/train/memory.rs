@@ -19,6 +19,11 @@ pub struct PhaseMemory {
     /// `phase`: since the phase started (phase 0: since the run started, loading included);
     /// `process`: since the process started (the reset was not permitted).
     pub peak_rss_scope: String,
+    /// Peak heap bytes in use during the phase (the `phasekit` binary's allocator; `None` in
+    /// other programs): the resident peak without the C allocator's fragmentation and mapped
+    /// files, what the memory plan predicts on the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_heap_bytes: Option<u64>,
     /// CUDA: bytes in use on the device at the phase end (all processes: total − free).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_used_bytes: Option<u64>,
@@ -34,6 +39,7 @@ static PHASE_SCOPED: AtomicBool = AtomicBool::new(false);
 /// device pool's peak where permitted.
 pub fn start(device: &Device) {
     PHASE_SCOPED.store(crate::device::reset_host_peak(), Ordering::Relaxed);
+    crate::alloc::reset_peak();
     crate::device::reset_peak(device);
 }
 
@@ -44,6 +50,7 @@ pub fn phase_end(phase: usize, device: &Device) -> PhaseMemory {
         phase,
         peak_rss_bytes: crate::device::host_peak(),
         peak_rss_scope: if PHASE_SCOPED.load(Ordering::Relaxed) { "phase" } else { "process" }.to_string(),
+        peak_heap_bytes: crate::alloc::peak(),
         device_used_bytes,
         device_peak_bytes,
     };

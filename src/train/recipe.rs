@@ -346,13 +346,23 @@ pub struct TransformerConfig {
     pub lora_targets: Vec<String>,
     /// Storage dtype of the shared base weights: `f32`, `bf16` or `f16`. Base weights are
     /// multiplied as they are stored (bf16 × bf16 with f32 accumulation on CUDA; widened a block
-    /// of rows at a time on the CPU); activations, adapters, full-parameter fakes and optimiser
-    /// states stay f32.
+    /// of rows at a time on the CPU); adapters, full-parameter fakes and optimiser states stay
+    /// f32.
     pub dtype: String,
+    /// Dtype of the residual stream and of the activations the blocks keep for the backward
+    /// pass: `f32`, `bf16` or `f16`; unset: the weights' `dtype` (as a bf16 PyTorch model runs;
+    /// norms, softmax, RoPE and residual adds compute in f32 and round once). `f32` with bf16
+    /// weights doubles the activation memory for a more precise residual stream.
+    pub activations: Option<String>,
     /// Activation checkpointing: keep only each transformer block's input during a forward pass
     /// with gradients and recompute the block in the backward pass (same results; about one
     /// more forward pass of compute for much less memory). On by default.
     pub recompute_blocks: bool,
+    /// With `recompute_blocks`: recompute each block's segments on their own too (Wan2.2:
+    /// self-attention, cross-attention, FFN; Qwen-Image: joint attention, MLPs), so that the
+    /// backward pass holds one segment's graph at a time instead of a block's. Costs one more
+    /// forward pass of every block; for runs the memory plan says do not fit otherwise.
+    pub recompute_segments: bool,
     /// `t2v` (text only) or `i2v` (every prompt comes with a first-frame image condition,
     /// `image_condition` in the embeddings file); default by model: `i2v` for
     /// `wan2.2-i2v-a14b`, `t2v` otherwise. `wan2.2-ti2v-5b` takes either.
@@ -400,7 +410,9 @@ impl Default for TransformerConfig {
             fake_lora_alpha: 64.0,
             lora_targets: Vec::new(),
             dtype: "f32".into(),
+            activations: None,
             recompute_blocks: true,
+            recompute_segments: false,
             task: None,
         }
     }

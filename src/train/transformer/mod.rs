@@ -23,7 +23,7 @@ use std::time::Instant;
 use candle_core::Device;
 
 use self::data::{geometries, Embeddings, Geometry};
-use self::net::{parse_dtype, Net};
+use self::net::{activation_dtype, parse_dtype, Net};
 use self::outputs::{teacher_digest, write_outputs};
 use self::routing::{expert_of, fakes_used, phase_t_range, GuidedExpert, Routed};
 use super::dist;
@@ -211,6 +211,7 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
     let comm = dist::connect(&opts.dist, &device)?;
     let lead = comm.rank() == 0;
     let dtype = parse_dtype(&tc.dtype)?;
+    let activations = activation_dtype(&tc)?;
     let sched = r.schedule.build()?;
     if !r.train.fake_reinit {
         return Err(Error::unsupported(
@@ -234,6 +235,8 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         } else {
             let mut b = Net::open_as(p, dtype, &device)?;
             b.set_checkpoint(tc.recompute_blocks);
+            b.set_checkpoint_segments(tc.recompute_segments);
+            b.set_activations(activations);
             bases.push(b);
         }
     }

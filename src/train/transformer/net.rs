@@ -117,6 +117,8 @@ impl Net {
                 proj_out: m.proj_out.clone(),
                 null_text: m.null_text.clone(),
                 checkpoint: m.checkpoint,
+                checkpoint_segments: m.checkpoint_segments,
+                activations: m.activations,
                 dtype: m.dtype,
                 device: m.device.clone(),
             }),
@@ -134,6 +136,8 @@ impl Net {
                     img_shape: m.img_shape,
                     null_text: m.null_text.clone(),
                     checkpoint: m.checkpoint,
+                    checkpoint_segments: m.checkpoint_segments,
+                    activations: m.activations,
                     dtype: m.dtype,
                     device: m.device.clone(),
                 },
@@ -172,6 +176,24 @@ impl Net {
         match self {
             Net::Wan(m) => m.checkpoint = on,
             Net::Qwen(m, _) => m.checkpoint = on,
+        }
+    }
+
+    /// With checkpointing on: checkpoint each block's segments too (attention / FFN parts), so
+    /// that a block's recompute holds one segment's graph at a time.
+    pub fn set_checkpoint_segments(&mut self, on: bool) {
+        match self {
+            Net::Wan(m) => m.checkpoint_segments = on,
+            Net::Qwen(m, _) => m.checkpoint_segments = on,
+        }
+    }
+
+    /// The dtype of the residual stream and kept activations (see the models' `activations`) in
+    /// this view and the views made from it afterwards.
+    pub fn set_activations(&mut self, dt: DType) {
+        match self {
+            Net::Wan(m) => m.activations = dt,
+            Net::Qwen(m, _) => m.activations = dt,
         }
     }
 
@@ -338,6 +360,16 @@ impl Denoiser for Net {
 }
 
 /// `f32`, `bf16` or `f16`.
+/// The activations' dtype of a recipe: `activations`, or the weights' `dtype` when unset.
+pub fn activation_dtype(tc: &crate::train::recipe::TransformerConfig) -> Result<DType> {
+    parse_dtype(tc.activations.as_deref().unwrap_or(&tc.dtype)).map_err(|_| {
+        Error::usage(format!(
+            "recipe: [transformer] activations '{}' is not f32, bf16 or f16",
+            crate::error::clean(tc.activations.as_deref().unwrap_or(""))
+        ))
+    })
+}
+
 pub fn parse_dtype(s: &str) -> Result<DType> {
     match s {
         "f32" => Ok(DType::F32),
