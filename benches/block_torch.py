@@ -9,6 +9,11 @@ Prints one JSON line: seconds (best of --repeats after a warm-up), gflops, and t
 (`peak_bytes`: torch.cuda.max_memory_allocated over the timed runs on CUDA, the process's peak
 RSS on the CPU; `peak_kind` says which). Attention uses
 torch's scaled_dot_product_attention, as diffusers does.
+
+With --breakdown it prints instead the stages of `phasekit bench block --breakdown` (the same
+names, inputs and shapes; each stage's forward, then the backward of the sum of its outputs,
+medians over the repeats after a warm-up, synchronised) and the whole block, as one JSON line
+that `phasekit bench block --breakdown --against FILE` reads.
 """
 import argparse, json, resource, time
 
@@ -121,6 +126,100 @@ def af(sq, sk, d):
     return 4.0 * sq * sk * d
 
 
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def timed(f, repeats, sync):
+    """Median forward and backward ms of f() (a list of outputs, summed for the backward)."""
+    def once():
+        sync()
+        s = time.perf_counter()
+        outs = f()
+        if not outs:  # a stage PyTorch does not have (no copy there)
+            return 0.0, 0.0
+        sync()
+        fwd = (time.perf_counter() - s) * 1e3
+        loss = sum(o.float().sum() for o in outs)
+        sync()
+        s = time.perf_counter()
+        loss.backward()
+        sync()
+        return fwd, (time.perf_counter() - s) * 1e3
+    once()
+    runs = [once() for _ in range(max(repeats, 3))]
+    return median([r[0] for r in runs]), median([r[1] for r in runs])
+
+
+def breakdown(a, blk, args, dev, dt, sync):
+    t, l = a.tokens, a.text_tokens
+    r = lambda *shape: torch.randn(*shape, device=dev, dtype=dt).requires_grad_(True)
+    stages = []
+
+    def stage(name, f):
+        fw, bw = timed(f, a.repeats, sync)
+        stages.append({"name": name, "forward_ms": fw, "backward_ms": bw})
+
+    eps = 1e-6
+    if a.model == "wan":
+        d, h, f = 5120, 40, 13824
+        hd = d // h
+        x, enc, hh, ff = r(1, t, d), r(1, l, d), r(1, t, d), r(1, t, f)
+        m = torch.randn(1, 6, d, device=dev, requires_grad=True)
+        q, k, v = r(1, t, h, hd), r(1, t, h, hd), r(1, t, h, hd)
+        kc, vc = r(1, l, h, hd), r(1, l, h, hd)
+        cos, sin = args[3], args[4]
+
+        def mod(x, sh, sc):
+            return (F.layer_norm(x.float(), (d,), eps=eps) * (1 + sc) + sh).to(x.dtype)
+
+        stage("norm + modulation", lambda: [mod(x, m[:, 0:1], m[:, 1:2]), mod(x, m[:, 3:4], m[:, 4:5]), blk.norm2(x)])
+        stage("qkv projections", lambda: [blk.q1(hh), blk.k1(hh), blk.v1(hh), blk.q2(hh), blk.k2(enc), blk.v2(enc)])
+        stage("q/k norms", lambda: [rms(hh, blk.nq1), rms(hh, blk.nk1), rms(hh, blk.nq2), rms(enc, blk.nk2)])
+        stage("rope", lambda: [rope(q, cos, sin), rope(k, cos, sin)])
+        stage("attention", lambda: [attention(q, k, v), attention(q, kc, vc)])
+        stage("output projections", lambda: [blk.o1(hh), blk.o2(hh)])
+        stage("ffn linears", lambda: [blk.f1(hh), blk.f2(ff)])
+        stage("gelu", lambda: [F.gelu(ff, approximate="tanh")])
+        stage("gated residuals", lambda: [(x.float() + hh.float() * m[:, 2:3]).to(dt), (x.float() + hh.float() * m[:, 5:6]).to(dt), x + hh])
+        stage("layout copies", lambda: [])
+    else:
+        d, h, hd = 3072, 24, 128
+        n = t + l
+        iv, tv, temb = r(1, t, d), r(1, l, d), r(1, d)
+        im, tm = torch.randn(1, 6 * d, device=dev, requires_grad=True), torch.randn(1, 6 * d, device=dev, requires_grad=True)
+        ih, th = r(1, t, h, hd), r(1, l, h, hd)
+        q, k, v = r(1, n, h, hd), r(1, n, h, hd), r(1, n, h, hd)
+        imlp, tmlp = r(1, t, 4 * d), r(1, l, 4 * d)
+        icos, isin, tcos, tsin = args[3:7]
+        part = lambda m, i: m[:, i * d:(i + 1) * d]
+
+        def mod(x, sh, sc):
+            return (F.layer_norm(x.float(), (d,), eps=eps) * (1 + sc[:, None]) + sh[:, None]).to(x.dtype)
+
+        stage("modulation linears", lambda: [blk.img_mod(F.silu(temb)), blk.txt_mod(F.silu(temb))])
+        stage("norm + modulation", lambda: [mod(iv, part(im, 0), part(im, 1)), mod(tv, part(tm, 0), part(tm, 1)),
+                                            mod(iv, part(im, 3), part(im, 4)), mod(tv, part(tm, 3), part(tm, 4))])
+        stage("qkv projections", lambda: [blk.q(iv), blk.k(iv), blk.v(iv), blk.aq(tv), blk.ak(tv), blk.av(tv)])
+        stage("q/k norms", lambda: [rms(ih, blk.nq), rms(ih, blk.nk), rms(th, blk.naq), rms(th, blk.nak)])
+        stage("rope", lambda: [rope(ih, icos, isin), rope(ih, icos, isin), rope(th, tcos, tsin), rope(th, tcos, tsin)])
+        stage("layout copies", lambda: [torch.cat([th, ih], 1) for _ in range(3)])
+        stage("attention", lambda: [attention(q, k, v)])
+        stage("output projections", lambda: [blk.o(iv), blk.ao(tv)])
+        stage("mlp linears", lambda: [blk.im1(iv), blk.im2(imlp), blk.tm1(tv), blk.tm2(tmlp)])
+        stage("gelu", lambda: [F.gelu(imlp, approximate="tanh"), F.gelu(tmlp, approximate="tanh")])
+        stage("gated residuals", lambda: [(iv.float() + iv.float() * part(im, 2)[:, None]).to(dt), (tv.float() + tv.float() * part(tm, 2)[:, None]).to(dt),
+                                          (iv.float() + iv.float() * part(im, 5)[:, None]).to(dt), (tv.float() + tv.float() * part(tm, 5)[:, None]).to(dt)])
+    first = args[0].detach().requires_grad_(True)
+    whole = (first,) + tuple(args[1:])
+    out = (lambda: [blk(*whole)]) if a.model == "wan" else (lambda: list(blk(*whole)))
+    fw, bw = timed(out, a.repeats, sync)
+    return {"model": a.model, "device": a.device, "dtype": a.dtype, "tokens": t, "text_tokens": l, "stages": stages,
+            "block": {"name": "block", "forward_ms": fw, "backward_ms": bw}, "torch": torch.__version__}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=["wan", "qwen"], required=True)
@@ -129,6 +228,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", choices=["f32", "bf16"], default="bf16")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--breakdown", action="store_true", help="time each stage of the block (as phasekit bench block --breakdown)")
     a = p.parse_args()
     dev, dt = torch.device(a.device), {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -162,6 +262,9 @@ def main():
             (i.float().sum() + x.float().sum()).backward()
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if a.breakdown:
+        print(json.dumps(breakdown(a, blk, args, dev, dt, sync)))
+        return
     step()
     sync()
     if dev.type == "cuda":

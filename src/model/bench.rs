@@ -44,6 +44,15 @@ pub struct BlockArgs {
     /// Weights and activations dtype (norms, softmax and RoPE compute in f32 either way).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: super::cli::ComputeDtype,
+    /// Time each stage of the block on its own, forward and backward (norm + modulation, QKV
+    /// projections, q/k norms, RoPE, attention, output projections, FFN, gated residuals,
+    /// layout copies), medians after a warm-up (at least 3 repeats), and the rest of the block.
+    #[arg(long)]
+    pub breakdown: bool,
+    /// With --breakdown: print beside ours the stages of `benches/block_torch.py --breakdown`
+    /// (its JSON output, saved to a file), and the ratio PyTorch time / phasekit time.
+    #[arg(long, value_name = "FILE", requires = "breakdown")]
+    pub against: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,43 +124,17 @@ fn best(repeats: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candl
 }
 
 fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
-    PLACE.with_borrow_mut(|p| *p = (device.clone(), a.dtype.dtype()));
     crate::device::reset_host_peak();
     crate::device::reset_peak(device);
     let (t, l) = (a.tokens.max(1), a.text_tokens.max(1));
-    let (params, fwd, secs, dim, ffn) = match a.model {
-        BenchModel::Wan => {
-            let c = WanConfig {
-                patch: [1, 2, 2],
-                heads: 40,
-                head_dim: 128,
-                in_channels: 16,
-                out_channels: 16,
-                text_dim: 4096,
-                freq_dim: 256,
-                ffn_dim: 13824,
-                num_layers: 1,
-                cross_attn_norm: true,
-                eps: 1e-6,
-            };
+    let setup = setup(a.model, t, l, device, a.dtype.dtype())?;
+    let (params, fwd, secs, dim, ffn) = match setup {
+        Setup::Wan { mut block, cfg: c, x, enc, tproj, rope } => {
             let d = c.dim();
-            let mut b = WanBlock {
-                attn1: wan_attn(d)?,
-                attn2: wan_attn(d)?,
-                norm2: Some((ones(d)?, rnd(&[d], 0.01)?)),
-                ffn_in: lin(d, c.ffn_dim)?,
-                ffn_out: lin(c.ffn_dim, d)?,
-                // The loader keeps modulation tables in f32 whatever the compute dtype.
-                scale_shift_table: rnd(&[1, 6, d], 0.02)?.to_dtype(DType::F32)?,
-            };
-            let vars = vars_of(b.params("block"), TrainMode::Full)?;
+            let vars = vars_of(block.params("block"), TrainMode::Full)?;
             let params: usize = vars.iter().map(|v| v.elem_count()).sum();
-            let x = rnd(&[1, t, d], 1.0)?;
-            let enc = rnd(&[1, l, d], 1.0)?;
-            let tproj = rnd(&[1, 6, d], 0.1)?.to_dtype(DType::F32)?;
-            let rope = rope::wan(c.head_dim, 1, 1, t, device)?;
             let secs = best(a.repeats, || {
-                let y = b.forward(&x, &enc, &tproj, &rope, &c)?;
+                let y = block.forward(&x, &enc, &tproj, &rope, &c)?;
                 let _g = y.sum_all()?.backward()?;
                 Ok(())
             })?;
@@ -163,50 +146,12 @@ fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
                 + linear_flops(t, d, c.ffn_dim) * 2.0;
             (params, fwd, secs, d, c.ffn_dim)
         }
-        BenchModel::Qwen => {
-            let c = QwenConfig {
-                patch: 2,
-                in_channels: 64,
-                out_channels: 16,
-                num_layers: 1,
-                head_dim: 128,
-                heads: 24,
-                joint_dim: 3584,
-                axes: [16, 56, 56],
-            };
+        Setup::Qwen { mut block, cfg: c, img, txt, temb, aux } => {
             let d = c.dim();
-            let hd = ones(c.head_dim)?;
-            let mut b = QwenBlock {
-                img_mod: lin(d, 6 * d)?,
-                txt_mod: lin(d, 6 * d)?,
-                attn: QwenAttention {
-                    to_q: lin(d, d)?,
-                    to_k: lin(d, d)?,
-                    to_v: lin(d, d)?,
-                    to_out: lin(d, d)?,
-                    add_q: lin(d, d)?,
-                    add_k: lin(d, d)?,
-                    add_v: lin(d, d)?,
-                    to_add_out: lin(d, d)?,
-                    norm_q: hd.clone(),
-                    norm_k: hd.clone(),
-                    norm_added_q: hd.clone(),
-                    norm_added_k: hd,
-                },
-                img_mlp_in: lin(d, 4 * d)?,
-                img_mlp_out: lin(4 * d, d)?,
-                txt_mlp_in: lin(d, 4 * d)?,
-                txt_mlp_out: lin(4 * d, d)?,
-            };
-            let vars = vars_of(b.params("block"), TrainMode::Full)?;
+            let vars = vars_of(block.params("block"), TrainMode::Full)?;
             let params: usize = vars.iter().map(|v| v.elem_count()).sum();
-            let img = rnd(&[1, t, d], 1.0)?;
-            let txt = rnd(&[1, l, d], 1.0)?;
-            let temb = rnd(&[1, d], 1.0)?;
-            let (img_rope, txt_rope) = rope::qwen(c.axes, 1, 1, t, l, device)?;
-            let aux = QwenAux { img_rope, txt_rope, mask: None };
             let secs = best(a.repeats, || {
-                let (i, x) = b.forward(&img, &txt, &temb, &aux, &c)?;
+                let (i, x) = block.forward(&img, &txt, &temb, &aux, &c)?;
                 let _g = (i.sum_all()? + x.sum_all()?)?.backward()?;
                 Ok(())
             })?;
@@ -242,8 +187,100 @@ fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
     })
 }
 
+/// A full-width block with random weights and its inputs, on the bench's device and dtype.
+pub(super) enum Setup {
+    Wan { block: WanBlock, cfg: WanConfig, x: Tensor, enc: Tensor, tproj: Tensor, rope: rope::RopeTables },
+    Qwen { block: QwenBlock, cfg: QwenConfig, img: Tensor, txt: Tensor, temb: Tensor, aux: QwenAux },
+}
+
+/// Wan2.2 A14B's or Qwen-Image's block at `t` image/video tokens and `l` text tokens.
+pub(super) fn setup(model: BenchModel, t: usize, l: usize, device: &Device, dtype: DType) -> candle_core::Result<Setup> {
+    PLACE.with_borrow_mut(|p| *p = (device.clone(), dtype));
+    Ok(match model {
+        BenchModel::Wan => {
+            let c = WanConfig {
+                patch: [1, 2, 2],
+                heads: 40,
+                head_dim: 128,
+                in_channels: 16,
+                out_channels: 16,
+                text_dim: 4096,
+                freq_dim: 256,
+                ffn_dim: 13824,
+                num_layers: 1,
+                cross_attn_norm: true,
+                eps: 1e-6,
+            };
+            let d = c.dim();
+            let block = WanBlock {
+                attn1: wan_attn(d)?,
+                attn2: wan_attn(d)?,
+                norm2: Some((ones(d)?, rnd(&[d], 0.01)?)),
+                ffn_in: lin(d, c.ffn_dim)?,
+                ffn_out: lin(c.ffn_dim, d)?,
+                // The loader keeps modulation tables in f32 whatever the compute dtype.
+                scale_shift_table: rnd(&[1, 6, d], 0.02)?.to_dtype(DType::F32)?,
+            };
+            let x = rnd(&[1, t, d], 1.0)?;
+            let enc = rnd(&[1, l, d], 1.0)?;
+            let tproj = rnd(&[1, 6, d], 0.1)?.to_dtype(DType::F32)?;
+            let rope = rope::wan(c.head_dim, 1, 1, t, device)?;
+            Setup::Wan { block, cfg: c, x, enc, tproj, rope }
+        }
+        BenchModel::Qwen => {
+            let c = QwenConfig {
+                patch: 2,
+                in_channels: 64,
+                out_channels: 16,
+                num_layers: 1,
+                head_dim: 128,
+                heads: 24,
+                joint_dim: 3584,
+                axes: [16, 56, 56],
+            };
+            let d = c.dim();
+            let hd = ones(c.head_dim)?;
+            let block = QwenBlock {
+                img_mod: lin(d, 6 * d)?,
+                txt_mod: lin(d, 6 * d)?,
+                attn: QwenAttention {
+                    to_q: lin(d, d)?,
+                    to_k: lin(d, d)?,
+                    to_v: lin(d, d)?,
+                    to_out: lin(d, d)?,
+                    add_q: lin(d, d)?,
+                    add_k: lin(d, d)?,
+                    add_v: lin(d, d)?,
+                    to_add_out: lin(d, d)?,
+                    norm_q: hd.clone(),
+                    norm_k: hd.clone(),
+                    norm_added_q: hd.clone(),
+                    norm_added_k: hd,
+                },
+                img_mlp_in: lin(d, 4 * d)?,
+                img_mlp_out: lin(4 * d, d)?,
+                txt_mlp_in: lin(d, 4 * d)?,
+                txt_mlp_out: lin(4 * d, d)?,
+            };
+            let img = rnd(&[1, t, d], 1.0)?;
+            let txt = rnd(&[1, l, d], 1.0)?;
+            let temb = rnd(&[1, d], 1.0)?;
+            let (img_rope, txt_rope) = rope::qwen(c.axes, 1, 1, t, l, device)?;
+            Setup::Qwen { block, cfg: c, img, txt, temb, aux: QwenAux { img_rope, txt_rope, mask: None } }
+        }
+    })
+}
+
+/// Random values of `shape` on the bench's device and dtype.
+pub(super) fn random(shape: &[usize], std: f64) -> candle_core::Result<Tensor> {
+    rnd(shape, std)
+}
+
 /// The `bench block` command.
 pub fn run(a: &BlockArgs, json: bool) -> Result<()> {
+    if a.breakdown {
+        return super::breakdown::run(a, a.against.as_deref(), json);
+    }
     let device = crate::device::parse(&a.device)?;
     let r = bench(a, &device).map_err(Error::from)?;
     if json {

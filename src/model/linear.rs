@@ -124,7 +124,14 @@ fn chunk_rows(inp: usize, out: usize) -> usize {
 
 /// `f(a, r)` for row chunks `[a, a + r)` of `n` rows, written into one `[n, cols]` tensor
 /// (one call and no copy when `n` fits one chunk).
-fn by_chunks(n: usize, chunk: usize, cols: usize, dt: DType, dev: &candle_core::Device, f: impl Fn(usize, usize) -> Result<Tensor>) -> Result<Tensor> {
+fn by_chunks(
+    n: usize,
+    chunk: usize,
+    cols: usize,
+    dt: DType,
+    dev: &candle_core::Device,
+    f: impl Fn(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
     if n <= chunk {
         return f(0, n);
     }
@@ -348,7 +355,12 @@ mod tests {
             let wr = w.to_dtype(DType::F64).unwrap();
             let br = b0.to_dtype(wdt).unwrap().to_dtype(DType::F64).unwrap();
             let yr = (xr.as_tensor().broadcast_matmul(&wr.t().unwrap()).unwrap().broadcast_add(&br).unwrap()
-                + (xr.as_tensor().broadcast_matmul(&dr.as_tensor().t().unwrap()).unwrap().broadcast_matmul(&ur.as_tensor().t().unwrap()).unwrap()
+                + (xr
+                    .as_tensor()
+                    .broadcast_matmul(&dr.as_tensor().t().unwrap())
+                    .unwrap()
+                    .broadcast_matmul(&ur.as_tensor().t().unwrap())
+                    .unwrap()
                     * 2.0)
                     .unwrap())
             .unwrap();

@@ -5,6 +5,7 @@
 //! Modules never read whole files.
 
 pub mod bench;
+pub mod breakdown;
 pub mod checkpoint;
 pub mod cli;
 pub mod denoiser;

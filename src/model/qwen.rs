@@ -181,7 +181,15 @@ impl QwenBlock {
     }
 
     /// Both streams through the joint attention and their gated residual adds.
-    fn attention_segment(&self, img: &Tensor, txt: &Tensor, im: &Tensor, tm: &Tensor, aux: &QwenAux, c: &QwenConfig) -> Result<(Tensor, Tensor)> {
+    fn attention_segment(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        im: &Tensor,
+        tm: &Tensor,
+        aux: &QwenAux,
+        c: &QwenConfig,
+    ) -> Result<(Tensor, Tensor)> {
         let d = c.dim();
         let part = |m: &Tensor, i: usize| m.narrow(2, i * d, d);
         let img_n = layer_norm_modulate(img, &part(im, 0)?, &part(im, 1)?, EPS)?;

@@ -229,7 +229,14 @@ impl WanBlock {
     }
 
     /// `x + attn1(norm1(x)·(1 + scale) + shift)·gate`.
-    fn self_attention_segment(&self, x: &Tensor, tproj: &Tensor, rows: Option<&Tensor>, rope: &RopeTables, c: &WanConfig) -> Result<Tensor> {
+    fn self_attention_segment(
+        &self,
+        x: &Tensor,
+        tproj: &Tensor,
+        rows: Option<&Tensor>,
+        rope: &RopeTables,
+        c: &WanConfig,
+    ) -> Result<Tensor> {
         let g = |i: usize| self.modulation(tproj, rows, x, i);
         let h = layer_norm_modulate(x, &g(0)?, &g(1)?, c.eps)?;
         let a = self.attn1.forward(&h, None, c.heads, c.eps, Some(rope))?;

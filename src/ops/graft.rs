@@ -114,7 +114,14 @@ impl CustomOp3 for Graft {
         }
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let inputs: Vec<Tensor> = [a, b, c][..self.n].iter().map(|t| (*t).clone()).collect();
         let mut g = (self.bwd)(&inputs, grad)?;
         if g.len() != self.n {
@@ -152,8 +159,13 @@ mod tests {
         assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![0.5, 4.0, 24.0]);
         assert_eq!(grads.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, -8.0, 36.0]);
         // Untracked inputs: the value itself comes back.
-        let plain = graft(Tensor::ones(2, candle_core::DType::F32, &dev).unwrap(), &[Tensor::ones(2, candle_core::DType::F32, &dev).unwrap()], "id", Arc::new(|_: &[Tensor], _: &Tensor| Ok(vec![None])))
-            .unwrap();
+        let plain = graft(
+            Tensor::ones(2, candle_core::DType::F32, &dev).unwrap(),
+            &[Tensor::ones(2, candle_core::DType::F32, &dev).unwrap()],
+            "id",
+            Arc::new(|_: &[Tensor], _: &Tensor| Ok(vec![None])),
+        )
+        .unwrap();
         assert!(!plain.track_op());
     }
 }

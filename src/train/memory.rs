@@ -20,8 +20,9 @@ pub struct PhaseMemory {
     /// `process`: since the process started (the reset was not permitted).
     pub peak_rss_scope: String,
     /// Peak heap bytes in use during the phase (the `phasekit` binary's allocator; `None` in
-    /// other programs): the resident peak without the C allocator's fragmentation and mapped
-    /// files, what the memory plan predicts on the CPU.
+    /// other programs; for phase 1 of a transformer run, from when the teachers are loaded): the
+    /// resident peak without the C allocator's fragmentation and mapped files, what the memory
+    /// plan predicts on the CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_heap_bytes: Option<u64>,
     /// CUDA: bytes in use on the device at the phase end (all processes: total − free).

@@ -10,17 +10,19 @@
 //! - **optimiser states**: AdamW's two moments of everything that trains;
 //! - **full-parameter fake**: an f32 copy of each teacher expert the phase's fakes need, and its
 //!   gradients (`fake = "full"`);
-//! - **checkpointed activations**: with `recompute_blocks`, each block's input (the f32 residual
-//!   stream) and its copy of the shared context, for one forward pass with gradients; without
-//!   it, every block's whole graph;
-//! - **recompute of one block**: the graph of one block rebuilt in the backward pass;
-//! - **attention workspace**: what the attention op holds besides its inputs (output,
-//!   log-sum-exp, and in the backward pass the three input gradients);
+//! - **checkpointed activations**: with `recompute_blocks`, each block's input (the residual
+//!   stream, in the recipe's `activations` dtype: the weights' dtype unless set) and its copy of
+//!   the shared context (f32), for one forward pass with gradients; without it, every block's
+//!   whole graph;
+//! - **recompute of one block** (or **of one segment** with `recompute_segments`): the graph of
+//!   one block rebuilt in the backward pass and the gradients made through it;
+//! - **attention workspace**: the log-sum-exp the attention op keeps, and in the backward pass
+//!   the three input gradients;
 //! - **runtime**: the process itself, its kernels' buffers and the batch tensors.
 //!
-//! The per-token size of a block's graph is a count of the tensors the block's code makes
-//! (every intermediate of candle's graph stays alive until the backward pass), calibrated
-//! against measured peaks (`tests/train_plan.rs`, docs/scale.md).
+//! The per-token size of a block's recompute is measured (the constants below say how) and
+//! checked against whole runs' peaks (`tests/train_plan.rs`: the heap's high-water mark on the
+//! CPU, the counterpart of a CUDA pool's; docs/scale.md).
 
 use std::path::{Path, PathBuf};
 
@@ -72,6 +74,9 @@ pub struct Plan {
     pub capacity_source: String,
     pub dtype: String,
     pub recompute_blocks: bool,
+    pub recompute_segments: bool,
+    /// Dtype of the residual stream and kept activations.
+    pub activations: String,
     pub entries: Vec<Entry>,
     /// Index of the entry with the largest device peak.
     pub peak: usize,
@@ -190,30 +195,41 @@ fn latent_of(r: &Recipe, tc: &TransformerConfig, res: [usize; 3]) -> Result<[usi
     })
 }
 
-/// f32 values per token of the residual stream that one block's recompute holds at its peak, in
-/// the backward pass: its graph (candle keeps every intermediate: norms and modulation, the
-/// attention projections with their adapters, q/k norms and RoPE, the gated residuals, the FFN)
-/// and the gradients flowing back through it, in units of the width (`…_DIM`) and of the FFN's
-/// hidden width (`…_FFN`). Calibrated on the CPU against measured peaks
-/// (`tests/train_plan.rs`: Wan- and Qwen-Image-shaped teachers of width 256 at 256 and 1024
-/// tokens, one update per phase; the slope of the peak with the tokens gave 112 and 116 values
-/// per token in units of the width for FFN widths 3×256 and 4×256, of which 4 are the attention
-/// workspace and one per block the checkpointed inputs). With the fused element-wise ops
-/// (`src/ops/norm.rs`, `rope.rs`, `gated.rs`, `gelu.rs`); candle's compositions of them kept
-/// 157·width + 8·FFN.
-const WAN_BLOCK_PER_TOKEN_DIM: u64 = 94;
+/// Values per token, in the activations' dtype, that one block's recompute holds at its peak in
+/// the backward pass: its graph (every input of every op stays alive until the backward pass
+/// ends; each frozen linear layer is one node, [`crate::ops::graft`]) and the gradients candle's
+/// backward pass makes and accumulates (a zeroed tensor, the gradient and their sum per input at
+/// once), in units of the width (`…_DIM`) and of the FFN's hidden width (`…_FFN`). Measured on
+/// the CPU as the heap's high-water mark of one block's forward and backward pass (width 1024,
+/// 8 heads of 128, FFN 3 × 1024, LoRA on every linear layer, 4096 tokens, bf16 and f32
+/// activations alike in these units; `PHASEKIT_CHUNK_MIB=4` so that the linear layers' f32
+/// scratch is as small a share of a row as at full width), the attention workspace taken out:
+/// 46 units at FFN 3 × width, of which 4 per FFN unit. `…_SEG`: the same with
+/// `recompute_segments` (one segment's graph at a time): 39 units (Wan2.2's three segments;
+/// Qwen-Image's two, the MLPs with their 4 × width hidden layers together, 5 more, from the
+/// whole runs of `tests/train_plan.rs`).
+const WAN_BLOCK_PER_TOKEN_DIM: u64 = 31;
 const WAN_BLOCK_PER_TOKEN_FFN: u64 = 4;
-const QWEN_BLOCK_PER_TOKEN_DIM: u64 = 94;
+const WAN_SEG_PER_TOKEN_DIM: u64 = 24;
+const WAN_SEG_PER_TOKEN_FFN: u64 = 4;
+const QWEN_BLOCK_PER_TOKEN_DIM: u64 = 31;
 const QWEN_BLOCK_PER_TOKEN_FFN: u64 = 4;
+const QWEN_SEG_PER_TOKEN_DIM: u64 = 29;
+const QWEN_SEG_PER_TOKEN_FFN: u64 = 4;
+/// Of the above, the block's graph alone (what each block keeps when blocks are not
+/// recomputed): 26 units at FFN 3 × width, 2 per FFN unit.
+const BLOCK_GRAPH_PER_TOKEN_DIM: u64 = 20;
+const BLOCK_GRAPH_PER_TOKEN_FFN: u64 = 2;
 /// f32 values per token (in units of the width) of the graph outside the blocks (patch and
 /// time embeddings, the output norm and projection, the step's update) that each further step
 /// with a gradient keeps (`backprop = "all"`; one step's is in the block constants above).
 /// Measured on the CPU: a 4-step full-backprop run of a width-256 Wan-shaped teacher at 1024
-/// tokens peaks 27 MiB above the plan of its block inputs alone (`tests/train_plan.rs`).
-const PASS_PER_TOKEN_DIM: u64 = 9;
-/// The process, its thread stacks and kernels' scratch buffers (the intercept of the same
-/// measurements, weights and adapters taken out).
-pub const RUNTIME_BYTES: u64 = 16 << 20;
+/// tokens peaks 9 MiB above the plan of its block inputs alone (`tests/train_plan.rs`; each
+/// linear layer outside the blocks is one graph node too).
+const PASS_PER_TOKEN_DIM: u64 = 3;
+/// What the process allocates besides tensors, and kernels' scratch buffers (the intercept of
+/// the same measurements of the heap, weights and adapters taken out).
+pub const RUNTIME_BYTES: u64 = 6 << 20;
 
 fn gib(b: u64) -> String {
     crate::progress::human_bytes(b)
@@ -251,6 +267,9 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
     let sched: Schedule = r.schedule.build()?;
     let sched_backprop_all = r.schedule.backprop == super::recipe::Backprop::All;
     let wbytes = dtype_bytes(&tc.dtype)?;
+    let act = super::transformer::net::activation_dtype(&tc)?;
+    let abytes = act.size_in_bytes() as u64;
+    let act_name = format!("{act:?}").to_lowercase();
     let paths = checked_paths(r, &tc)?;
     let mut teachers: Vec<(Teacher, Shape)> = Vec::new();
     for p in &paths {
@@ -301,9 +320,10 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
             }
             parts.push(Part {
                 name: "adapters",
-                bytes: (2 * (gen_lora + fake_lora) + done_lora) * f32b,
+                bytes: (gen_lora + fake_lora + gen_lora.max(fake_lora) + done_lora) * f32b,
                 detail: format!(
-                    "generator LoRA {gen_lora} and fake LoRA {fake_lora} parameters (values + gradients), {done_lora} of finished experts, f32"
+                    "generator LoRA {gen_lora} and fake LoRA {fake_lora} parameters, the gradients of the larger (one network \
+                     updates at a time), {done_lora} of finished experts, f32"
                 ),
             });
             parts.push(Part {
@@ -318,14 +338,20 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
                     detail: format!("{fake_full} parameters in f32 (values + gradients)"),
                 });
             }
-            let per_token = if qwen {
-                QWEN_BLOCK_PER_TOKEN_DIM * d + QWEN_BLOCK_PER_TOKEN_FFN * f
-            } else {
-                WAN_BLOCK_PER_TOKEN_DIM * d + WAN_BLOCK_PER_TOKEN_FFN * f
+            let seg = tc.recompute_segments && tc.recompute_blocks;
+            let (kd, kf) = match (qwen, seg) {
+                (false, false) => (WAN_BLOCK_PER_TOKEN_DIM, WAN_BLOCK_PER_TOKEN_FFN),
+                (false, true) => (WAN_SEG_PER_TOKEN_DIM, WAN_SEG_PER_TOKEN_FFN),
+                (true, false) => (QWEN_BLOCK_PER_TOKEN_DIM, QWEN_BLOCK_PER_TOKEN_FFN),
+                (true, true) => (QWEN_SEG_PER_TOKEN_DIM, QWEN_SEG_PER_TOKEN_FFN),
             };
-            // Wan's blocks also hold the text of the cross-attention (the context).
+            let per_token = kd * d + kf * f;
+            let graph_per_token = BLOCK_GRAPH_PER_TOKEN_DIM * d + BLOCK_GRAPH_PER_TOKEN_FFN * f;
+            // Wan's blocks also hold the text of the cross-attention (the context, f32).
             let ctx = if qwen { d } else { l * d + 7 * d };
-            let block_graph = b * (s * per_token + if qwen { 0 } else { 16 * l * d }) * f32b;
+            let text = if qwen { 0 } else { 16 * l * d * f32b };
+            let block_peak = b * (s * per_token * abytes + text);
+            let block_graph = b * (s * graph_per_token * abytes + text);
             // Vanilla few-step DMD (`backprop = "all"`) keeps the graph of every step of the
             // phase for the generator's backward pass; otherwise one step carries the gradient.
             let passes = if sched_backprop_all { (sched.phases[p].end - sched.phases[p].start) as u64 } else { 1 };
@@ -333,35 +359,39 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
             if tc.recompute_blocks {
                 parts.push(Part {
                     name: "checkpointed activations",
-                    bytes: (passes * shape.blocks * b * (s * d + ctx) + (passes - 1) * b * s * PASS_PER_TOKEN_DIM * d) * f32b,
+                    bytes: passes * shape.blocks * b * (s * d * abytes + ctx * f32b) + (passes - 1) * b * s * PASS_PER_TOKEN_DIM * d * f32b,
                     detail: format!(
-                        "{times}{} blocks × batch {b} × ({s} tokens × {d} + context {ctx}) f32{}",
+                        "{times}{} blocks × batch {b} × ({s} tokens × {d} {act_name} + context {ctx} f32){}",
                         shape.blocks,
                         if passes > 1 {
-                            format!(", and each further step's graph outside the blocks ({PASS_PER_TOKEN_DIM} × {d} per token)")
+                            format!(", and each further step's graph outside the blocks ({PASS_PER_TOKEN_DIM} × {d} f32 per token)")
                         } else {
                             String::new()
                         }
                     ),
                 });
                 parts.push(Part {
-                    name: "recompute of one block",
-                    bytes: block_graph,
-                    detail: format!("batch {b} × {s} tokens × {per_token} f32 values per token"),
+                    name: if seg { "recompute of one segment" } else { "recompute of one block" },
+                    bytes: block_peak,
+                    detail: format!("batch {b} × {s} tokens × {per_token} {act_name} values per token (graph and gradients)"),
                 });
             } else {
                 parts.push(Part {
                     name: "activations (no recompute)",
-                    bytes: passes * shape.blocks * block_graph,
-                    detail: format!("{times}{} blocks' graphs: batch {b} × {s} tokens × {per_token} f32 values per token", shape.blocks),
+                    bytes: passes * shape.blocks * block_graph + block_peak.saturating_sub(block_graph),
+                    detail: format!(
+                        "{times}{} blocks' graphs: batch {b} × {s} tokens × {graph_per_token} {act_name} values per token, and one \
+                         block's gradients",
+                        shape.blocks
+                    ),
                 });
             }
-            // Self-attention: output, log-sum-exp, and the gradients of q, k, v in the backward.
+            // Attention: log-sum-exp (f32) and in the backward pass the gradients of q, k, v.
             let hd = d / h.max(1);
             parts.push(Part {
                 name: "attention workspace",
-                bytes: b * h * (4 * s * hd + s) * f32b,
-                detail: format!("batch {b} × {h} heads × {s} tokens × (4 × {hd} + 1) f32"),
+                bytes: b * h * s * (3 * hd * abytes + f32b),
+                detail: format!("batch {b} × {h} heads × {s} tokens × (3 × {hd} {act_name} + 1 f32)"),
             });
             let latent_elems = latent.iter().map(|&x| x as u64).product::<u64>() * shape.out_channels;
             parts.push(Part {
@@ -396,6 +426,8 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
         capacity_source: capacity.1,
         dtype: tc.dtype.clone(),
         recompute_blocks: tc.recompute_blocks,
+        recompute_segments: tc.recompute_segments && tc.recompute_blocks,
+        activations: format!("{:?}", super::transformer::net::activation_dtype(&tc)?).to_lowercase(),
         entries,
         peak,
         fits,
@@ -419,7 +451,11 @@ impl Plan {
             .filter(|p| {
                 matches!(
                     p.name,
-                    "checkpointed activations" | "recompute of one block" | "attention workspace" | "activations (no recompute)"
+                    "checkpointed activations"
+                        | "recompute of one block"
+                        | "recompute of one segment"
+                        | "attention workspace"
+                        | "activations (no recompute)"
                 )
             })
             .map(|p| p.bytes)
@@ -437,6 +473,11 @@ impl Plan {
         }
         if !self.recompute_blocks {
             advice.push("recompute_blocks = true".into());
+        } else if !self.recompute_segments {
+            advice.push("recompute_segments = true".into());
+        }
+        if self.activations == "f32" && self.dtype != "f32" {
+            advice.push(format!("activations = \"{}\"", self.dtype));
         }
         if self.dtype == "f32" {
             advice.push("dtype = \"bf16\"".into());
@@ -460,11 +501,13 @@ impl Plan {
     /// The plan as a table (text output of `train --plan`).
     pub fn render(&self) -> String {
         let mut s = format!(
-            "memory plan of {} ({}, base weights {}, recompute_blocks {}) on {}: capacity {} ({})\n",
+            "memory plan of {} ({}, base weights {}, activations {}, recompute_blocks {}, recompute_segments {}) on {}: capacity {} ({})\n",
             self.recipe,
             self.model,
             self.dtype,
+            self.activations,
             self.recompute_blocks,
+            self.recompute_segments,
             self.device,
             self.capacity.map(gib).unwrap_or_else(|| "unknown".into()),
             self.capacity_source

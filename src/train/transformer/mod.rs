@@ -295,6 +295,9 @@ pub fn train(r: &Recipe, recipe_text: &str, out: &Path, opts: &TrainOptions, on:
         ranges: sched.expert_ranges(tc.expert_boundary, &gen_base),
         ..LoopConfig::new(r, &sched, &run, (&recipe_sha, &teacher_sha), opts, on, t0)
     };
+    // The heap's high-water mark of phase 1 starts here, loading done (loading holds one
+    // tensor's transient copy at a time; what the plan predicts is the training's peak).
+    crate::alloc::reset_peak();
     let end = phases::run(&mut student, &cfg)?;
     let report = Some(phases::dist_report(&*comm, &end.expert_digests));
     if !end.summary.completed {
