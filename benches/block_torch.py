@@ -164,7 +164,8 @@ def breakdown(a, blk, args, dev, dt, sync):
 
     eps = 1e-6
     if a.model == "wan":
-        d, h, f = 5120, 40, 13824
+        h = a.heads or 40
+        d, f = 128 * h, 13824 * h // 40
         hd = d // h
         x, enc, hh, ff = r(1, t, d), r(1, l, d), r(1, t, d), r(1, t, f)
         m = torch.randn(1, 6, d, device=dev, requires_grad=True)
@@ -186,7 +187,8 @@ def breakdown(a, blk, args, dev, dt, sync):
         stage("gated residuals", lambda: [(x.float() + hh.float() * m[:, 2:3]).to(dt), (x.float() + hh.float() * m[:, 5:6]).to(dt), x + hh])
         stage("layout copies", lambda: [])
     else:
-        d, h, hd = 3072, 24, 128
+        h, hd = a.heads or 24, 128
+        d = h * hd
         n = t + l
         iv, tv, temb = r(1, t, d), r(1, l, d), r(1, d)
         im, tm = torch.randn(1, 6 * d, device=dev, requires_grad=True), torch.randn(1, 6 * d, device=dev, requires_grad=True)
@@ -228,6 +230,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", choices=["f32", "bf16"], default="bf16")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--heads", type=int, default=None, help="attention heads of 128 (default: the model's; the FFN keeps its ratio)")
     p.add_argument("--breakdown", action="store_true", help="time each stage of the block (as phasekit bench block --breakdown)")
     a = p.parse_args()
     dev, dt = torch.device(a.device), {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
@@ -235,7 +238,8 @@ def main():
     t, l = a.tokens, a.text_tokens
     torch.manual_seed(0)
     if a.model == "wan":
-        d, heads, ffn = 5120, 40, 13824
+        heads = a.heads or 40
+        d, ffn = 128 * heads, 13824 * heads // 40
         blk = WanBlock(d, heads, ffn, dev, dt)
         x = torch.randn(1, t, d, device=dev, dtype=dt)
         enc = torch.randn(1, l, d, device=dev, dtype=dt)
@@ -247,7 +251,8 @@ def main():
         def step():
             blk(*args).float().sum().backward()
     else:
-        d, heads = 3072, 24
+        heads = a.heads or 24
+        d = 128 * heads
         blk = QwenBlock(d, heads, dev, dt)
         img = torch.randn(1, t, d, device=dev, dtype=dt)
         txt = torch.randn(1, l, d, device=dev, dtype=dt)

@@ -11,8 +11,9 @@
 #    QWEN_TOKENS: phasekit as the models run (fused element-wise ops), phasekit with the composed
 #    element-wise ops (PHASEKIT_ELEMENTWISE=composed, at the first size), and PyTorch eager
 #    (benches/block_torch.py, with its peak memory); a table of times and ratios at the end.
-# Not here yet: `bench block --breakdown` (stage by stage) and `bench train` (one Phased DMD
-# update) do not exist in this build (docs/performance.md).
+# 4. the stage-by-stage breakdown (`bench block --breakdown`) of each model's first size, beside
+#    `benches/block_torch.py --breakdown` (forward and backward per stage, and the ratio).
+# `bench train` (one Phased DMD update at a real resolution, per part) is in scripts/gpu-scale.sh.
 # Environment: PHASEKIT (default target-cuda/release/phasekit), DEVICE (cuda; DEVICE=cpu with
 # SIZES="wan:64 qwen:64" TEXT=16 EW_TOKENS=64 REPEATS=1 tries the script on a CPU machine),
 # SIZES (default "wan:4096 wan:32760 qwen:4096 qwen:16384"), TEXT (text tokens, 512),
@@ -87,7 +88,18 @@ for s in $sizes; do
     step "torch-$m-$t.json" 60 python3 "$here/benches/block_torch.py" "${common[@]}"
 done
 
-for f in env.txt check-elementwise.txt check-attention.txt elementwise-wan.txt elementwise-qwen.txt; do
+# 4. Stage by stage, each model's first size.
+done_bd=""
+for s in $sizes; do
+    m="${s%%:*}" t="${s##*:}"
+    case " $done_bd " in *" $m "*) continue ;; esac
+    done_bd="$done_bd $m"
+    common=(--model "$m" --tokens "$t" --text-tokens "$text" --dtype bf16 --device "$dev" --repeats "$repeats")
+    step "breakdown-torch-$m-$t.json" 60 python3 "$here/benches/block_torch.py" "${common[@]}" --breakdown
+    step "breakdown-$m-$t.txt" 90 "$bin" bench block "${common[@]}" --breakdown --against "$out/breakdown-torch-$m-$t.json"
+done
+
+for f in env.txt check-elementwise.txt check-attention.txt elementwise-wan.txt elementwise-qwen.txt $(cd "$out" && ls breakdown-*.txt 2>/dev/null); do
     echo "---- $f"
     cat "$out/$f" "$out/$f.err" 2>/dev/null
 done

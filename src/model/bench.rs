@@ -44,6 +44,10 @@ pub struct BlockArgs {
     /// Weights and activations dtype (norms, softmax and RoPE compute in f32 either way).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: super::cli::ComputeDtype,
+    /// Attention heads (of 128): a narrower block of the same shape for quick checks; the FFN
+    /// keeps its ratio to the width. Default: the model's (Wan2.2 A14B 40, Qwen-Image 24).
+    #[arg(long)]
+    pub heads: Option<usize>,
     /// Time each stage of the block on its own, forward and backward (norm + modulation, QKV
     /// projections, q/k norms, RoPE, attention, output projections, FFN, gated residuals,
     /// layout copies), medians after a warm-up (at least 3 repeats), and the rest of the block.
@@ -127,7 +131,7 @@ fn bench(a: &BlockArgs, device: &Device) -> candle_core::Result<BlockReport> {
     crate::device::reset_host_peak();
     crate::device::reset_peak(device);
     let (t, l) = (a.tokens.max(1), a.text_tokens.max(1));
-    let setup = setup(a.model, t, l, device, a.dtype.dtype())?;
+    let setup = setup(a.model, t, l, a.heads, device, a.dtype.dtype())?;
     let (params, fwd, secs, dim, ffn) = match setup {
         Setup::Wan { mut block, cfg: c, x, enc, tproj, rope } => {
             let d = c.dim();
@@ -194,19 +198,28 @@ pub(super) enum Setup {
 }
 
 /// Wan2.2 A14B's or Qwen-Image's block at `t` image/video tokens and `l` text tokens.
-pub(super) fn setup(model: BenchModel, t: usize, l: usize, device: &Device, dtype: DType) -> candle_core::Result<Setup> {
+pub(super) fn setup(
+    model: BenchModel,
+    t: usize,
+    l: usize,
+    heads: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<Setup> {
     PLACE.with_borrow_mut(|p| *p = (device.clone(), dtype));
     Ok(match model {
         BenchModel::Wan => {
+            let h = heads.unwrap_or(40).max(1);
             let c = WanConfig {
                 patch: [1, 2, 2],
-                heads: 40,
+                heads: h,
                 head_dim: 128,
                 in_channels: 16,
                 out_channels: 16,
                 text_dim: 4096,
                 freq_dim: 256,
-                ffn_dim: 13824,
+                // 13824 at 40 heads.
+                ffn_dim: 13824 * h / 40,
                 num_layers: 1,
                 cross_attn_norm: true,
                 eps: 1e-6,
@@ -234,7 +247,7 @@ pub(super) fn setup(model: BenchModel, t: usize, l: usize, device: &Device, dtyp
                 out_channels: 16,
                 num_layers: 1,
                 head_dim: 128,
-                heads: 24,
+                heads: heads.unwrap_or(24).max(1),
                 joint_dim: 3584,
                 axes: [16, 56, 56],
             };

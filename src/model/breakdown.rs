@@ -98,7 +98,7 @@ fn stages(a: &BlockArgs, device: &Device) -> candle_core::Result<Breakdown> {
         out.push(Stage { name: name.into(), forward_ms, backward_ms });
         Ok(())
     };
-    let block = match setup(a.model, t, l, device, dt)? {
+    let block = match setup(a.model, t, l, a.heads, device, dt)? {
         Setup::Wan { mut block, cfg: c, x, enc, tproj, rope } => {
             vars_of(block.params("block"), TrainMode::Full)?;
             let b = &block;
@@ -294,7 +294,7 @@ pub fn run(a: &BlockArgs, against: Option<&Path>, json: bool) -> Result<()> {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
             let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-            Some(serde_json::from_str(last).map_err(|e| Error::inconsistent(p, format!("is not a breakdown JSON line ({e})")))?)
+            Some(serde_json::from_str(last).map_err(|e| Error::malformed(p, format!("is not a breakdown JSON line ({e})")))?)
         }
         None => None,
     };
