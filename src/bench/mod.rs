@@ -65,6 +65,7 @@ pub fn run(cmd: BenchCommand, p: &Printer) -> Result<()> {
     match cmd {
         BenchCommand::TrainToy(a) => crate::train::cli::bench_train_toy(&a, p.json(), p.quiet()),
         BenchCommand::ToyStep(a) => crate::train::cli::bench_toy_step(&a, p.json(), p.quiet()),
+        BenchCommand::Block(a) if a.breakdown => crate::model::breakdown::run(&a, a.against.as_deref(), p.json()),
         BenchCommand::Block(a) => crate::model::bench::run(&a, p.json()),
         BenchCommand::Attention(a) => crate::ops::bench::run(&a, p.json()),
         BenchCommand::Elementwise(a) => crate::ops::ew_bench::run(&a, p.json()),

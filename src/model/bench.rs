@@ -291,9 +291,6 @@ pub(super) fn random(shape: &[usize], std: f64) -> candle_core::Result<Tensor> {
 
 /// The `bench block` command.
 pub fn run(a: &BlockArgs, json: bool) -> Result<()> {
-    if a.breakdown {
-        return super::breakdown::run(a, a.against.as_deref(), json);
-    }
     let device = crate::device::parse(&a.device)?;
     let r = bench(a, &device).map_err(Error::from)?;
     if json {
