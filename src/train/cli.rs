@@ -23,9 +23,9 @@ pub struct TrainArgs {
     /// Recipe file (see docs/recipes.md and recipes/*.toml).
     #[arg(long)]
     pub recipe: PathBuf,
-    /// Run folder (created; must be empty unless --resume).
-    #[arg(long)]
-    pub out: PathBuf,
+    /// Run folder (created; must be empty unless --resume). Not needed with --plan.
+    #[arg(long, required_unless_present = "plan")]
+    pub out: Option<PathBuf>,
     /// Continue from the newest checkpoint in --out (bit-identical on the CPU).
     #[arg(long)]
     pub resume: bool,
@@ -253,6 +253,7 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
         }
         return Ok(());
     }
+    let out = a.out.clone().ok_or_else(|| Error::usage("train needs --out (the run folder)"))?;
     let opts = TrainOptions {
         resume: a.resume,
         stop_after: a.stop_after,
@@ -262,7 +263,7 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
         device_memory,
         check_memory: !a.skip_memory_check,
     };
-    let s = train_with_bar(&r, &text, &a.out, &opts, quiet || json || opts.dist.rank > 0, "train")?;
+    let s = train_with_bar(&r, &text, &out, &opts, quiet || json || opts.dist.rank > 0, "train")?;
     if json {
         print_json(&serde_json::json!({ "ok": true, "summary": s }));
     } else {
@@ -276,9 +277,9 @@ pub fn train(a: &TrainArgs, json: bool, quiet: bool) -> Result<()> {
                 d.rank,
                 d.world_size,
                 d.backend,
-                if d.rank == 0 { a.out.display().to_string() } else { "rank 0 writes the run".to_string() }
+                if d.rank == 0 { out.display().to_string() } else { "rank 0 writes the run".to_string() }
             ),
-            _ => println!("{state} {} after {} generator updates in {:.1} s → {}", r.name, s.global_step, s.seconds, a.out.display()),
+            _ => println!("{state} {} after {} generator updates in {:.1} s → {}", r.name, s.global_step, s.seconds, out.display()),
         }
         for m in &s.memory {
             let gib = |b: u64| {
