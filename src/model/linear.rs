@@ -72,8 +72,11 @@ impl Linear {
         let (w, bias) = (self.weight.detach(), self.bias.as_ref().map(|b| b.detach()));
         let value = frozen_value(&x2.detach(), &w, bias.as_ref(), lora.as_ref(), dt)?;
         let mut inputs = vec![x2];
-        if let (Some(l), false) = (&self.lora, self.frozen) {
-            inputs.extend([l.down.as_tensor().clone(), l.up.as_tensor().clone()]);
+        if let Some(l) = &self.lora {
+            // A frozen view's adapter still adds to the input's gradient; its factors are passed
+            // detached, so they get none.
+            let f = |t: &Tensor| if self.frozen { t.detach() } else { t.clone() };
+            inputs.extend([f(l.down.as_tensor()), f(l.up.as_tensor())]);
         }
         let scale = lora.as_ref().map(|l| l.2).unwrap_or(0.0);
         let bwd: crate::ops::graft::Backward = std::sync::Arc::new(move |i: &[Tensor], g: &Tensor| frozen_backward(&w, scale, i, g));
@@ -172,6 +175,8 @@ fn frozen_backward(w: &Tensor, scale: f64, inputs: &[Tensor], g: &Tensor) -> Res
     let (n, inp) = x.dims2()?;
     let out = w.dim(0)?;
     let lora = (inputs.len() == 3).then(|| (inputs[1].detach(), inputs[2].detach()));
+    // The adapter's own gradients only where its factors train (not in a frozen view).
+    let factors = inputs.len() == 3 && (inputs[1].track_op() || inputs[2].track_op());
     let sums: std::cell::RefCell<Option<(Tensor, Tensor)>> = std::cell::RefCell::new(None);
     let gx = by_chunks(n, chunk_rows(inp, out), inp, dt, x.device(), |a, r| {
         let g = g.narrow(0, a, r)?;
@@ -180,9 +185,12 @@ fn frozen_backward(w: &Tensor, scale: f64, inputs: &[Tensor], g: &Tensor) -> Res
             let ld = down.dtype();
             let (xl, gl) = (x.narrow(0, a, r)?.to_dtype(ld)?, g.to_dtype(ld)?);
             let gu = gl.matmul(up)?;
+            gx = (gx + (gu.matmul(down)? * scale)?.to_dtype(dt)?)?;
+            if !factors {
+                return Ok(gx);
+            }
             let g_up = (gl.t()?.matmul(&xl.matmul(&down.t()?)?)? * scale)?;
             let g_down = (gu.t()?.matmul(&xl)? * scale)?;
-            gx = (gx + (gu.matmul(down)? * scale)?.to_dtype(dt)?)?;
             let mut s = sums.borrow_mut();
             *s = Some(match s.take() {
                 None => (g_down, g_up),
@@ -192,6 +200,7 @@ fn frozen_backward(w: &Tensor, scale: f64, inputs: &[Tensor], g: &Tensor) -> Res
         Ok(gx)
     })?;
     Ok(match sums.into_inner() {
+        None if inputs.len() == 3 => vec![Some(gx), None, None],
         None => vec![Some(gx)],
         Some((g_down, g_up)) => vec![Some(gx), Some(g_down), Some(g_up)],
     })
@@ -379,6 +388,15 @@ mod tests {
                 assert!(e < 1e-6, "{wdt:?} chunks of {chunk:?} rows, {name}: relative error {e}");
             }
             assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
+            // A frozen view: the same input gradient (the adapter's part included), no gradient
+            // for the adapter's factors.
+            let mut fz = l.clone();
+            fz.frozen = true;
+            let xf = Var::from_tensor(&x0).unwrap();
+            let gf = (&fz.forward(xf.as_tensor()).unwrap() * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let e = rel(&f64v(gf.get(xf.as_tensor()).unwrap()), &f64v(gr.get(xr.as_tensor()).unwrap()));
+            assert!(e < 1e-6, "{wdt:?} frozen view dx: relative error {e}");
+            assert!(gf.get(lo.down.as_tensor()).is_none() && gf.get(lo.up.as_tensor()).is_none());
         }
     }
 }
