@@ -110,6 +110,8 @@ fn a_run_that_cannot_fit_is_refused_before_loading_with_exit_9() {
     assert_eq!(line.lines().count(), 1, "{line}");
     assert!(line.contains("memory plan:") && line.contains("phase") && line.contains("200.0 MiB"), "{line}");
     assert!(line.contains("what would fit:") && line.contains("tokens fit"), "{line}");
+    // Blocks are recomputed by default; segments are the next lever.
+    assert!(line.contains("recompute_segments = true"), "{line}");
     assert!(!out.exists(), "the refused run made its folder");
     // The same budget from the environment (no --device-memory) is refused the same way.
     let o = phasekit(&["train", "--recipe", s(&r), "--out", s(&out)], &[("PHASEKIT_HOST_MEMORY_LIMIT", "200MiB")]);
