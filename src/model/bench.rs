@@ -87,7 +87,8 @@ fn place() -> (Device, DType) {
     PLACE.with_borrow(|p| p.clone())
 }
 
-fn rnd(shape: &[usize], std: f64) -> candle_core::Result<Tensor> {
+/// Random values of `shape` on the bench's device and dtype.
+pub(super) fn rnd(shape: &[usize], std: f64) -> candle_core::Result<Tensor> {
     let (dev, dt) = place();
     Tensor::randn(0f32, std as f32, shape, &dev)?.to_dtype(dt)
 }
@@ -282,11 +283,6 @@ pub(super) fn setup(
             Setup::Qwen { block, cfg: c, img, txt, temb, aux: QwenAux { img_rope, txt_rope, mask: None } }
         }
     })
-}
-
-/// Random values of `shape` on the bench's device and dtype.
-pub(super) fn random(shape: &[usize], std: f64) -> candle_core::Result<Tensor> {
-    rnd(shape, std)
 }
 
 /// The `bench block` command.

@@ -16,10 +16,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::bench::{random, setup, BlockArgs, Setup};
+use super::bench::{rnd, setup, BlockArgs, Setup};
 use super::ops::{apply_rope, gated_residual, gelu_tanh, layer_norm, layer_norm_modulate, rms_norm, sdpa, silu};
 use super::{vars_of, TrainMode};
 use crate::error::{Error, Result};
+use crate::ops::bench::median;
 
 /// One stage's median times.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,19 +74,9 @@ fn time(dev: &Device, repeats: usize, f: &dyn Fn() -> Outs) -> candle_core::Resu
     Ok((median(&mut fs), median(&mut bs)))
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// A tensor of `shape` that takes gradients.
 fn var(shape: &[usize]) -> candle_core::Result<Tensor> {
-    Ok(Var::from_tensor(&random(shape, 1.0)?)?.as_tensor().clone())
+    Ok(Var::from_tensor(&rnd(shape, 1.0)?)?.as_tensor().clone())
 }
 
 fn stages(a: &BlockArgs, device: &Device) -> candle_core::Result<Breakdown> {

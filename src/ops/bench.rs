@@ -210,8 +210,21 @@ pub(crate) fn median_ms(device: &Device, repeats: usize, mut f: impl FnMut() -> 
         device.synchronize()?;
         t.push(start.elapsed().as_secs_f64() * 1e3);
     }
-    t.sort_by(f64::total_cmp);
-    Ok(if t.len() % 2 == 1 { t[t.len() / 2] } else { (t[t.len() / 2 - 1] + t[t.len() / 2]) / 2.0 })
+    Ok(median(&mut t))
+}
+
+/// The median of `v` (sorted in place; NaN when empty).
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let h = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[h]
+    } else {
+        0.5 * (v[h - 1] + v[h])
+    }
 }
 
 fn time_one(device: &Device, dt: DType, tokens: usize, heads: usize, d: usize, path: Path, repeats: usize) -> candle_core::Result<Row> {

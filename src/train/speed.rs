@@ -67,17 +67,7 @@ fn skip_warmup(v: &[f64], warmup: usize) -> &[f64] {
 }
 
 fn median_ms(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s: Vec<f64> = v.iter().map(|x| 1e3 * x).collect();
-    s.sort_by(f64::total_cmp);
-    let h = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[h]
-    } else {
-        0.5 * (s[h - 1] + s[h])
-    }
+    crate::ops::bench::median(&mut v.iter().map(|x| 1e3 * x).collect::<Vec<f64>>())
 }
 
 /// Pretrain a teacher (`pretrain_steps`, default the recipe's), then train method `key` for
