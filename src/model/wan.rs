@@ -216,11 +216,15 @@ impl WanBlock {
         Ok(s.remove(0))
     }
 
-    /// Modulation `i` of 6 (`scale_shift_table + tproj`), per token when `rows` is given. Each
-    /// segment takes its own slices; their gradients have disjoint supports, so summing them is
-    /// exact in any order.
-    fn modulation(&self, tproj: &Tensor, rows: Option<&Tensor>, x: &Tensor, i: usize) -> Result<Tensor> {
-        let m = self.scale_shift_table.broadcast_add(&tproj.to_dtype(self.scale_shift_table.dtype())?)?;
+    /// The modulation table `scale_shift_table + tproj` (`[K, 6, dim]`, f32), made once per
+    /// segment. Each segment takes its own rows of it; their gradients have disjoint supports,
+    /// so summing them over the segments is exact in any order.
+    fn modulation(&self, tproj: &Tensor) -> Result<Tensor> {
+        self.scale_shift_table.broadcast_add(&tproj.to_dtype(self.scale_shift_table.dtype())?)
+    }
+
+    /// Row `i` of 6 of the table `m`, per token when `rows` is given.
+    fn pick(m: &Tensor, rows: Option<&Tensor>, x: &Tensor, i: usize) -> Result<Tensor> {
         let v = m.narrow(1, i, 1)?;
         match rows {
             None => Ok(v),
@@ -237,7 +241,8 @@ impl WanBlock {
         rope: &RopeTables,
         c: &WanConfig,
     ) -> Result<Tensor> {
-        let g = |i: usize| self.modulation(tproj, rows, x, i);
+        let m = self.modulation(tproj)?;
+        let g = |i: usize| Self::pick(&m, rows, x, i);
         let h = layer_norm_modulate(x, &g(0)?, &g(1)?, c.eps)?;
         let a = self.attn1.forward(&h, None, c.heads, c.eps, Some(rope))?;
         gated_residual(x, &a, &g(2)?)
@@ -254,7 +259,8 @@ impl WanBlock {
 
     /// `x + ffn(norm3(x)·(1 + c_scale) + c_shift)·c_gate`.
     fn ffn_segment(&self, x: &Tensor, tproj: &Tensor, rows: Option<&Tensor>, c: &WanConfig) -> Result<Tensor> {
-        let g = |i: usize| self.modulation(tproj, rows, x, i);
+        let m = self.modulation(tproj)?;
+        let g = |i: usize| Self::pick(&m, rows, x, i);
         let h = layer_norm_modulate(x, &g(3)?, &g(4)?, c.eps)?;
         let f = self.ffn_out.forward(&gelu_tanh(&self.ffn_in.forward(&h)?)?)?;
         gated_residual(x, &f, &g(5)?)
