@@ -270,6 +270,8 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
     let act = super::transformer::net::activation_dtype(&tc)?;
     let abytes = act.size_in_bytes() as u64;
     let act_name = format!("{act:?}").to_lowercase();
+    // Segments are recomputed only inside a recomputed block.
+    let seg = tc.recompute_segments && tc.recompute_blocks;
     let paths = checked_paths(r, &tc)?;
     let mut teachers: Vec<(Teacher, Shape)> = Vec::new();
     for p in &paths {
@@ -338,7 +340,6 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
                     detail: format!("{fake_full} parameters in f32 (values + gradients)"),
                 });
             }
-            let seg = tc.recompute_segments && tc.recompute_blocks;
             let (kd, kf) = match (qwen, seg) {
                 (false, false) => (WAN_BLOCK_PER_TOKEN_DIM, WAN_BLOCK_PER_TOKEN_FFN),
                 (false, true) => (WAN_SEG_PER_TOKEN_DIM, WAN_SEG_PER_TOKEN_FFN),
@@ -426,8 +427,8 @@ pub fn plan(r: &Recipe, device: &Device, capacity: (Option<u64>, String)) -> Res
         capacity_source: capacity.1,
         dtype: tc.dtype.clone(),
         recompute_blocks: tc.recompute_blocks,
-        recompute_segments: tc.recompute_segments && tc.recompute_blocks,
-        activations: format!("{:?}", super::transformer::net::activation_dtype(&tc)?).to_lowercase(),
+        recompute_segments: seg,
+        activations: act_name,
         entries,
         peak,
         fits,
